@@ -1,0 +1,107 @@
+"""Load a chat model for generation: a model dir, optionally a LoRA adapter on top, on the best device.
+
+    loaded = load("merged/")                          # CUDA bf16/fp16 if present, else CPU fp32
+    loaded = load("base/", adapter="work/final")      # base + PEFT adapter
+    loaded = load("big/", bits=4)                     # 4-bit through bitsandbytes (CUDA or CPU)
+
+The system prompt used in training travels in `assistant.json` next to the weights (adapter dir
+first, then model dir) and becomes the engine's default.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from inference.device import Placement, pick
+from inference.engine import ChatEngine
+from trainer.errors import UserError
+
+ASSISTANT_FILE = "assistant.json"
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec"
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    placement: Placement
+    system_prompt: str | None
+    note: str                     # one line for logs and UIs: what runs where
+
+    def engine(self, **kwargs) -> ChatEngine:
+        return ChatEngine(self.model, self.tokenizer, system_prompt=self.system_prompt, **kwargs)
+
+
+def lfs_pointers(model_dir) -> list[Path]:
+    """Weight/tokenizer files that are still git-lfs pointer stubs (never pulled)."""
+    out = []
+    for p in Path(model_dir).iterdir():
+        if p.is_file() and p.stat().st_size < 1024:
+            with p.open("rb") as f:
+                if f.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX:
+                    out.append(p)
+    return out
+
+
+def check_model_dir(model_dir) -> Path:
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UserError(f"{path}: model directory not found")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: no config.json -- not a Hugging Face model directory")
+    stubs = lfs_pointers(path)
+    if stubs:
+        raise UserError(f"{stubs[0]}: is a git-lfs pointer, not the real file -- run `git lfs pull` in {path}")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UserError(f"{path}: no weights (*.safetensors or *.bin)")
+    return path
+
+
+def read_system_prompt(*dirs) -> str | None:
+    for d in dirs:
+        if d and (Path(d) / ASSISTANT_FILE).is_file():
+            return json.loads((Path(d) / ASSISTANT_FILE).read_text(encoding="utf-8")).get("system_prompt")
+    return None
+
+
+def write_assistant_file(out_dir, system_prompt: str | None, **extra) -> None:
+    data = {"system_prompt": system_prompt, **extra}
+    (Path(out_dir) / ASSISTANT_FILE).write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def quantization_config(bits: int | None, compute_dtype: torch.dtype):
+    if not bits:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16 if compute_dtype == torch.float32 else compute_dtype)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise UserError(f"bits {bits}: use 4, 8 or none")
+
+
+def load(model_dir, adapter=None, device: str = "auto", dtype: str = "auto", bits: int | None = None) -> Loaded:
+    path = check_model_dir(model_dir)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: no adapter_config.json -- not a PEFT adapter directory")
+    placement = pick(device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(adapter or path)
+    if not tokenizer.chat_template:
+        raise UserError(f"{adapter or path}: tokenizer has no chat template -- this is not a chat model")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=placement.dtype, device_map={"": placement.device},
+        quantization_config=quantization_config(bits, placement.dtype))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    what = f"{path.name}" + (f" + adapter {Path(adapter).name}" if adapter else "") + (f", {bits}-bit" if bits else "")
+    return Loaded(model, tokenizer, placement, read_system_prompt(adapter, path),
+                  note=f"{what} on {placement.describe()}")

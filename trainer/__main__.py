@@ -1,0 +1,43 @@
+"""`python -m trainer COMMAND ...`: every step of making your own assistant.
+
+    tiny        build the tiny offline base chat model
+    data        generate identity conversations (held-out split, general-chat mixing)
+    train       fine-tune (LoRA / QLoRA / full) from a preset or YAML
+    merge       merge an adapter into its base -> a full model dir
+    chat        chat in the terminal (streaming; RESET clears, EXIT quits)
+    demo        the main job: tiny base -> data -> train -> merge -> serve the app
+
+Each command is a module with `main(argv) -> int`; `python -m trainer COMMAND -h` shows its flags.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from trainer.errors import run_cli
+
+COMMANDS = {
+    "tiny": "trainer.tiny",
+    "data": "trainer.data_cli",
+    "train": "trainer.train",
+    "merge": "trainer.merge",
+    "chat": "trainer.chat_cli",
+    "demo": "trainer.demo",
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r} -- one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name])
+    return run_cli(module.main, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Trainer callbacks: sample chats while training, one-line logs with tokens/s and memory, and the
+files a run leaves behind (`scalars.jsonl`, `eval_outputs_step_N.txt`, `assistant.json` per checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from inference.engine import ChatEngine
+from inference.loader import write_assistant_file
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB (Linux)
+    except Exception:
+        return 0.0
+
+
+class SampleChats(TrainerCallback):
+    """Answer `evaluation_inputs` before training, every `evaluation_freq` steps and at the end, with
+    the same chat template and system prompt as the training data."""
+
+    def __init__(self, tokenizer, cfg, log):
+        self.tokenizer, self.cfg, self.log = tokenizer, cfg, log
+
+    def _run(self, model, step: int):
+        if not self.cfg.evaluation_inputs:
+            return
+        was_training = model.training
+        model.eval()
+        engine = ChatEngine(model, self.tokenizer, system_prompt=self.cfg.system_prompt)
+        lines = []
+        for q in self.cfg.evaluation_inputs:
+            reply = engine.chat([{"role": "user", "content": q}], max_new_tokens=self.cfg.eval_max_new_tokens)
+            lines.append(f"Q: {q}\nA: {reply}\n")
+        if was_training:
+            model.train()
+        text = "\n".join(lines)
+        Path(self.cfg.work_dir, f"eval_outputs_step_{step}.txt").write_text(text, encoding="utf-8")
+        self.log(f"sample chats at step {step}:\n" + text.rstrip())
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if state.global_step == 0:
+            self._run(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        freq = self.cfg.evaluation_freq
+        if freq and state.global_step % freq == 0 and state.global_step != state.max_steps:
+            self._run(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        self._run(model, state.global_step)
+
+
+class LogLine(TrainerCallback):
+    """`step 20/120 | loss 1.234 | lr 1.9e-04 | 5,120 tok/s | eta 0:01:10 | peak 0.4 GiB`, and scalars.jsonl."""
+
+    def __init__(self, collator, cfg, log):
+        self.collator, self.cfg, self.log = collator, cfg, log
+        self.scalars = Path(cfg.work_dir) / "scalars.jsonl"
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0, self.tok0, self.step0 = time.time(), self.collator.tokens_seen, state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = dict(logs or {})
+        if "loss" not in logs:
+            return
+        elapsed = max(time.time() - self.t0, 1e-6)
+        done = state.global_step - self.step0
+        tps = (self.collator.tokens_seen - self.tok0) / elapsed
+        eta = (state.max_steps - state.global_step) * elapsed / max(done, 1)
+        rec = {"step": state.global_step, "max_steps": state.max_steps, "loss": logs["loss"],
+               "lr": logs.get("learning_rate", 0.0), "tokens_per_s": round(tps, 1),
+               "peak_gib": round(peak_memory_gib(), 3), "elapsed_s": round(elapsed, 2)}
+        with self.scalars.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.log(f"step {rec['step']}/{rec['max_steps']} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                 f"{tps:,.0f} tok/s | eta {time.strftime('%H:%M:%S', time.gmtime(eta))} | "
+                 f"peak {rec['peak_gib']:.2f} GiB")
+
+
+class AssistantFileOnSave(TrainerCallback):
+    """Every checkpoint carries the system prompt, so any checkpoint chats like the final one."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def on_save(self, args, state, control, **kw):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            write_assistant_file(ckpt, self.cfg.system_prompt, base_model=self.cfg.model)

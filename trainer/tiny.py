@@ -1,0 +1,132 @@
+"""Build the tiny offline base chat model: the embedded default and what every test uses.
+
+    python -m trainer tiny OUT_DIR [--steps 500] [--seed 0]
+
+1. trains a sentencepiece BPE tokenizer (byte fallback, so any name in any script encodes) on text
+   this repo writes (`trainer/general_data.py` plus the identity question bank);
+2. builds a ~2M-parameter Llama-architecture model from a config (random weights);
+3. pre-trains it briefly on general chat (arithmetic, unit conversion, facts, greetings, and its own
+   built-in identity "TinyChat") with the same training engine users run, so it holds a trivial
+   conversation -- and has an identity of its own for tuning to override, like a real chat model.
+
+The result is a standard Hugging Face dir: `AutoModelForCausalLM` / `AutoTokenizer` load it, and its
+tokenizer carries the ChatML template with `{% generation %}` markers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from trainer.chat_format import chatml_template
+from trainer.dataio import write_jsonl
+from trainer.errors import UserError
+from trainer.general_data import general_conversations
+from trainer.identity_data import EN, HELDOUT_EN, HELDOUT_ZH, ZH
+
+SPECIAL = ["<|im_start|>", "<|im_end|>"]
+VERSION = "v1"    # bump when the recipe changes: invalidates the cached default base
+
+
+def _tokenizer_text(path: Path, seed: int) -> None:
+    lines = []
+    for conv in general_conversations(4000, seed=seed, base_identity=True):
+        lines += [m["content"] for m in conv["messages"]]
+    for bank in (ZH, EN, HELDOUT_ZH, HELDOUT_EN):
+        for items in bank.values():
+            lines += items
+    lines += ["user", "assistant", "system", "？，。！：；“”（）、", "?,.!:;()\"'"]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def build_tokenizer(work: Path, vocab_size: int, seed: int):
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    text = work / "corpus.txt"
+    _tokenizer_text(text, seed)
+    spm_dir = work / "spm"
+    spm_dir.mkdir()
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(spm_dir / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, user_defined_symbols=SPECIAL, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=3, num_threads=2, minloglevel=2, split_digits=True, hard_vocab_limit=False)
+    tok = LlamaTokenizer.from_pretrained(spm_dir)     # converts the .model into a fast tokenizer
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL})
+    tok.pad_token = "<pad>"
+    tok.eos_token = "<|im_end|>"     # generation and the Trainer both stop on the template's end token
+    tok.chat_template = chatml_template()
+    return tok
+
+
+def build_random_model(tok, out: Path, seed: int, hidden: int = 128, layers: int = 4):
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        initializer_range=0.1, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        eos_token_id=im_end, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=[im_end],
+                                               pad_token_id=tok.pad_token_id, do_sample=False)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def build_tiny(out_dir, steps: int = 500, seed: int = 0, echo=print) -> Path:
+    """Build tokenizer + model, pre-train on general chat, write to `out_dir` (atomically)."""
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: already exists and is not empty -- choose a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    try:
+        tok = build_tokenizer(work, vocab_size=2000, seed=seed)
+        build_random_model(tok, work / "random", seed)
+        write_jsonl(work / "general.jsonl", general_conversations(6000, seed=seed, base_identity=True))
+        if steps > 0:
+            cfg = TrainConfig(model=str(work / "random"), data=[str(work / "general.jsonl")],
+                              work_dir=str(work / "pretrain"), method="full", max_length=128, packing=True,
+                              max_steps=steps, batch_size=8, lr=3e-3, warmup_ratio=0.05, logging_steps=50,
+                              seed=seed, evaluation_inputs=["你好", "What is 3 plus 4?", "Who are you?"],
+                              eval_max_new_tokens=24)
+            result = train(cfg, echo=echo)
+            for leftover in ("assistant.json", "training_args.bin"):
+                (result / leftover).unlink(missing_ok=True)
+        else:
+            result = work / "random"
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(result, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    echo(f"tiny base model written to {out}")
+    return out
+
+
+def default_base() -> Path:
+    """The embedded default base, built once into the user cache (a minute or two on 2 CPU cores)."""
+    root = Path(os.environ.get("OWN_ASSISTANT_CACHE", Path.home() / ".cache" / "own-assistant"))
+    path = root / f"tiny-base-{VERSION}"
+    if not (path / "config.json").is_file():
+        print(f"building the tiny demo base model into {path} (first use only)", flush=True)
+        build_tiny(path)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer tiny", description=__doc__.split("\n")[0])
+    p.add_argument("out_dir")
+    p.add_argument("--steps", type=int, default=500, help="pre-training steps on general chat (0: random)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    build_tiny(args.out_dir, steps=args.steps, seed=args.seed)
+    return 0
