@@ -1,0 +1,65 @@
+"""Merge a LoRA adapter into its base model: a standalone model dir anyone can load.
+
+    python -m trainer merge BASE_DIR ADAPTER_DIR OUT_DIR [--dtype auto|bf16|fp16|fp32] [--max-shard-size 2GB]
+
+The output holds safetensors weights, the tokenizer with its chat template, and `assistant.json`
+(the system prompt used in training), so it chats exactly like base + adapter. Written to a
+temporary dir first and moved into place, so a failed merge leaves nothing behind.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from inference.device import pick
+from inference.loader import check_model_dir, read_system_prompt, write_assistant_file
+from trainer.errors import UserError
+
+
+def merge(base, adapter, out, dtype: str = "fp32", device: str = "cpu", max_shard_size: str = "2GB") -> Path:
+    from peft import PeftModel
+
+    base = check_model_dir(base)
+    adapter, out = Path(adapter), Path(out)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: no adapter_config.json -- pass the adapter dir (e.g. WORK_DIR/final)")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: already exists and is not empty -- choose a new directory")
+    placement = pick(device, dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=placement.dtype, device_map={"": placement.device})
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").is_file() else base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        write_assistant_file(tmp, read_system_prompt(adapter, base), base_model=str(base), adapter=str(adapter))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer merge", description=__doc__.split("\n")[0])
+    p.add_argument("base")
+    p.add_argument("adapter")
+    p.add_argument("out")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), bf16, fp16 or fp32")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--max-shard-size", default="2GB")
+    args = p.parse_args(argv)
+    out = merge(args.base, args.adapter, args.out, dtype=args.dtype, device=args.device,
+                max_shard_size=args.max_shard_size)
+    print(f"merged model written to {out}")
+    return 0
