@@ -19,8 +19,14 @@ from trainer.errors import run_cli
 COMMANDS = {
     "tiny": "trainer.tiny",
     "data": "trainer.data_cli",
+    "check-data": "trainer.check_data",
+    "show-data": "trainer.show_data",
+    "list-cfg": "trainer.list_cfg",
+    "copy-cfg": "trainer.copy_cfg",
     "train": "trainer.train",
     "merge": "trainer.merge",
+    "convert": "trainer.convert",
+    "convert-internlm2": "trainer.internlm2",
     "chat": "trainer.chat_cli",
     "demo": "trainer.demo",
 }

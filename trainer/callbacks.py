@@ -1,9 +1,12 @@
-"""Trainer callbacks: sample chats while training, one-line logs with tokens/s and memory, and the
-files a run leaves behind (`scalars.jsonl`, `eval_outputs_step_N.txt`, `assistant.json` per checkpoint).
+"""Trainer callbacks: sample chats while training, one-line logs with tokens/s and memory, a progress
+bar on a terminal, and the files a run leaves behind (`scalars.jsonl`, `loss.png`,
+`eval_outputs_step_N.txt`). Checkpoint sealing and rotation live in `trainer/checkpoints.py`.
 """
 from __future__ import annotations
 
+import datetime
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from inference.engine import ChatEngine
-from inference.loader import write_assistant_file
+from trainer.plot import plot_loss
 
 
 def peak_memory_gib() -> float:
@@ -85,17 +88,40 @@ class LogLine(TrainerCallback):
         with self.scalars.open("a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         self.log(f"step {rec['step']}/{rec['max_steps']} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                 f"{tps:,.0f} tok/s | eta {time.strftime('%H:%M:%S', time.gmtime(eta))} | "
+                 f"{tps:,.0f} tok/s | eta {datetime.timedelta(seconds=round(eta))} | "
                  f"peak {rec['peak_gib']:.2f} GiB")
 
 
-class AssistantFileOnSave(TrainerCallback):
-    """Every checkpoint carries the system prompt, so any checkpoint chats like the final one."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
+class LossPlot(TrainerCallback):
+    """Redraw `loss.png` from scalars.jsonl at every checkpoint and at the end."""
 
     def on_save(self, args, state, control, **kw):
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            write_assistant_file(ckpt, self.cfg.system_prompt, base_model=self.cfg.model)
+        plot_loss(args.output_dir)
+
+    def on_train_end(self, args, state, control, **kw):
+        plot_loss(args.output_dir)
+
+
+class ProgressBar(TrainerCallback):
+    """A tqdm bar on stderr (only when it is a terminal: logs piped to a file stay clean)."""
+
+    def __init__(self):
+        self.bar = None
+
+    @staticmethod
+    def wanted() -> bool:
+        return sys.stderr.isatty()
+
+    def on_train_begin(self, args, state, control, **kw):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

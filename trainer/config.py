@@ -26,61 +26,127 @@ PRESET_DIR = Path(__file__).parent / "presets"
 class TrainConfig:
     # --- what to train ---
     model: str = "tiny"                  # base model dir (HF format); "tiny" = the embedded demo base
-    data: list[str] = field(default_factory=list)  # conversation files (OpenAI/Alpaca/ShareGPT)
+    data: list[str] = field(default_factory=list)  # conversation files (OpenAI/Alpaca/ShareGPT JSON/JSONL)
     work_dir: str = "work_dirs/run"      # checkpoints, logs, sample chats and final/ adapter land here
     system_prompt: str | None = None     # prepended to conversations without one; saved with the adapter
     # --- method ---
-    method: str = "lora"                 # lora | full
-    bits: int | None = None              # 4 (QLoRA nf4) | 8 | None (no quantization)
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    method: str = "lora"                 # lora (an adapter; with bits 4 it is QLoRA) | full (every weight)
+    bits: int | None = None              # 4: nf4 + double quant, bf16 compute (QLoRA) | 8: int8 | None: off
+    lora_r: int = 16                     # adapter rank: how much the update can express
+    lora_alpha: int = 32                 # adapter scale is lora_alpha / lora_r
+    lora_dropout: float = 0.05           # dropout on the adapter's input (0 for tiny data sets)
     lora_target: str = "all-linear"      # PEFT target_modules: "all-linear" or comma-separated names
     dtype: str = "auto"                  # auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
     # --- data shaping ---
-    max_length: int = 512                # tokens per conversation; longer ones are truncated
-    packing: bool = False                # concatenate short conversations (attention kept per sample)
+    max_length: int = 512                # tokens per conversation (and per packed row); longer is truncated
+    packing: bool | str = "auto"         # concatenate short conversations into rows (attention kept per
+                                         # conversation); auto: pack when that at least halves the rows
     # --- optimisation ---
-    epochs: float = 1.0
+    epochs: float = 1.0                  # passes over the data (fractions allowed)
     max_steps: int = -1                  # > 0 overrides epochs
-    batch_size: int = 8                  # per device
-    grad_accum: int = 1
-    lr: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
+    batch_size: int = 8                  # rows per device per micro-step
+    grad_accum: int = 1                  # micro-steps per optimizer step (batch = batch_size * grad_accum)
+    lr: float = 2e-4                     # peak learning rate (AdamW)
+    lr_scheduler: str = "cosine"         # transformers SchedulerType: cosine | linear | constant | ...
+    warmup_ratio: float = 0.03           # fraction of the steps spent warming the lr up from 0
+    weight_decay: float = 0.0            # AdamW weight decay
+    max_grad_norm: float = 1.0           # gradient clipping norm
+    seed: int = 42                       # adapter init, data order, dropout: same seed, same run
     # --- watching it learn ---
-    logging_steps: int = 10
+    logging_steps: int = 10              # one log line and one scalars.jsonl record every N steps
     evaluation_freq: int = 0             # steps between sample chats (0: only before and after)
-    evaluation_inputs: list[str] = field(default_factory=list)
-    eval_max_new_tokens: int = 64
-    save_steps: int = 0                  # 0: save only the final adapter
-    save_total_limit: int = 3
+    evaluation_inputs: list[str] = field(default_factory=list)  # questions answered in the sample chats
+    eval_max_new_tokens: int = 64        # answer length cap in the sample chats
+    save_steps: int = 0                  # checkpoint every N steps (0: save only the final adapter)
+    save_total_limit: int = 3            # keep this many newest checkpoints; the latest is always kept
 
     def __post_init__(self):
-        if isinstance(self.data, str):
-            self.data = [self.data]
-        checks = [
-            (self.method in ("lora", "full"), "method must be 'lora' or 'full'"),
-            (self.bits in (None, 4, 8), "bits must be 4, 8 or none"),
-            (not (self.bits and self.method == "full"), "bits 4/8 needs method lora (QLoRA)"),
-            (self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype must be auto, bf16, fp16 or fp32"),
-            (self.lora_r > 0 and self.lora_alpha > 0, "lora_r and lora_alpha must be > 0"),
-            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
-            (self.max_length >= 16, "max_length must be >= 16"),
-            (self.epochs > 0 or self.max_steps > 0, "set epochs > 0 or max_steps > 0"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.logging_steps >= 1, "logging_steps must be >= 1"),
-            (self.evaluation_freq >= 0 and self.save_steps >= 0, "evaluation_freq/save_steps must be >= 0"),
-            (self.save_total_limit >= 1, "save_total_limit must be >= 1"),
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
+        checks = [   # (key the message is about, holds, what to do)
+            ("method", self.method in ("lora", "full"), "method must be 'lora' or 'full'"),
+            ("bits", self.bits in (None, 4, 8), "bits must be 4, 8 or none"),
+            ("bits", not (self.bits and self.method == "full"), "bits 4/8 needs method lora (QLoRA)"),
+            ("dtype", self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype must be auto, bf16, fp16 or fp32"),
+            ("packing", self.packing in (True, False, "auto"), "packing must be true, false or auto"),
+            ("lora_r", self.lora_r > 0 and self.lora_alpha > 0, "lora_r and lora_alpha must be > 0"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            ("max_length", self.max_length >= 16, "max_length must be >= 16"),
+            ("epochs", self.epochs > 0 or self.max_steps > 0, "set epochs > 0 or max_steps > 0"),
+            ("batch_size", self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            ("lr", self.lr > 0, "lr must be > 0"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            ("logging_steps", self.logging_steps >= 1, "logging_steps must be >= 1"),
+            ("evaluation_freq", self.evaluation_freq >= 0, "evaluation_freq must be >= 0"),
+            ("save_steps", self.save_steps >= 0, "save_steps must be >= 0"),
+            ("save_total_limit", self.save_total_limit >= 1, "save_total_limit must be >= 1"),
+            ("eval_max_new_tokens", self.eval_max_new_tokens >= 1, "eval_max_new_tokens must be >= 1"),
         ]
-        for ok, msg in checks:
+        for key, ok, msg in checks:
             if not ok:
-                raise UserError(f"config: {msg}")
+                raise ConfigError(key, msg)
+        schedulers = scheduler_names()
+        if self.lr_scheduler not in schedulers:
+            close = difflib.get_close_matches(self.lr_scheduler, schedulers, n=1)
+            hint = f" -- did you mean {close[0]!r}?" if close else f" -- one of: {', '.join(schedulers)}"
+            raise ConfigError("lr_scheduler", f"unknown lr_scheduler {self.lr_scheduler!r}{hint}")
+
+
+class ConfigError(UserError):
+    """A bad value; `key` lets `load_config` point at the YAML line or flag it came from."""
+
+    def __init__(self, key: str, msg: str):
+        super().__init__(f"config: {msg}")
+        self.key, self.msg = key, msg
+
+
+def scheduler_names() -> list[str]:
+    from transformers import SchedulerType     # imported here: `list-cfg` should not wait for torch
+
+    return [s.value for s in SchedulerType]
+
+
+def _coerce(name: str, kind: str, value):
+    """Check one value against its field's annotation. Numbers written as strings are accepted
+    because YAML 1.1 reads `2e-4` (no dot) as a string -- a classic way to lose an afternoon."""
+    def bad(expected):
+        return ConfigError(name, f"{name} must be {expected}, got {value!r}")
+
+    if value is None:
+        if "None" in kind:
+            return None
+        raise bad(kind)
+    if isinstance(value, str) and value.lower() in ("none", "null") and "None" in kind:
+        return None
+    if kind.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        if "str" in kind and isinstance(value, str):      # packing: "auto"
+            return value.lower()
+        raise bad("true or false" + (" or auto" if "str" in kind else ""))
+    if kind.startswith(("int", "float")):
+        if isinstance(value, bool):
+            raise bad("a number")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+        if kind.startswith("float"):
+            return number
+        if number != int(number):
+            raise bad("a whole number")
+        return int(number)
+    if kind.startswith("list"):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise bad("a list of strings")
+        return list(items)
+    if kind.startswith("str"):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    return value
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -96,12 +162,10 @@ def _check_keys(keys, source) -> None:
 
 def _parse_value(key: str, raw: str):
     """`--set key=value`: the value is YAML ("3", "1e-4", "true", "[a, b]", "none")."""
-    value = yaml.safe_load(raw)
-    if isinstance(value, str) and value.lower() in ("none", "null"):
-        return None
-    if FIELDS[key].type in ("float", "float | None") and isinstance(value, int):
-        return float(value)
-    return value
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UserError(f"--set {key}={raw}: not a valid YAML value") from None
 
 
 def preset_names() -> list[str]:
@@ -135,19 +199,28 @@ def load_config(name_or_path: str, overrides: dict | None = None, sets: list[str
         raise UserError(f"{path}: expected a mapping of key: value")
     _check_keys(raw, path)
     values = dict(raw)
+    origin = {key: _line_of(path, key) for key in raw}     # where each value came from, for errors
     for key, value in (overrides or {}).items():
         if value is not None:
-            values[key] = value
+            values[key], origin[key] = value, f"--{key.replace('_', '-')}"
     for item in sets:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected key=value")
-        key, raw_value = item.split("=", 1)
-        _check_keys([key.strip()], "--set")
-        values[key.strip()] = _parse_value(key.strip(), raw_value)
+        key, raw_value = (part.strip() for part in item.split("=", 1))
+        _check_keys([key], "--set")
+        values[key], origin[key] = _parse_value(key, raw_value), f"--set {key}"
     try:
         return TrainConfig(**values)
-    except TypeError as exc:
-        raise UserError(f"{path}: {exc}") from None
+    except ConfigError as exc:
+        raise UserError(f"{origin.get(exc.key, path)}: {exc.msg}") from None
+
+
+def _line_of(path: Path, key: str) -> str:
+    """`FILE:LINE` of a top-level key in a YAML file (plain `FILE` if it cannot be found)."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.startswith(f"{key}:"):
+            return f"{path}:{number}"
+    return str(path)
 
 
 def save_config(cfg: TrainConfig, path) -> None:
@@ -159,10 +232,21 @@ def list_cfg(pattern: str | None = None) -> list[str]:
     return [n for n in preset_names() if not pattern or pattern.lower() in n.lower()]
 
 
+def describe_preset(name: str) -> str:
+    """The first header comment line of a preset: what it is for."""
+    for line in (PRESET_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
 def copy_cfg(name: str, out_dir) -> Path:
+    """Copy a preset to `OUT_DIR/NAME_copy.yaml` to edit (never overwrites)."""
     src = resolve_preset(name)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / f"{src.stem}_copy.yaml"
+    if dst.exists():
+        raise UserError(f"{dst}: already exists -- edit it, or copy into another directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
     return dst

@@ -2,16 +2,21 @@
 
     python -m trainer train tiny --data data/identity.jsonl --work-dir work_dirs/demo
     python -m trainer train internlm2_chat_1_8b_qlora --model /root/model --data data.jsonl
-    python -m trainer train my.yaml --set lr=1e-4 --set epochs=3 [--resume [CKPT]]
+    python -m trainer train my.yaml --set lr=1e-4 --set epochs=3 --bits 4 [--resume [CKPT]]
 
-Writes `WORK_DIR/checkpoint-N/` (every `save_steps`), `WORK_DIR/final/` (PEFT adapter, tokenizer with
-its chat template, `assistant.json` with the system prompt), `scalars.jsonl`, `eval_outputs_step_N.txt`
-and `config.yaml`. Runs on CUDA when present, else CPU.
+Writes `WORK_DIR/checkpoint-N/` (every `save_steps`; sealed and rotated by trainer/checkpoints.py),
+`WORK_DIR/final/` (PEFT adapter, tokenizer with its chat template, `assistant.json` with the system
+prompt), `scalars.jsonl`, `loss.png`, `eval_outputs_step_N.txt`, `config.yaml`, and TensorBoard
+events in `runs/` when tensorboard is installed. Runs on CUDA when present, else CPU (QLoRA too).
+`--resume` continues the newest complete checkpoint with the same data order.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,9 +26,10 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from inference.device import pick
 from inference.loader import check_model_dir, quantization_config, write_assistant_file
-from trainer.callbacks import AssistantFileOnSave, LogLine, SampleChats
+from trainer import checkpoints
+from trainer.callbacks import LogLine, LossPlot, ProgressBar, SampleChats
 from trainer.config import TrainConfig, load_config, save_config
-from trainer.dataset import Collator, encode_files, pack
+from trainer.dataset import Collator, choose_packing, digest, encode_files
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
@@ -59,19 +65,41 @@ def load_model_for_training(cfg: TrainConfig, model_dir: Path, placement):
     return get_peft_model(model, lora)
 
 
-def find_checkpoint(work_dir: Path, resume: str | bool | None) -> str | None:
-    if not resume:
-        return None
-    if resume is True or resume == "latest":
-        ckpts = sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file()]
-        if not ckpts:
-            raise UserError(f"{work_dir}: --resume given but no checkpoint-N/ with trainer_state.json there")
-        return str(ckpts[-1])
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise UserError(f"{path}: not a complete checkpoint (no trainer_state.json)")
-    return str(path)
+def prepare_work_dir(work_dir: Path, model_dir: Path, cfg: TrainConfig, resume, echo) -> Path | None:
+    """Pick the checkpoint to resume (checked against this base model and method) and clear what an
+    interrupted or earlier run left behind; refuse to silently mix a new run into an old one."""
+    checkpoint = checkpoints.find_resume(work_dir, resume)
+    if checkpoint is not None:
+        checkpoints.check_compatible(checkpoint, model_dir, cfg)
+    elif checkpoints.complete_checkpoints(work_dir):
+        raise UserError(f"{work_dir}: holds checkpoints of an earlier run -- add --resume to continue it, "
+                        "or choose a new --work-dir")
+    if work_dir.is_dir():
+        checkpoints.sweep_incomplete(work_dir, echo)
+        checkpoints.truncate_scalars(work_dir, checkpoints.step_of(checkpoint) if checkpoint else 0)
+    return checkpoint
+
+
+def report_to() -> list[str]:
+    """TensorBoard when it is installed (events in WORK_DIR/runs/), else nothing extra."""
+    return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+
+
+def save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path, work_dir: Path) -> Path:
+    """WORK_DIR/final, written beside and renamed into place: never half-written."""
+    final, tmp = work_dir / "final", work_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    tokenizer.save_pretrained(tmp)
+    (tmp / "training_args.bin").unlink(missing_ok=True)      # a pickle nobody needs to load an adapter
+    write_assistant_file(tmp, cfg.system_prompt, base_model=str(model_dir))
+    if final.exists():
+        old = work_dir / ".final.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
 
 
 def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print) -> Path:
@@ -81,6 +109,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print) -> Pat
     placement = pick("auto", cfg.dtype)
     if cfg.bits and placement.device == "cpu" and cfg.dtype == "auto":
         placement = pick("cpu", "fp32")
+    checkpoint = prepare_work_dir(work_dir, model_dir, cfg, resume, echo)   # fail fast, before loading
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not tokenizer.chat_template:
@@ -88,17 +117,25 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print) -> Pat
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     samples, stats = encode_files(cfg.data, tokenizer, cfg.max_length, cfg.system_prompt)
-    rows = pack(samples, cfg.max_length) if cfg.packing else samples
-    checkpoint = find_checkpoint(work_dir, resume)
+    packed, rows = choose_packing(cfg.packing, samples, cfg.max_length)
+    data_digest = digest(rows)
+    if checkpoint is not None and checkpoints.read_marker(checkpoint).get("data_digest") != data_digest:
+        echo(f"warning: the data differ from what {checkpoint.name} was trained on: the resumed run "
+             "will not follow the original data order")
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, work_dir / "config.yaml")
     echo(f"data: {stats['samples']} conversations ({stats['truncated']} truncated, {stats['dropped']} dropped)"
-         + (f", packed into {len(rows)} rows of <= {cfg.max_length} tokens" if cfg.packing else ""))
+         + (f", packed into {len(rows)} rows of <= {cfg.max_length} tokens" if packed else ", not packed"))
     model = load_model_for_training(cfg, model_dir, placement)
     echo(f"model: {model_dir} on {placement.describe()}, method {cfg.method}"
          + (f", {cfg.bits}-bit" if cfg.bits else ""))
 
-    collator = Collator(tokenizer.pad_token_id, packed=cfg.packing)
+    bar = ProgressBar() if ProgressBar.wanted() else None
+    if bar is not None:
+        from tqdm.auto import tqdm
+
+        echo = tqdm.write         # log lines print above the bar instead of through it
+    collator = Collator(tokenizer.pad_token_id, packed=packed)
     on_gpu = placement.device == "cuda"
     args = TrainingArguments(
         output_dir=str(work_dir), per_device_train_batch_size=cfg.batch_size,
@@ -106,22 +143,22 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print) -> Pat
         max_steps=cfg.max_steps, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
-        save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
+        save_total_limit=None,                 # rotation is checkpoints.rotate: marker first, then files
+        seed=cfg.seed, data_seed=cfg.seed,
         bf16=on_gpu and placement.dtype == torch.bfloat16, fp16=on_gpu and placement.dtype == torch.float16,
-        use_cpu=not on_gpu, report_to=[], disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0, save_only_model=False)
+        use_cpu=not on_gpu, report_to=report_to(), logging_dir=str(work_dir / "runs"), disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False)
+    callbacks = [SampleChats(tokenizer, cfg, echo), LogLine(collator, cfg, echo), LossPlot(),
+                 checkpoints.CheckpointKeeper(cfg, model_dir, data_digest)]
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
-                      processing_class=tokenizer,
-                      callbacks=[SampleChats(tokenizer, cfg, echo), LogLine(collator, cfg, echo),
-                                 AssistantFileOnSave(cfg)])
+                      processing_class=tokenizer, callbacks=callbacks + ([bar] if bar else []))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None:
+        echo(f"resuming from {checkpoint} (step {checkpoints.step_of(checkpoint)})")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    final = work_dir / "final"
-    trainer.save_model(str(final))
-    tokenizer.save_pretrained(final)
-    write_assistant_file(final, cfg.system_prompt, base_model=str(model_dir))
+    final = save_final(trainer, tokenizer, cfg, model_dir, work_dir)
     echo(f"saved {'model' if cfg.method == 'full' else 'adapter'} to {final}")
     return final
 
@@ -132,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model dir (overrides the config)")
     p.add_argument("--data", action="append", help="conversation file; repeat for several")
     p.add_argument("--work-dir", help="where checkpoints and the final adapter go")
+    p.add_argument("--bits", choices=["4", "8", "none"], help="4: QLoRA (nf4), 8: int8, none: no quantization")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set lr=1e-4")
     p.add_argument("--resume", nargs="?", const="latest", help="continue from the latest (or given) checkpoint")
@@ -140,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, {"model": args.model, "data": args.data, "work_dir": args.work_dir}, args.sets)
+    sets = list(args.sets) + ([f"bits={args.bits}"] if args.bits else [])
+    cfg = load_config(args.config, {"model": args.model, "data": args.data, "work_dir": args.work_dir}, sets)
     logging.basicConfig(level=logging.WARNING)
     train(cfg, resume=args.resume, echo=lambda s: print(s, flush=True))
     return 0

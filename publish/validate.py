@@ -1,0 +1,106 @@
+"""Check a model dir is complete before anything is pushed: every problem listed at once.
+
+A publishable chat model has `config.json`, weights (`*.safetensors` or `*.bin`, every shard an
+index names), a tokenizer (`tokenizer.json`, `tokenizer.model`, or vocab files) with
+`tokenizer_config.json`, and a chat template (`chat_template.jinja`/`.json` or inside
+`tokenizer_config.json`). No file may be a git-lfs pointer stub standing in for the real thing:
+the classic "uploaded 130-byte weights" mistake.
+
+    from publish.validate import validate_model_dir
+    validate_model_dir("merged/")          # raises UserError listing everything missing
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainer.errors import UserError
+
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec"
+SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """Every file that would be published, relative to `model_dir`, sorted (hidden tool dirs skipped)."""
+    out = []
+    for p in sorted(model_dir.rglob("*")):
+        rel = p.relative_to(model_dir)
+        if p.is_file() and not SKIP_DIRS.intersection(rel.parts[:-1]) and rel.name != ".gitattributes":
+            out.append(rel)
+    return out
+
+
+def is_lfs_pointer(path: Path) -> bool:
+    if path.stat().st_size > 1024:
+        return False
+    with path.open("rb") as f:
+        return f.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
+
+
+def _json(path: Path, problems: list[str]) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append(f"{path.name} is not valid JSON ({exc.__class__.__name__})")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path.name} is not a JSON object")
+        return None
+    return data
+
+
+def _check_weights(d: Path, files: list[Path], problems: list[str]) -> None:
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin") and f.parent == Path(".")
+               and f.name != "training_args.bin"]
+    if not weights:
+        problems.append("no weights (*.safetensors or *.bin)")
+    for index in [f for f in files if f.name.endswith(".index.json")]:
+        data = _json(d / index, problems) or {}
+        shards = sorted(set((data.get("weight_map") or {}).values()))
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing:
+            problems.append(f"{index} names missing shards: {', '.join(missing[:3])}"
+                            + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
+    for w in weights:
+        if (d / w).stat().st_size == 0:
+            problems.append(f"{w} is empty")
+
+
+def _check_tokenizer(d: Path, problems: list[str]) -> None:
+    if not any((d / name).is_file() for name in TOKENIZER_FILES):
+        problems.append("no tokenizer (tokenizer.json or tokenizer.model)")
+    tok_config = d / "tokenizer_config.json"
+    if not tok_config.is_file():
+        problems.append("no tokenizer_config.json")
+    has_template = (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file()
+    if not has_template and tok_config.is_file():
+        has_template = bool((_json(tok_config, problems) or {}).get("chat_template"))
+    if not has_template:
+        problems.append("no chat template (chat_template.jinja or tokenizer_config.json 'chat_template') "
+                        "-- save the tokenizer of a chat model with the model")
+
+
+def validate_model_dir(model_dir) -> list[Path]:
+    """Raise UserError naming every problem; return the files to publish (relative paths)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise UserError(f"{d}: model directory not found")
+    files = model_files(d)
+    pointers = [str(f) for f in files if is_lfs_pointer(d / f)]
+    problems: list[str] = []
+    if pointers:
+        problems.append(f"git-lfs pointer files instead of the real content: {', '.join(pointers[:5])}"
+                        + (f" (+{len(pointers) - 5} more)" if len(pointers) > 5 else "")
+                        + f" -- run `git lfs pull` in {d}")
+    if not (d / "config.json").is_file():
+        adapter = (d / "adapter_config.json").is_file()
+        problems.append("no config.json" + (" (this is a LoRA adapter: merge it first with "
+                                             "`python -m trainer merge BASE ADAPTER OUT`)" if adapter else ""))
+    elif "config.json" not in pointers:
+        _json(d / "config.json", problems)
+    _check_weights(d, files, problems)
+    _check_tokenizer(d, problems)
+    if problems:
+        raise UserError(f"{d}: not ready to publish: " + "; ".join(problems))
+    return files

@@ -1,0 +1,111 @@
+"""`python -m trainer check-data FILE`: find everything wrong with a conversation file before training.
+
+    python -m trainer check-data data/identity.jsonl
+    python -m trainer check-data data/mixed.jsonl --model /root/model --max-length 512
+
+Checks every record (OpenAI messages as JSONL or a JSON array, Alpaca, ShareGPT): valid JSON, a known
+format, roles valid and alternating (an optional system message first), no empty turn, an assistant
+answer at the end, no unfilled placeholder (`{{NAME}}`, `{name}`, `<NAME>`). With `--model`, each
+conversation is rendered by that model's tokenizer and chat template (exactly as training does) and
+counted against `--max-length` (default: the training default): longer ones would be truncated, and
+lose part or all of their last answer. Every problem is printed as `FILE:LINE: what is wrong` (up to
+`--max-errors`), then a summary; the exit code is 2 when there is any problem, else 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from trainer.chat_format import IGNORE_INDEX, encode_chat, with_system
+from trainer.config import TrainConfig
+from trainer.dataio import scan
+from trainer.errors import UserError
+
+
+def load_tokenizer(model: str):
+    """The tokenizer (with its chat template) of a model dir; "tiny" is the embedded demo base."""
+    from transformers import AutoTokenizer
+
+    from inference.loader import check_model_dir
+
+    if model == "tiny":
+        from trainer.tiny import default_base
+
+        path = default_base()
+    else:
+        path = check_model_dir(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        raise UserError(f"{path}: tokenizer has no chat template -- use a chat model")
+    return tokenizer
+
+
+def length_problem(tokenizer, messages: list[dict], max_length: int) -> tuple[int, str | None]:
+    """(token count, what truncation to `max_length` would do, or None if it fits)."""
+    enc = encode_chat(tokenizer, messages)
+    n = len(enc["input_ids"])
+    if n <= max_length:
+        return n, None
+    total = sum(t != IGNORE_INDEX for t in enc["labels"])
+    kept = sum(t != IGNORE_INDEX for t in enc["labels"][:max_length])
+    fate = ("the whole answer is cut, training drops it" if kept == 0
+            else f"{total - kept} of {total} answer tokens are cut")
+    return n, f"{n} tokens > max_length {max_length}: {fate} -- shorten it or raise max_length"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer check-data", description=__doc__.split("\n")[0])
+    p.add_argument("file", help="conversation file (.jsonl or .json)")
+    p.add_argument("--model", help="model dir (or 'tiny') whose tokenizer and chat template count tokens")
+    p.add_argument("--max-length", type=int, help=f"token limit per conversation (default {TrainConfig.max_length},"
+                   f" the training default); needs --model")
+    p.add_argument("--system-prompt", help="the system prompt training will prepend (counts toward length)")
+    p.add_argument("--max-errors", type=int, default=50, help="print at most this many problems")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_length is not None and not args.model:
+        raise UserError("--max-length needs --model DIR: lengths are counted in that model's tokens")
+    max_length = args.max_length or TrainConfig.max_length
+    if max_length < 1:
+        raise UserError("--max-length must be >= 1")
+    rows = scan(args.file)
+    if not rows:
+        raise UserError(f"{args.file}: no records -- the file is empty")
+    tokenizer = load_tokenizer(args.model) if args.model else None
+
+    problems: list[tuple[int, str]] = []
+    lengths, truncated, seen, duplicates = [], 0, set(), 0
+    for line, rec, found in rows:
+        problems += [(line, p) for p in found]
+        if rec is None or found:
+            continue
+        key = json.dumps(rec["messages"], ensure_ascii=False, sort_keys=True)
+        duplicates += key in seen
+        seen.add(key)
+        if tokenizer is not None:
+            n, too_long = length_problem(tokenizer, with_system(rec["messages"], args.system_prompt), max_length)
+            lengths.append(n)
+            if too_long:
+                truncated += 1
+                problems.append((line, too_long))
+
+    for line, problem in problems[: args.max_errors]:
+        print(f"{args.file}:{line}: {problem}", file=sys.stderr)
+    if len(problems) > args.max_errors:
+        print(f"... and {len(problems) - args.max_errors} more problems (raise --max-errors to see them)",
+              file=sys.stderr)
+    bad_lines = len({line for line, _ in problems})
+    print(f"{args.file}: {len(rows)} records, {len(rows) - bad_lines} fine, {len(problems)} problems on "
+          f"{bad_lines} lines; {duplicates} exact duplicates")
+    if lengths:
+        print(f"tokens per conversation: min {min(lengths)}, median {int(statistics.median(lengths))}, "
+              f"max {max(lengths)}; {truncated} over max_length {max_length}")
+    else:
+        print("token lengths not checked (pass --model DIR to count them with its chat template)"
+              if tokenizer is None else "token lengths: no valid conversation to count")
+    return 2 if problems else 0
