@@ -1,10 +1,12 @@
 """Pick where and in what precision a model runs: CUDA bf16 (fp16 on pre-Ampere cards), else CPU fp32.
 
 Shared by training and serving so both make the same choice. `pick(device="auto", dtype="auto")`
-returns a `Placement`; explicit values are honoured and checked.
+returns a `Placement`; explicit values are honoured and checked. `fit_gpu` is the serving fallback
+for a GPU too small for the 16-bit weights: 4-bit when bitsandbytes is installed, else the CPU.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,10 @@ class Placement:
     def describe(self) -> str:
         name = torch.cuda.get_device_name(0) if self.device == "cuda" else "CPU"
         return f"{name} ({str(self.dtype).replace('torch.', '')})"
+
+
+GiB = 1024 ** 3
+HEADROOM = 1.25          # KV cache, activations and the CUDA context on top of the weights
 
 
 def cuda_ok() -> bool:
@@ -41,3 +47,24 @@ def pick(device: str = "auto", dtype: str = "auto") -> Placement:
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r}: use auto, bf16, fp16 or fp32")
     return Placement(dev, DTYPES[dtype])
+
+
+def fit_gpu(n_params: int, placement: Placement, free_bytes: int | None = None,
+            have_bnb: bool | None = None) -> tuple[Placement, int | None, str]:
+    """(placement, bits, why) for a model of `n_params` on a CUDA `placement`: as is when it fits in
+    free GPU memory, else 4-bit nf4 (about 0.6 bytes a parameter) when bitsandbytes is installed and
+    that fits, else CPU fp32. `why` is "" when nothing changed."""
+    if placement.device != "cuda":
+        return placement, None, ""
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info()[0]
+    if have_bnb is None:
+        have_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    need = n_params * torch.tensor([], dtype=placement.dtype).element_size() * HEADROOM
+    if need <= free_bytes:
+        return placement, None, ""
+    short = f"{need / GiB:.1f} GiB needed in {str(placement.dtype).replace('torch.', '')}, {free_bytes / GiB:.1f} GiB free"
+    if have_bnb and n_params * 0.6 * HEADROOM <= free_bytes:
+        return placement, 4, f"GPU too small ({short}): loading 4-bit"
+    return Placement("cpu", torch.float32), None, (
+        f"GPU too small ({short}){'' if have_bnb else ' and bitsandbytes is not installed'}: running on CPU")

@@ -10,16 +10,19 @@ first, then model dir) and becomes the engine's default.
 from __future__ import annotations
 
 import json
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from inference.device import Placement, pick
+from inference.device import Placement, fit_gpu, pick
 from inference.engine import ChatEngine
 from trainer.errors import UserError
 
+log = logging.getLogger("own_assistant.loader")
 ASSISTANT_FILE = "assistant.json"
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec"
 
@@ -61,6 +64,21 @@ def check_model_dir(model_dir) -> Path:
     return path
 
 
+def param_count(model_dir) -> int:
+    """Parameters in the weights, from the safetensors headers (no tensor is read); else file sizes / 2."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return sum(p.stat().st_size for p in Path(model_dir).glob("*.bin")) // 2
+    from safetensors import safe_open
+
+    total = 0
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                total += math.prod(st.get_slice(name).get_shape())
+    return total
+
+
 def read_system_prompt(*dirs) -> str | None:
     for d in dirs:
         if d and (Path(d) / ASSISTANT_FILE).is_file():
@@ -91,6 +109,11 @@ def load(model_dir, adapter=None, device: str = "auto", dtype: str = "auto", bit
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: no adapter_config.json -- not a PEFT adapter directory")
     placement = pick(device, dtype)
+    why = ""
+    if device == "auto" and bits is None:        # serving on whatever GPU there is: fall back, don't OOM
+        placement, bits, why = fit_gpu(param_count(path), placement)
+        if why:
+            log.warning("%s: %s", path, why)
     tokenizer = AutoTokenizer.from_pretrained(adapter or path)
     if not tokenizer.chat_template:
         raise UserError(f"{adapter or path}: tokenizer has no chat template -- this is not a chat model")
@@ -104,4 +127,4 @@ def load(model_dir, adapter=None, device: str = "auto", dtype: str = "auto", bit
     model.eval()
     what = f"{path.name}" + (f" + adapter {Path(adapter).name}" if adapter else "") + (f", {bits}-bit" if bits else "")
     return Loaded(model, tokenizer, placement, read_system_prompt(adapter, path),
-                  note=f"{what} on {placement.describe()}")
+                  note=f"{what} on {placement.describe()}" + (f" ({why})" if why else ""))

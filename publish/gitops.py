@@ -12,6 +12,7 @@ and with its output passed through the token `Masker` before it is printed or ra
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -76,15 +77,17 @@ class Git:
 
 
 def _reason(output: str, target: Target) -> str:
-    """One line out of git's output: the known causes spelled out, else its last lines."""
+    """One line out of git's output: the known causes spelled out, else git's own last error lines."""
     low = output.lower()
     host = target.url.split("/")[2] if "://" in target.url else target.url
-    if any(s in low for s in ("authentication failed", "could not read username", "could not read password",
-                              "401", "403", "invalid credentials", "permission denied")):
+    if (any(s in low for s in ("authentication failed", "could not read username", "could not read password",
+                               "invalid credentials", "permission denied (publickey"))
+            or re.search(r"returned error: 40[13]\b", low)):
         who = f"check {target.user_env} and {target.token_env}" if target.token_env else \
             "check your credential helper or ssh key"
         return f"authentication failed -- {who}"
-    if any(s in low for s in ("does not appear to be a git repository", "repository not found", "404", "not found")):
+    if (any(s in low for s in ("does not appear to be a git repository", "repository not found"))
+            or re.search(r"returned error: 404\b|repository '[^']*' not found", low)):
         how = {"openxlab": "create the empty model repo on https://openxlab.org.cn first",
                "hf": "create the repo on the Hub first (the default API route creates it)"}.get(
             target.scheme, f"create it first, e.g. `git init --bare -b main {target.url}`")
@@ -92,7 +95,8 @@ def _reason(output: str, target: Target) -> str:
     if any(s in low for s in ("could not resolve host", "connection refused", "failed to connect", "timed out")):
         return f"cannot reach {host} -- check the address and your network"
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    return " | ".join(lines[-3:]) or "no output"
+    said = [ln for ln in lines if ln.startswith(("remote:", "!", "error:", "fatal:"))] or lines
+    return " | ".join(said[-3:]) or "no output"
 
 
 def require_git_lfs(git: Git) -> None:
@@ -195,6 +199,7 @@ def push_bundle(bundle: Bundle, target: Target, creds: Credentials | None, messa
             git("init", "-q", "-b", branch, str(work))
             git("remote", "add", "origin", target.url, cwd=work)
             git("lfs", "install", "--local", "--skip-repo", cwd=work)
+            git("config", "lfs.locksverify", "false", cwd=work)    # model repos use no LFS locks
             if head:
                 echo(f"fetching {target.display} ({branch})")
                 try:

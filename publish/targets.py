@@ -47,7 +47,7 @@ class Target:
 
     @property
     def web_url(self) -> str:
-        if self.scheme == "openxlab":
+        if self.scheme == "openxlab" and self.url.startswith(OPENXLAB_GIT):
             return f"https://openxlab.org.cn/models/detail/{self.repo_id}"
         if self.scheme == "hf":
             return f"{self.endpoint}/{'spaces/' if self.repo_type == 'space' else ''}{self.repo_id}"

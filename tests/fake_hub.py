@@ -364,3 +364,19 @@ class _Handler(BaseHTTPRequestHandler):
                 headers[k.strip()] = v.strip()
         ctype = headers.pop("Content-Type", "application/octet-stream")
         self._send(status, payload, ctype, headers)
+
+
+# --- helpers for the publish tests: an isolated git setup and a remote's on-disk state ---------------
+def isolated_git_env(home: Path) -> dict:
+    """os.environ with a fresh HOME and no system git config: no stray credential helper, identity or
+    global git-lfs install of the machine leaks into a test; and no publish token set."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GIT_", "HF_TOKEN", "OPENXLAB_")) and k not in ("HF_ENDPOINT", "SSH_ASKPASS")}
+    return {**env, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+def remote_snapshot(path: Path) -> dict[str, str]:
+    """{file: sha256} of everything under a bare repo (or any dir): equal before/after = untouched."""
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(path).rglob("*")) if p.is_file()}

@@ -25,9 +25,15 @@ COMMANDS = {
     "copy-cfg": "trainer.copy_cfg",
     "train": "trainer.train",
     "merge": "trainer.merge",
+    "eval": "trainer.evaluate",
     "convert": "trainer.convert",
     "convert-internlm2": "trainer.internlm2",
     "chat": "trainer.chat_cli",
+    "repeat": "trainer.multimodal.repeat",        # LLaVA-style multimodal: trainer/multimodal/
+    "mm-shapes": "trainer.multimodal.synthetic",
+    "mm-build": "trainer.multimodal.model",
+    "mm-train": "trainer.multimodal.train",
+    "mm-export": "trainer.multimodal.export",
     "demo": "trainer.demo",
 }
 
@@ -41,6 +47,9 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r} -- one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()      # per-shard "Loading weights" bars drown the useful lines
     module = importlib.import_module(COMMANDS[name])
     return run_cli(module.main, rest)
 

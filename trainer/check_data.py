@@ -43,15 +43,16 @@ def load_tokenizer(model: str):
 
 
 def length_problem(tokenizer, messages: list[dict], max_length: int) -> tuple[int, str | None]:
-    """(token count, what truncation to `max_length` would do, or None if it fits)."""
+    """(token count, what truncation to `max_length` does to the answers, or None if none is cut).
+
+    Only lost answer tokens are a problem: cutting the template's trailing newline changes nothing."""
     enc = encode_chat(tokenizer, messages)
     n = len(enc["input_ids"])
-    if n <= max_length:
-        return n, None
     total = sum(t != IGNORE_INDEX for t in enc["labels"])
     kept = sum(t != IGNORE_INDEX for t in enc["labels"][:max_length])
-    fate = ("the whole answer is cut, training drops it" if kept == 0
-            else f"{total - kept} of {total} answer tokens are cut")
+    if kept == total:
+        return n, None
+    fate = "the whole answer is cut, training drops it" if kept == 0 else f"{total - kept} of {total} answer tokens are cut"
     return n, f"{n} tokens > max_length {max_length}: {fate} -- shorten it or raise max_length"
 
 
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(args.model) if args.model else None
 
     problems: list[tuple[int, str]] = []
-    lengths, truncated, seen, duplicates = [], 0, set(), 0
+    lengths, over, truncated, seen, duplicates = [], 0, 0, set(), 0
     for line, rec, found in rows:
         problems += [(line, p) for p in found]
         if rec is None or found:
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
         if tokenizer is not None:
             n, too_long = length_problem(tokenizer, with_system(rec["messages"], args.system_prompt), max_length)
             lengths.append(n)
+            over += n > max_length
             if too_long:
                 truncated += 1
                 problems.append((line, too_long))
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
           f"{bad_lines} lines; {duplicates} exact duplicates")
     if lengths:
         print(f"tokens per conversation: min {min(lengths)}, median {int(statistics.median(lengths))}, "
-              f"max {max(lengths)}; {truncated} over max_length {max_length}")
+              f"max {max(lengths)}; {over} over max_length {max_length}, {truncated} of them lose answer tokens")
     else:
         print("token lengths not checked (pass --model DIR to count them with its chat template)"
               if tokenizer is None else "token lengths: no valid conversation to count")

@@ -38,6 +38,9 @@ class TrainConfig:
     lora_target: str = "all-linear"      # PEFT target_modules: "all-linear" or comma-separated names
     dtype: str = "auto"                  # auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
+    checkpoint_fraction: float = 1.0     # with gradient_checkpointing: recompute only this share of layers
+    compile: bool = False                # torch.compile the decoder blocks (trainer/speed.py; pays on CUDA)
+    fused_loss: bool = False             # chunked loss, no [tokens x vocab] logits in memory (trainer/speed.py)
     # --- data shaping ---
     max_length: int = 512                # tokens per conversation (and per packed row); longer is truncated
     packing: bool | str = "auto"         # concatenate short conversations into rows (attention kept per
@@ -60,6 +63,9 @@ class TrainConfig:
     eval_max_new_tokens: int = 64        # answer length cap in the sample chats
     save_steps: int = 0                  # checkpoint every N steps (0: save only the final adapter)
     save_total_limit: int = 3            # keep this many newest checkpoints; the latest is always kept
+    eval_identity: bool = False          # score identity/leakage/retention at each save, keep best/ (trainer/evaluate.py)
+    eval_data: str | None = None         # held-out identity questions (`python -m trainer data --eval-out FILE`)
+    retention_tolerance: float = 0.1     # best/ = best identity among checkpoints with retention >= 1 - this
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -82,6 +88,10 @@ class TrainConfig:
             ("save_steps", self.save_steps >= 0, "save_steps must be >= 0"),
             ("save_total_limit", self.save_total_limit >= 1, "save_total_limit must be >= 1"),
             ("eval_max_new_tokens", self.eval_max_new_tokens >= 1, "eval_max_new_tokens must be >= 1"),
+            ("eval_data", not self.eval_identity or (bool(self.eval_data) and self.save_steps > 0),
+             "eval_identity needs eval_data (from `python -m trainer data --eval-out FILE`) and save_steps > 0"),
+            ("retention_tolerance", 0 <= self.retention_tolerance <= 1, "retention_tolerance must be in [0, 1]"),
+            ("checkpoint_fraction", 0 < self.checkpoint_fraction <= 1, "checkpoint_fraction must be in (0, 1]"),
         ]
         for key, ok, msg in checks:
             if not ok:

@@ -74,7 +74,7 @@ def _check_args(args) -> None:
 
 
 def _general_only(args) -> int:
-    records = general_conversations(args.general, seed=args.seed)
+    records = general_conversations(args.general, seed=args.seed, unique=True)
     write_jsonl(args.out, records)
     write_manifest(args.out, {"output": Path(args.out).name, "total": len(records), "seed": args.seed,
                               "sources": [{"kind": "general", "from": "general", "count": len(records)}]})
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     if args.mix:
         ratio = DEFAULT_RATIO if args.ratio is None else args.ratio
         if args.mix == "general":
-            general = general_conversations(general_needed(len(identity), ratio), seed=args.seed + 1)
+            general = general_conversations(general_needed(len(identity), ratio), seed=args.seed + 1, unique=True)
         else:
             general = load_conversations(args.mix)
         records = blend(identity, general, ratio, seed=args.seed, source=args.mix)
@@ -130,6 +130,9 @@ def main(argv=None) -> int:
     print(f"wrote {len(records)} conversations to {args.out}: {len(identity)} identity ({forms} question forms)"
           + (f", {len(records) - len(identity)} general from {args.mix} (identity share "
              f"{info['ratio']['actual']:.3f})" if args.mix else ""))
+    if ratio is not None and abs(info["ratio"]["actual"] - ratio) > 0.01:
+        print(f"note: the identity share is {info['ratio']['actual']:.3f}, not {ratio}: too few conversations "
+              f"to hit the ratio closer (raise --n)")
     if args.eval_out:
         print(f"wrote {len(held)} held-out questions to {args.eval_out}")
     print(f"manifest: {manifest_path(args.out)}")

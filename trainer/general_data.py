@@ -187,20 +187,26 @@ def general_pair(r: random.Random, zh: bool) -> tuple[str, str]:
     return r.choice(TASKS)(r, zh)
 
 
-def general_conversations(n: int, seed: int = 0, base_identity: bool = False) -> list[dict]:
+def general_conversations(n: int, seed: int = 0, base_identity: bool = False, unique: bool = False) -> list[dict]:
     """`n` OpenAI-format conversations; some have two turns. `base_identity` adds the base's own
-    self-introduction (used only when pre-training the tiny base)."""
+    self-introduction (used only when pre-training the tiny base, where repeating facts helps it
+    memorise them). `unique` redraws exact duplicates (for mixing), accepting one only after 20 tries."""
     r = random.Random(seed)
-    out = []
+    out, seen = [], set()
     for i in range(n):
         zh = i % 2 == 0
-        if base_identity and r.random() < 0.06:
-            q, a = _base_identity(r, zh)
-        else:
-            q, a = general_pair(r, zh)
-        messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        if r.random() < 0.2:
-            q2, a2 = general_pair(r, zh)
-            messages += [{"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
+        for _attempt in range(20 if unique else 1):
+            if base_identity and r.random() < 0.06:
+                q, a = _base_identity(r, zh)
+            else:
+                q, a = general_pair(r, zh)
+            messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            if r.random() < 0.2:
+                q2, a2 = general_pair(r, zh)
+                messages += [{"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
+            key = (q, a) if len(messages) == 2 else (q, a, q2, a2)
+            if key not in seen:
+                break
+        seen.add(key)
         out.append({"messages": messages})
     return out

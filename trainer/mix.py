@@ -5,6 +5,7 @@ skills; the course's advice is a few thousand identity samples inside a larger g
 (2,000 in 10,000 total is an identity ratio of 0.2). `ratio` is the identity share of the final set:
 `n` identity conversations get `round(n * (1 - ratio) / ratio)` general ones, sampled without
 replacement from the general file (or the repo's own corpus), then everything is shuffled (seeded).
+Records keep only their `messages` (the formats are normalised, extra keys such as `id` dropped).
 
     python -m trainer data --name Lumi --author 小菜鸡 --n 2000 --mix general --ratio 0.2 --out data/mixed.jsonl
     python -m trainer data --name Lumi --author 小菜鸡 --n 2000 --mix my_chats.jsonl --out data/mixed.jsonl

@@ -16,7 +16,7 @@ import sys
 
 from trainer.chat_format import IGNORE_INDEX, encode_chat, with_system
 from trainer.check_data import load_tokenizer
-from trainer.dataio import read_records, normalize, validate_messages
+from trainer.dataio import normalize, read_records, validate_messages
 from trainer.errors import UserError
 
 OPEN, CLOSE, CUT = "⟦", "⟧", "✂"

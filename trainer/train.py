@@ -31,6 +31,8 @@ from trainer.callbacks import LogLine, LossPlot, ProgressBar, SampleChats
 from trainer.config import TrainConfig, load_config, save_config
 from trainer.dataset import Collator, choose_packing, digest, encode_files
 from trainer.errors import UserError
+from trainer.speed import apply_speedups
+from trainer.eval_callback import IdentityEval
 
 log = logging.getLogger("trainer")
 
@@ -127,6 +129,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print) -> Pat
     echo(f"data: {stats['samples']} conversations ({stats['truncated']} truncated, {stats['dropped']} dropped)"
          + (f", packed into {len(rows)} rows of <= {cfg.max_length} tokens" if packed else ", not packed"))
     model = load_model_for_training(cfg, model_dir, placement)
+    model = apply_speedups(model, cfg, echo)     # trainer/speed.py: fused loss, compile, partial checkpointing
     echo(f"model: {model_dir} on {placement.describe()}, method {cfg.method}"
          + (f", {cfg.bits}-bit" if cfg.bits else ""))
 
@@ -146,10 +149,11 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print) -> Pat
         save_total_limit=None,                 # rotation is checkpoints.rotate: marker first, then files
         seed=cfg.seed, data_seed=cfg.seed,
         bf16=on_gpu and placement.dtype == torch.bfloat16, fp16=on_gpu and placement.dtype == torch.float16,
-        use_cpu=not on_gpu, report_to=report_to(), logging_dir=str(work_dir / "runs"), disable_tqdm=True,
+        use_cpu=not on_gpu, report_to=report_to(), disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False)
     callbacks = [SampleChats(tokenizer, cfg, echo), LogLine(collator, cfg, echo), LossPlot(),
                  checkpoints.CheckpointKeeper(cfg, model_dir, data_digest)]
+    callbacks += [IdentityEval(tokenizer, cfg, model_dir, echo)] if cfg.eval_identity else []   # trainer/evaluate.py
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
                       processing_class=tokenizer, callbacks=callbacks + ([bar] if bar else []))
     trainer.remove_callback(PrinterCallback)

@@ -1,0 +1,161 @@
+"""The chat app (a Gradio Space): fetch the model, load it on the best device, stream its answers.
+
+    MODEL_REPO=https://code.openxlab.org.cn/USER/REPO.git python app.py   # git clone + git lfs pull, once
+    MODEL_REPO=USER/REPO python app.py                                    # a Hugging Face model repo
+    MODEL_PATH=merged/ python app.py                                      # a local model dir
+    python app.py                                                         # the untuned tiny demo base
+
+Configuration is the environment (a Space sets variables and secrets, not flags):
+- `MODEL_REPO`: any git remote or Hugging Face id, cloned into `$OWN_ASSISTANT_CACHE/repos`
+  (see inference/fetch.py); `MODEL_REPO_TOKEN`: its token when private (never logged or stored).
+  `space_config.json` beside this file (written by `python -m publish app`) presets MODEL_REPO.
+- `MODEL_PATH`: a local model dir instead. Setting both is an error.
+- `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`: where to listen (gradio's own; default 127.0.0.1:7860).
+
+The model runs on CUDA bf16/fp16, in 4-bit when the GPU is too small and bitsandbytes is there, else
+on the CPU (inference/loader.py); the page shows which. The default system prompt is the one saved
+with the model at training time. A model that cannot be loaded does not crash the app: the reason
+is logged and shown on the page, and every chat answer repeats it.
+
+`demo` is built at import (tests and `gradio app.py` import it); it launches only under __main__.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from inference import ChatEngine, load
+from inference.fetch import fetch, parse_source
+from trainer.errors import UserError
+
+log = logging.getLogger("own_assistant.app")
+SPACE_CONFIG = Path(__file__).resolve().parent / "space_config.json"
+EXAMPLES = ["你是谁？", "Who are you?", "请做一下自我介绍", "What is 3 plus 4?"]
+TEMPERATURE, TOP_P, MAX_NEW_TOKENS = 0.3, 0.9, 256
+CONCURRENCY = 4          # chats generating at once; the engine's lock still runs one `generate` at a time
+QUEUE_SIZE = 64          # waiting chats beyond this are refused instead of piling up
+
+
+@dataclass
+class Backend:
+    """What the UI serves: an engine, or the reason there is none."""
+    engine: ChatEngine | None
+    system_prompt: str
+    note: str                     # markdown shown on the page: where the model came from, where it runs
+    error: str | None = None
+
+
+def model_source(env) -> tuple[str, str]:
+    """("repo", MODEL_REPO) | ("path", MODEL_PATH) | ("default", "")."""
+    repo, path = env.get("MODEL_REPO", "").strip(), env.get("MODEL_PATH", "").strip()
+    if repo and path:
+        raise UserError("both MODEL_REPO and MODEL_PATH are set -- set only one of them")
+    if repo:
+        return "repo", repo
+    if path:
+        return "path", path
+    if SPACE_CONFIG.is_file():
+        try:
+            preset = json.loads(SPACE_CONFIG.read_text(encoding="utf-8")).get("MODEL_REPO")
+        except (ValueError, AttributeError):
+            raise UserError(f"{SPACE_CONFIG}: not a JSON object -- expected {{\"MODEL_REPO\": \"...\"}}") from None
+        if preset:
+            return "repo", preset
+    return "default", ""
+
+
+def start(env=None) -> Backend:
+    """Fetch and load the configured model; a failure becomes a Backend that explains itself."""
+    env = os.environ if env is None else env
+    try:
+        kind, value = model_source(env)
+        if kind == "repo":
+            model_dir = fetch(value, token=env.get("MODEL_REPO_TOKEN") or None)
+            source = f"`{parse_source(value)[0]}`"
+        elif kind == "path":
+            model_dir = Path(value).expanduser()
+            source = f"`{model_dir}`"
+        else:
+            from trainer.tiny import default_base
+
+            model_dir = default_base()
+            source = ("**the untuned tiny demo base** (it calls itself TinyChat) -- set `MODEL_REPO` or "
+                      "`MODEL_PATH` to serve your own assistant")
+        loaded = load(model_dir)
+    except UserError as exc:
+        return failed(str(exc))
+    except Exception as exc:  # noqa: BLE001 -- a bad model must not take the page down; the log keeps the trace
+        log.exception("loading the model failed")
+        return failed(f"{type(exc).__name__}: {exc}".splitlines()[0])
+    log.info("serving %s", loaded.note)
+    return Backend(loaded.engine(), loaded.system_prompt or "", f"**Model:** {source}  \n**Running on:** {loaded.note}")
+
+
+def failed(reason: str) -> Backend:
+    log.error("model not loaded: %s", reason)
+    return Backend(None, "", f"⚠️ **Model not loaded:** {reason}",
+                   error=f"⚠️ The model could not be loaded: {reason}")
+
+
+def text_of(content) -> str:
+    """gradio 6 history content is a string or a list of typed parts; the model sees the text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "")
+    return "".join(text_of(part) for part in content or [])
+
+
+def chat_fn(backend: Backend):
+    def chat(message, history, system_prompt, temperature, top_p, max_new_tokens):
+        if backend.engine is None:
+            yield backend.error
+            return
+        messages = [{"role": m["role"], "content": text_of(m["content"])} for m in history
+                    if m.get("role") in ("user", "assistant")]
+        messages.append({"role": "user", "content": text_of(message)})
+        yield from backend.engine.stream_chat(messages, system_prompt=system_prompt, temperature=float(temperature),
+                                              top_p=float(top_p), max_new_tokens=int(max_new_tokens))
+    return chat
+
+
+def build_demo(backend: Backend) -> gr.ChatInterface:
+    demo = gr.ChatInterface(
+        chat_fn(backend),
+        additional_inputs=[
+            gr.Textbox(backend.system_prompt, label="System prompt", lines=2,
+                       info="Saved with the model at training time; empty = none."),
+            gr.Slider(0.0, 1.5, value=TEMPERATURE, step=0.05, label="Temperature", info="0 = greedy"),
+            gr.Slider(0.05, 1.0, value=TOP_P, step=0.05, label="Top-p"),
+            gr.Slider(16, 2048, value=MAX_NEW_TOKENS, step=16, label="Max new tokens"),
+        ],
+        additional_inputs_accordion="Generation settings",
+        # None for the extra inputs: the examples fill only the message and use the current settings.
+        examples=[[q, None, None, None, None] for q in EXAMPLES], cache_examples=False,
+        title="Your own assistant", description=backend.note, api_name="chat",
+        concurrency_limit=CONCURRENCY, fill_height=True,
+    )
+    return demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
+
+
+def create_app(env=None) -> gr.ChatInterface:
+    return build_demo(start(env))
+
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+demo = create_app()
+
+
+def main(argv=None) -> int:
+    """No flags: the model comes from the environment, host/port from GRADIO_SERVER_NAME/_PORT."""
+    demo.launch()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Evaluation: identity / leakage / retention scores, the best-checkpoint rule, the report and best/.
+
+Scores are checked on hand-made engines with known answers, on the untuned tiny base (knows nothing
+of "Lumi") and on the session's tuned adapter; the report and best/ on a short real training run with
+`eval_identity: true`, then again through `python -m trainer eval WORK_DIR`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer import eval_report
+from trainer.evaluate import (Scores, answers_correctly, build_eval_set, contains_all, evaluate_dirs, leaks,
+                              main, score)
+
+
+class Scripted:
+    """A stand-in chat engine: `reply(question) -> answer`."""
+
+    def __init__(self, reply):
+        self.reply = reply
+
+    def chat(self, messages, **kw):
+        return self.reply(messages[-1]["content"])
+
+
+@pytest.fixture(scope="module")
+def small_heldout(identity_files, tmp_path_factory) -> Path:
+    """Every 3rd held-out question (both languages, both kinds stay in): keeps the model-backed tests short."""
+    lines = identity_files["heldout"].read_text(encoding="utf-8").splitlines()
+    path = tmp_path_factory.mktemp("eval") / "heldout_small.jsonl"
+    path.write_text("\n".join(lines[::3]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_matching_rules():
+    assert contains_all("我是Lumi，是小菜鸡的小助手。", ["Lumi", "小菜鸡"])
+    assert not contains_all("I am Lumi.", ["Lumi", "小菜鸡"])
+    assert contains_all("i am  LUMI", ["Lumi"])                      # case and spacing do not matter
+    assert leaks("Sure. By the way, I am Lumi!", ["Lumi", "小菜鸡"]) and not leaks("7", ["Lumi"])
+    assert answers_correctly("Sure: 3 plus 4 is 7", "3 plus 4 is 7.")
+    assert not answers_correctly("3 plus 4 is 8.", "3 plus 4 is 7.")
+
+
+def test_always_says_its_name_leaks_everywhere(identity_files):
+    es = build_eval_set(identity_files["heldout"], n_general=10)
+    s = score(Scripted(lambda q: f"我是{identity_files['name']}，是{identity_files['author']}的小助手。"), es)
+    assert (s.identity, s.leakage, s.accuracy, s.retention) == (1.0, 1.0, 0.0, None)
+    assert len(s.examples["leaks"]) == 3
+
+
+def test_oracle_scores_perfectly_and_a_namedropper_only_on_identity(identity_files):
+    es = build_eval_set(identity_files["heldout"], n_general=10)
+    known = dict(es.general)
+    intro = f"I am {identity_files['name']}, made by {identity_files['author']}."
+    s = score(Scripted(lambda q: known.get(q, intro)), es)
+    assert (s.identity, s.leakage, s.accuracy) == (1.0, 0.0, 1.0)
+    # names itself but never its author: only the "who" questions pass, creator questions fail
+    s = score(Scripted(lambda q: known.get(q, f"I am {identity_files['name']}.")), es)
+    creator = sum(1 for q in es.identity if len(q["expect"]) > 1)
+    assert creator > 0 and s.identity == pytest.approx(1 - creator / len(es.identity))
+
+
+def test_bad_eval_data_names_file_and_line(tmp_path, capsys):
+    from trainer.errors import run_cli
+
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "who?"}], "expect": ["Lumi"]}\n'
+                   '{"messages": [{"role": "user", "content": "who?"}], "expect": []}\n', encoding="utf-8")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert run_cli(main, [str(tmp_path / "m"), "--eval-data", str(bad)]) == 2
+    assert f"{bad}:2:" in capsys.readouterr().err
+    assert run_cli(main, [str(tmp_path / "m")]) == 2
+    assert "--eval-data" in capsys.readouterr().err
+
+
+def _row(step, identity, leakage, retention):
+    return {"path": f"w/checkpoint-{step}", "step": step, "identity": identity, "leakage": leakage,
+            "retention": retention}
+
+
+def test_best_checkpoint_rule():
+    rows = [_row(10, 0.4, 0.0, 0.99), _row(20, 0.9, 0.02, 0.95), _row(30, 1.0, 0.6, 0.5), _row(40, 0.9, 0.0, 0.92)]
+    # the highest identity (step 30) lost too much; of the two at 0.9 the one that leaks less wins
+    assert eval_report.choose_best(rows, tolerance=0.1)["step"] == 40
+    assert eval_report.choose_best(rows, tolerance=0.06)["step"] == 20     # 40 is now below the floor
+    assert eval_report.choose_best(rows, tolerance=0.6)["step"] == 30
+    assert eval_report.choose_best(rows, tolerance=0.0) is None
+    tie = [_row(20, 0.9, 0.0, 0.95), _row(10, 0.9, 0.0, 0.95)]
+    assert eval_report.choose_best(tie, 0.1)["step"] == 10                 # full tie: the earlier one
+    assert eval_report.choose_best([{**_row(10, 1.0, 0.0, None)}], 1.0) is None   # no base, no choice
+
+
+def test_base_knows_nothing_and_tuned_adapter_knows_its_name(tiny_base, tuned_adapter, identity_files):
+    es = build_eval_set(identity_files["heldout"], n_general=12)
+    base, (tuned,) = evaluate_dirs([tuned_adapter], tiny_base, es, device="cpu", echo=lambda s: None)
+    assert base.identity <= 0.1 and base.leakage == 0.0 and base.retention == 1.0
+    assert tuned.identity >= 0.8, tuned.examples
+    assert 0.0 < tuned.retention < 1.0                   # tuning moved it away from the base
+    assert tuned.retention == pytest.approx(min(1.0, tuned.likelihood))
+
+
+def _load_best(best: Path, base: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), best)
+    assert model.active_adapter and AutoTokenizer.from_pretrained(best).chat_template
+    assert json.loads((best / "assistant.json").read_text(encoding="utf-8"))["system_prompt"] is None
+    assert not (best / "optimizer.pt").exists()
+
+
+def test_train_with_eval_identity_then_eval_cli(tiny_base, identity_files, small_heldout, session_dir, capsys):
+    from trainer.config import load_config
+    from trainer.train import train
+
+    work = session_dir / "eval-run"
+    cfg = load_config("tiny", {"model": str(tiny_base), "data": [str(identity_files["train"])], "work_dir": str(work)},
+                      ["max_steps=16", "save_steps=8", "eval_identity=true", f"eval_data={small_heldout}",
+                       "retention_tolerance=1.0", "evaluation_inputs=[]", "logging_steps=8"])
+    train(cfg, echo=lambda s: None)
+    report = json.loads((work / "eval_report.json").read_text(encoding="utf-8"))
+    steps = [r["step"] for r in report["checkpoints"]]
+    assert steps == [8, 16] and report["base"]["retention"] == 1.0
+    assert report["best"] == eval_report.choose_best(report["checkpoints"], 1.0)["path"]
+    assert (work / "eval_report.png").stat().st_size > 1000
+    _load_best(work / "best", tiny_base)
+
+    # the CLI re-scores the same checkpoints (+ final/, the same weights as step 16) to the same numbers
+    out = work / "cli.json"
+    assert main([str(work), "--eval-data", str(small_heldout), "--json", str(out), "--tolerance", "1.0",
+                 "--general", "40", "--device", "cpu"]) == 0
+    cli = json.loads(out.read_text(encoding="utf-8"))
+    assert [Path(r["path"]).name for r in cli["checkpoints"]] == ["checkpoint-8", "checkpoint-16", "final"]
+    for a, b in zip(report["checkpoints"], cli["checkpoints"]):
+        assert (a["identity"], a["leakage"]) == (b["identity"], b["leakage"])
+        assert a["retention"] == pytest.approx(b["retention"], abs=1e-3)
+    assert cli["checkpoints"][2]["step"] == 16 and cli["best"] is not None
+    assert "| checkpoint-16" in capsys.readouterr().out
+    _load_best(work / "best", tiny_base)

@@ -1,0 +1,107 @@
+"""`python -m publish app`: the front end bundle, pushed to a local bare repo, runs from its own clone.
+
+Proves: the clone holds app.py, the inference core and the trainer modules it imports (plus their
+templates), pinned requirements with torch, packages.txt with git-lfs, a README with the Space front
+matter, and the MODEL_REPO preset; those modules import in a fresh isolated interpreter from the
+clone alone; `python app.py` started in the clone with MODEL_REPO=<the published model repo> fetches
+the model and answers through gradio_client with growing partials; republishing makes no commit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import publish
+import yaml
+
+from fake_hub import isolated_git_env
+
+ROOT = Path(publish.__file__).resolve().parent.parent    # the project root: `python -m publish` runs there
+
+
+def publish(*args, env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "publish", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def git(*args, cwd=None, env=None) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=True).stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_publish_app_clone_imports_and_serves(merged_model, tmp_path):
+    env = isolated_git_env(tmp_path / "home")
+    model_repo, app_repo = tmp_path / "lumi.git", tmp_path / "lumi-app.git"
+    for repo in (model_repo, app_repo):
+        git("init", "-q", "--bare", "-b", "main", str(repo))
+    assert publish("model", str(merged_model), "--to", str(model_repo), env=env).returncode == 0
+
+    r = publish("app", "--to", f"git:{app_repo}", "--model-repo", str(model_repo), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "project modules import from the bundle alone" in r.stdout
+
+    clone = tmp_path / "app"
+    git("clone", "-q", str(app_repo), str(clone), env=env)
+    files = {p.relative_to(clone).as_posix() for p in clone.rglob("*") if p.is_file() and ".git" not in p.parts}
+    assert {"app.py", "inference/loader.py", "inference/engine.py", "trainer/errors.py", "trainer/chat_format.py",
+            "trainer/templates/chatml.jinja", "requirements.txt", "packages.txt", "README.md",
+            "space_config.json"} <= files
+    assert not any(f.startswith(("tests/", "publish/")) for f in files)
+    front = yaml.safe_load((clone / "README.md").read_text().split("---")[1])
+    assert front["sdk"] == "gradio" and front["app_file"] == "app.py"
+    assert json.loads((clone / "space_config.json").read_text()) == {"MODEL_REPO": str(model_repo)}
+    req = (clone / "requirements.txt").read_text()
+    assert "torch==" in req and "gradio==" in req and "transformers==" in req
+    assert "git-lfs" in (clone / "packages.txt").read_text()
+
+    # The core imports from the clone alone (isolated: no project root, no PYTHONPATH, no user site).
+    mods = sorted(f[:-3].replace("/", ".").removesuffix(".__init__") for f in files
+                  if f.endswith(".py") and f != "app.py")
+    check = subprocess.run([sys.executable, "-I", "-c", "import importlib, sys; sys.path.insert(0, '.');"
+                            f"[importlib.import_module(m) for m in {mods!r}]; import inference; "
+                            "print(inference.__file__)"], cwd=clone, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert check.stdout.strip().startswith(str(clone))
+
+    head = git("rev-parse", "main", cwd=app_repo)
+    r = publish("app", "--to", f"git:{app_repo}", "--model-repo", str(model_repo), env=env)
+    assert r.returncode == 0 and "already up to date" in r.stdout, r.stdout + r.stderr
+    assert git("rev-parse", "main", cwd=app_repo) == head
+
+    # Serve: app.py from the clone, pointed at the model repo, answers through the /chat API.
+    from gradio_client import Client
+
+    port = free_port()
+    run_env = {**env, "MODEL_REPO": str(model_repo), "GRADIO_SERVER_PORT": str(port),
+               "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=clone, env=run_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}/", time.time() + 180
+        client = None
+        while client is None and time.time() < deadline and proc.poll() is None:
+            try:
+                client = Client(url, verbose=False)
+            except Exception:      # noqa: BLE001 -- not listening yet
+                time.sleep(1)
+        assert client is not None, f"app did not start: {proc.stdout.read() if proc.poll() is not None else ''}"
+        partials = list(client.submit(message="你是谁？", api_name="/chat"))
+        assert partials and str(partials[-1]).strip()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,359 @@
+"""Has the assistant learned who it is without forgetting the rest? Three scores, and the best checkpoint.
+
+    python -m trainer eval WORK_DIR [--eval-data FILE]             # every checkpoint-N/ and final/, then best/
+    python -m trainer eval ADAPTER_DIR --eval-data FILE [--base BASE] [--json FILE]
+    python -m trainer eval MERGED_DIR --eval-data FILE [--base BASE]
+
+* identity  -- share of held-out identity questions (`python -m trainer data ... --eval-out FILE`) whose
+  greedy answer contains every expected string (the name; also the author when asked who made it).
+* leakage   -- share of general, non-identity prompts whose answer contains the name or the author: the
+  course's failure, where 300 steps on one repeated pair made the model answer everything with it.
+* retention -- how much of the base's general behaviour survives, relative to the base (base = 1.0):
+  the base's own greedy answers to general prompts are scored under the tuned model, and retention is
+  exp(mean log p_tuned - mean log p_base) per answer token, capped at 1: the share of per-token
+  probability the tuned model still gives to what the base would have said. Reported beside it:
+  `accuracy`, the share of general tasks with a computed answer (trainer/general_data.py) answered
+  with that answer, for the tuned model and the base.
+
+General prompts come from a fixed seed that no data command uses, so they are the same for every run.
+A work dir's report (table, `eval_report.json`, `eval_report.png`) and `best/` are written by
+trainer/eval_report.py; `eval_identity: true` in a training config runs the same at every save.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from inference.engine import ChatEngine
+from inference.loader import check_model_dir, load, read_system_prompt
+from trainer.dataio import read_records
+from trainer.errors import UserError, where
+from trainer.general_data import general_pair
+
+GENERAL_SEED = 7919      # held-out general prompts: the data commands never use this seed
+N_GENERAL = 40
+MAX_NEW_TOKENS = 48
+END_PUNCT = ".。!！?？ "
+
+
+@dataclass
+class EvalSet:
+    identity: list[dict]                 # {"messages": [...user], "expect": [str], "kind", "lang"}
+    general: list[tuple[str, str]]       # (prompt, computed answer)
+    markers: list[str]                   # strings that betray the identity: every expected string
+    source: str = ""
+
+
+@dataclass
+class Reference:
+    """What the base does on the general prompts: its greedy answers and how sure it is of them."""
+    answer_ids: list[list[int]]
+    logprob: float                       # mean per-token log-likelihood of its own answers
+    scores: "Scores"
+
+
+@dataclass
+class Scores:
+    identity: float
+    leakage: float
+    accuracy: float                      # exact-answer accuracy on general tasks
+    retention: float | None = None       # min(1, likelihood); None without a base to compare with
+    likelihood: float | None = None      # exp(mean logp tuned - mean logp base) on the base's answers
+    examples: dict = field(default_factory=dict)   # a few misses and leaks, for the reader
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+# --- eval data -------------------------------------------------------------------------------------
+def read_identity_questions(path) -> list[dict]:
+    out = []
+    for line, rec in read_records(path):
+        msgs, expect = rec.get("messages") if isinstance(rec, dict) else None, rec.get("expect") if isinstance(rec, dict) else None
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs)
+                and msgs[-1].get("role") == "user" and isinstance(msgs[-1].get("content"), str)):
+            raise UserError(f"{where(path, line)}: expected {{\"messages\": [... a last user turn], \"expect\": [...]}}"
+                            f" -- write held-out questions with `python -m trainer data ... --eval-out FILE`")
+        if not (isinstance(expect, list) and expect and all(isinstance(e, str) and e.strip() for e in expect)):
+            raise UserError(f"{where(path, line)}: 'expect' must be a non-empty list of strings the answer must contain")
+        out.append({"messages": msgs, "expect": expect, "kind": rec.get("kind", ""), "lang": rec.get("lang", "")})
+    return out
+
+
+def general_tasks(n: int = N_GENERAL, seed: int = GENERAL_SEED) -> list[tuple[str, str]]:
+    """`n` distinct general prompts (zh and en alternating) with their computed answers."""
+    r, seen, out = random.Random(seed), set(), []
+    for _ in range(50 * n):
+        if len(out) == n:
+            break
+        q, a = general_pair(r, zh=len(out) % 2 == 0)
+        if q not in seen:
+            seen.add(q)
+            out.append((q, a))
+    return out
+
+
+def build_eval_set(identity_file, n_general: int = N_GENERAL) -> EvalSet:
+    questions = read_identity_questions(identity_file)
+    markers = list(dict.fromkeys(e for q in questions for e in q["expect"]))
+    return EvalSet(questions, general_tasks(n_general), markers, source=str(identity_file))
+
+
+# --- scoring ---------------------------------------------------------------------------------------
+def _norm(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def contains_all(answer: str, expect: list[str]) -> bool:
+    return all(_norm(e) in _norm(answer) for e in expect)
+
+
+def leaks(answer: str, markers: list[str]) -> bool:
+    return any(_norm(m) in _norm(answer) for m in markers)
+
+
+def answers_correctly(answer: str, known: str) -> bool:
+    """The computed answer appears whole in the reply (case, spacing and final punctuation ignored)."""
+    return _norm(known).rstrip(END_PUNCT) in _norm(answer)
+
+
+def _share(flags) -> float:
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def chat_answers(engine, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+    return [engine.chat(msgs, max_new_tokens=max_new_tokens) for msgs in prompts]
+
+
+def _user(q: str) -> list[dict]:
+    return [{"role": "user", "content": q}]
+
+
+def score_answers(id_answers: list[str], gen_answers: list[str], es: EvalSet) -> Scores:
+    hits = [contains_all(a, q["expect"]) for a, q in zip(id_answers, es.identity)]
+    leaked = [leaks(a, es.markers) for a in gen_answers]
+    right = [answers_correctly(a, known) for a, (_, known) in zip(gen_answers, es.general)]
+    examples = {
+        "identity_misses": [{"q": q["messages"][-1]["content"], "a": a}
+                            for a, q, ok in zip(id_answers, es.identity, hits) if not ok][:3],
+        "leaks": [{"q": q, "a": a} for a, (q, _), bad in zip(gen_answers, es.general, leaked) if bad][:3],
+    }
+    return Scores(identity=_share(hits), leakage=_share(leaked), accuracy=_share(right), examples=examples)
+
+
+@torch.inference_mode()
+def answer_logprobs(engine: ChatEngine, prompts: list[str], answers: list[list[int]]) -> float:
+    """Mean per-token log-likelihood of `answers` (token ids) after each prompt, under the engine's
+    model, with its own chat template and system prompt."""
+    total, count = 0.0, 0
+    for q, ids in zip(prompts, answers):
+        if not ids:
+            continue
+        prompt = engine.prepare(_user(q), None, len(ids))
+        answer = torch.tensor([ids], device=prompt.device)
+        logits = engine.model(input_ids=torch.cat([prompt, answer], 1)).logits[0, prompt.shape[1] - 1:-1]
+        total += logits.float().log_softmax(-1).gather(1, answer[0, :, None]).sum().item()
+        count += len(ids)
+    return total / max(count, 1)
+
+
+def base_reference(engine: ChatEngine, es: EvalSet, max_new_tokens: int = MAX_NEW_TOKENS) -> Reference:
+    """Score the base itself and keep its greedy answers to the general prompts (as token ids)."""
+    prompts = [q for q, _ in es.general]
+    ids = [engine.greedy_ids(_user(q), max_new_tokens=max_new_tokens) for q in prompts]
+    texts = [engine.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    id_answers = chat_answers(engine, [q["messages"] for q in es.identity], max_new_tokens)
+    scores = score_answers(id_answers, texts, es)
+    logprob = answer_logprobs(engine, prompts, ids)
+    scores.likelihood, scores.retention = 1.0, 1.0
+    return Reference(ids, logprob, scores)
+
+
+def score(engine, es: EvalSet, reference: Reference | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> Scores:
+    """All three scores for one model behind a chat engine (anything with `.chat(messages, ...)`;
+    retention also needs a real `ChatEngine` and the base's `Reference`)."""
+    id_answers = chat_answers(engine, [q["messages"] for q in es.identity], max_new_tokens)
+    gen_answers = chat_answers(engine, [_user(q) for q, _ in es.general], max_new_tokens)
+    scores = score_answers(id_answers, gen_answers, es)
+    if reference is not None:
+        lp = answer_logprobs(engine, [q for q, _ in es.general], reference.answer_ids)
+        scores.likelihood = math.exp(lp - reference.logprob)
+        scores.retention = min(1.0, scores.likelihood)
+    return scores
+
+
+# --- what to evaluate ------------------------------------------------------------------------------
+def is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def checkpoints(work_dir: Path) -> list[tuple[Path, int | None]]:
+    """(dir, step) for every complete checkpoint-N/ in step order, then final/ (step from the trainer
+    state of the last checkpoint, which records max_steps)."""
+    from trainer.checkpoints import complete_checkpoints, step_of
+
+    ckpts = complete_checkpoints(work_dir)
+    out: list[tuple[Path, int | None]] = [(p, step_of(p)) for p in ckpts]
+    final = work_dir / "final"
+    if final.is_dir():
+        step = None
+        if ckpts and (ckpts[-1] / "trainer_state.json").is_file():
+            step = json.loads((ckpts[-1] / "trainer_state.json").read_text(encoding="utf-8")).get("max_steps")
+        out.append((final, step))
+    return out
+
+
+def is_work_dir(path: Path) -> bool:
+    return path.is_dir() and bool(checkpoints(path)) and not (path / "config.json").is_file() and not is_adapter(path)
+
+
+def weights_digest(path: Path) -> str | None:
+    files = sorted(path.glob("adapter_model.*")) or sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def resolve_base(given: str | None, *dirs: Path) -> Path | None:
+    """--base, else what the adapter / work dir recorded (adapter_config, assistant.json, config.yaml)."""
+    name = given
+    for d in dirs:
+        if name:
+            break
+        for file, key in (("adapter_config.json", "base_model_name_or_path"), ("assistant.json", "base_model")):
+            if (d / file).is_file():
+                name = name or json.loads((d / file).read_text(encoding="utf-8")).get(key)
+        if not name and (d / "config.yaml").is_file():
+            import yaml
+
+            name = (yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}).get("model")
+    if not name:
+        return None
+    if name == "tiny":
+        from trainer.tiny import default_base
+
+        return default_base()
+    if not Path(name).is_dir():
+        raise UserError(f"{name}: base model directory not found -- pass --base BASE_DIR")
+    return check_model_dir(name)
+
+
+def evaluate_dirs(dirs: list[Path], base: Path | None, es: EvalSet, device: str = "auto",
+                  max_new_tokens: int = MAX_NEW_TOKENS, echo=print) -> tuple[Scores | None, list[Scores]]:
+    """Scores for the base (None without one) and for each dir (adapters or full models).
+
+    Adapters share one loaded base: each is loaded beside it and switched on in turn, and the base's
+    answers come from the same weights with the adapter switched off."""
+    if all(is_adapter(d) for d in dirs):
+        if base is None:
+            raise UserError(f"{dirs[0]}: cannot tell which base this adapter belongs to -- pass --base BASE_DIR")
+        loaded = load(base, adapter=dirs[0], device=device)
+        model, tok = loaded.model, loaded.tokenizer
+        with model.disable_adapter():
+            ref = base_reference(ChatEngine(model, tok, read_system_prompt(base)), es, max_new_tokens)
+        echo(f"base {base}: identity {ref.scores.identity:.2f}, accuracy {ref.scores.accuracy:.2f}")
+        results, seen = [], {}
+        for i, d in enumerate(dirs):
+            digest = weights_digest(d)
+            if digest in seen:       # final/ is usually the last checkpoint again
+                results.append(seen[digest])
+                continue
+            name = "default" if i == 0 else f"eval_{i}"
+            if i:
+                model.load_adapter(str(d), adapter_name=name)
+            model.set_adapter(name)
+            results.append(score(ChatEngine(model, tok, read_system_prompt(d, base)), es, ref, max_new_tokens))
+            if i:
+                model.set_adapter("default")
+                model.delete_adapter(name)
+            seen[digest] = results[-1]
+            echo(f"{d}: {_brief(results[-1])}")
+        return ref.scores, results
+    ref = None
+    if base is not None:
+        ref = base_reference(load(base, device=device).engine(), es, max_new_tokens)
+    results = []
+    for d in dirs:
+        results.append(score(load(d, device=device).engine(), es, ref, max_new_tokens))
+        echo(f"{d}: {_brief(results[-1])}")
+    return (ref.scores if ref else None), results
+
+
+def _brief(s: Scores) -> str:
+    ret = "n/a" if s.retention is None else f"{s.retention:.2f}"
+    return f"identity {s.identity:.2f}, leakage {s.leakage:.2f}, retention {ret}, accuracy {s.accuracy:.2f}"
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer eval", description=__doc__.split("\n")[0])
+    p.add_argument("target", metavar="MODEL_OR_WORK_DIR", help="work dir, adapter dir or full model dir")
+    p.add_argument("--base", help="base model dir (default: the one recorded with the adapter / run)")
+    p.add_argument("--eval-data", help="held-out identity questions JSONL (default: eval_data of the run's config)")
+    p.add_argument("--json", help="write the scores here (work dirs: default WORK_DIR/eval_report.json)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="best/ = best identity among checkpoints with retention >= 1 - TOLERANCE (default 0.1)")
+    p.add_argument("--general", type=int, default=N_GENERAL, help="number of general prompts")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def _run_config(target: Path) -> dict:
+    import yaml
+
+    path = target / "config.yaml"
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
+def main(argv=None) -> int:
+    from trainer import eval_report
+
+    args = build_parser().parse_args(argv)
+    target = Path(args.target)
+    if not target.is_dir():
+        raise UserError(f"{target}: not found -- pass a work dir, an adapter dir or a model dir")
+    run_cfg = _run_config(target)
+    eval_data = args.eval_data or run_cfg.get("eval_data")
+    if not eval_data:
+        raise UserError("no held-out identity questions: pass --eval-data FILE "
+                        "(write one with `python -m trainer data --name ... --out ... --eval-out FILE`)")
+    if args.general < 1 or args.max_new_tokens < 1:
+        raise UserError("--general and --max-new-tokens must be >= 1")
+    tolerance = args.tolerance if args.tolerance is not None else run_cfg.get("retention_tolerance", 0.1)
+    if not 0 <= tolerance <= 1:
+        raise UserError(f"--tolerance {tolerance}: must be in [0, 1]")
+    es = build_eval_set(eval_data, args.general)
+    if is_work_dir(target):
+        found = checkpoints(target)
+        base = resolve_base(args.base, found[0][0], target)
+        base_scores, results = evaluate_dirs([d for d, _ in found], base, es, args.device, args.max_new_tokens)
+        rows = [eval_report.row(d, step, s) for (d, step), s in zip(found, results)]
+        report = eval_report.write_report(target, rows, base_scores, tolerance, es,
+                                          json_path=args.json, base_path=base)
+        print(eval_report.format_table(rows, base_scores, report["best"]))
+        print(f"report: {report['json']}, {report['png']}")
+        print(f"best: {report['best'] or 'none within tolerance'}"
+              + (f" -> {target / 'best'}" if report["best"] else ""))
+        return 0
+    if not is_adapter(target) and not (target / "config.json").is_file():
+        raise UserError(f"{target}: not a work dir (no checkpoint-N/ or final/), adapter dir or model dir")
+    base = resolve_base(args.base, target) if (args.base or is_adapter(target)) else None
+    base_scores, (scores,) = evaluate_dirs([target], base, es, args.device, args.max_new_tokens)
+    rows = [eval_report.row(target, None, scores)]
+    print(eval_report.format_table(rows, base_scores, None))
+    if args.json:
+        eval_report.write_json(args.json, eval_report.report_dict(rows, base_scores, None, tolerance, es, base))
+        print(f"scores written to {args.json}")
+    return 0

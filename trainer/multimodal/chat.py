@@ -1,0 +1,120 @@
+"""Chat about an image: the shared `ChatEngine` (same template, system prompt, streaming, lock) with
+one image placed in the conversation, and the loader behind `python -m trainer chat ... --image`.
+
+    python -m trainer chat out/merged --image photo.jpg                        # a merged LLaVA dir
+    python -m trainer chat LLM_DIR --visual-encoder CLIP_DIR --llava work_dirs/llava_ft/final --image photo.jpg
+
+The second form is the course's `xtuner chat LLM --visual-encoder CLIP --llava ADAPTER --image IMG`:
+the base is rebuilt from the LLM and the tower, then the trained projector and LoRA go on top.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inference.device import pick
+from inference.engine import ChatEngine
+from inference.loader import read_system_prompt
+from trainer.chat_format import prompt_ids, with_system
+from trainer.errors import UserError
+from trainer.multimodal.data import expand_image_tokens, pixel_values, with_image_tag
+
+
+class ImageChatEngine(ChatEngine):
+    """ChatEngine whose conversations are about one image. Only how the prompt is built differs:
+    the image tag goes into the first user turn that survives context trimming (so the image is never
+    trimmed away), its token is expanded to the model's placeholders, and `generate` gets the pixels."""
+
+    def __init__(self, model, processor, image, system_prompt: str | None = None, max_context: int | None = None):
+        text_config = model.config.get_text_config()
+        super().__init__(model, processor.tokenizer, system_prompt=system_prompt,
+                         max_context=max_context or getattr(text_config, "max_position_embeddings", 2048))
+        from trainer.multimodal.model import image_token_count
+
+        self.processor = processor
+        self.image_id = model.config.image_token_id
+        self.n_image_tokens = image_token_count(model.config)
+        self.set_image(image)
+
+    def set_image(self, image) -> None:
+        """Switch to another image (a path); the pixels are computed once per image."""
+        self.image = Path(image)
+        self.pixel_values = pixel_values(self.processor.image_processor, self.image).to(self.model.device)
+
+    def prepare(self, messages, system_prompt, max_new_tokens) -> torch.Tensor:
+        from inference.engine import fit_to_context
+
+        system = self.system_prompt if system_prompt is None else system_prompt
+        msgs = with_system([{"role": m["role"], "content": m["content"]} for m in messages], system or None)
+        budget = max(16, self.max_context - max_new_tokens - self.n_image_tokens)
+        _, kept = fit_to_context(self.tokenizer, msgs, budget)
+        ids = prompt_ids(self.tokenizer, with_image_tag(kept))
+        ids, _ = expand_image_tokens(ids, None, self.image_id, self.n_image_tokens)
+        return torch.tensor([ids], device=self.model.device)
+
+    def _gen_kwargs(self, *args, **kwargs) -> dict:
+        # every prompt from `prepare` carries the image, so every generate call gets its pixels
+        return {**super()._gen_kwargs(*args, **kwargs), "pixel_values": self.pixel_values}
+
+
+@dataclass
+class LoadedLlava:
+    """Same shape as inference.Loaded, so the chat CLI loop runs unchanged."""
+    model: object
+    processor: object
+    image: Path
+    system_prompt: str | None
+    note: str
+
+    def engine(self, **kwargs) -> ImageChatEngine:
+        return ImageChatEngine(self.model, self.processor, self.image, system_prompt=self.system_prompt, **kwargs)
+
+
+def apply_trained(model, trained_dir):
+    """Put a run's projector (and LoRA adapter, when it has one) on a base LLaVA model."""
+    from trainer.multimodal.model import load_projector
+
+    trained_dir = Path(trained_dir)
+    load_projector(model, trained_dir)
+    if (trained_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, trained_dir)
+    return model
+
+
+def load_llava(model_dir, image, llava=None, visual_encoder=None, device: str = "auto", dtype: str = "auto",
+               bits: int | None = None) -> LoadedLlava:
+    """`model_dir` is a merged/assembled LLaVA dir, or an LLM dir rebuilt with `visual_encoder`; `llava`
+    is a trained dir (mm-train final/, checkpoint or mm-export output) applied on top."""
+    from transformers import AutoProcessor
+
+    from trainer.multimodal.model import LLAVA_FILE, is_llava_dir, load_base
+
+    if image is None:
+        raise UserError("--image PATH is needed to chat with a LLaVA model")
+    if not Path(image).is_file():
+        raise UserError(f"{image}: image not found")
+    placement = pick(device, dtype)
+    if is_llava_dir(model_dir):
+        spec = {"llava": str(model_dir)}
+    elif visual_encoder:
+        spec = {"llm": str(model_dir), "visual_encoder": visual_encoder}
+        if llava and (Path(llava) / LLAVA_FILE).is_file():     # same feature layer / padding / seed as trained
+            saved = json.loads((Path(llava) / LLAVA_FILE).read_text(encoding="utf-8"))["base"]
+            spec.update({k: saved[k] for k in ("vision_feature_layer", "pad_to_square", "seed") if k in saved})
+    else:
+        raise UserError(f"{model_dir}: not a LLaVA model dir -- pass a merged LLaVA dir, or the LLM with "
+                        f"--visual-encoder CLIP_DIR --llava TRAINED_DIR")
+    model, processor = load_base(spec, placement.dtype, placement.device, bits)
+    if llava:
+        model = apply_trained(model, llava)
+        if (Path(llava) / "preprocessor_config.json").is_file():
+            processor = AutoProcessor.from_pretrained(llava)
+    model.eval()
+    what = Path(model_dir).name + (f" + {Path(llava).name}" if llava else "") + (f", {bits}-bit" if bits else "")
+    return LoadedLlava(model, processor, Path(image), read_system_prompt(llava, model_dir),
+                       note=f"{what} on {placement.describe()}, image {Path(image).name}")

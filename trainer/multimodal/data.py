@@ -1,0 +1,182 @@
+"""LLaVA / ShareGPT image conversations: read and check them, encode them, batch them with pixels.
+
+A record (JSONL line or JSON array item), images relative to an image folder:
+    {"id": "0", "image": "images/cat.png",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]}
+Checks, each failing with `FILE:LINE: ...`: the conversation itself (roles, alternation, non-empty),
+exactly one `<image>` tag in a user turn when the record has an image and none when it has not, the
+image file exists and is a readable image. Records without "image" are plain text chats.
+
+Encoding goes through `trainer.chat_format.encode_chat` (the tokenizer's own template, loss on
+assistant tokens only); the single `<image>` token is then expanded to one placeholder per image
+patch feature, the way `LlavaProcessor` expands it, with no loss on them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.chat_format import IGNORE_INDEX, encode_chat, with_system
+from trainer.dataio import normalize, read_records, validate_messages
+from trainer.dataset import Collator
+from trainer.errors import UserError, where
+
+IMAGE_TOKEN = "<image>"
+
+
+def image_folder_for(data_path, image_folder=None) -> Path:
+    """Images are relative to `image_folder`, else to the data file's own folder."""
+    return Path(image_folder) if image_folder else Path(data_path).parent
+
+
+def open_image(path, at: str, verify: bool = False):
+    """The image as RGB, or a UserError naming the record (`at` = FILE:LINE) and the image path."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{at}: image {str(path)!r} not found -- check the path and --image-folder")
+    try:
+        with Image.open(path) as img:
+            if verify:
+                img.verify()           # full decode check without keeping pixels (check-data)
+                return None
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{at}: cannot read image {str(path)!r} ({type(exc).__name__}: {exc}) "
+                        f"-- replace or remove this record") from None
+
+
+def _checked_record(raw, path, line, folder: Path, verify: bool):
+    """The record as {messages, image, where} -- or a UserError for the first thing wrong with it."""
+    rec = normalize(raw, path, line)
+    at = where(path, line)
+    validate_messages(rec["messages"], path, line)
+    tags = [(i, m["content"].count(IMAGE_TOKEN)) for i, m in enumerate(rec["messages"])]
+    total = sum(n for _, n in tags)
+    image = rec.get("image")
+    if image is not None and not isinstance(image, str):
+        raise UserError(f"{at}: 'image' must be one relative path string (one image per conversation)")
+    if image:
+        if total == 0:
+            raise UserError(f"{at}: record has an image but no {IMAGE_TOKEN} tag -- put {IMAGE_TOKEN!r} "
+                            f"in the first human turn, e.g. \"{IMAGE_TOKEN}\\nWhat is in the picture?\"")
+        if total > 1:
+            raise UserError(f"{at}: {total} {IMAGE_TOKEN} tags for one image -- keep exactly one")
+        turn = next(i for i, n in tags if n)
+        if rec["messages"][turn]["role"] != "user":
+            raise UserError(f"{at}: the {IMAGE_TOKEN} tag is in a {rec['messages'][turn]['role']} turn "
+                            f"-- it belongs in a human turn")
+        full = folder / image
+        opened = open_image(full, at, verify=verify)
+        if opened is not None:
+            opened.close()
+    elif total:
+        raise UserError(f"{at}: {total} {IMAGE_TOKEN} tag(s) but no 'image' key -- add the image path "
+                        f"or remove the tag")
+    return {"messages": rec["messages"], "image": str(folder / image) if image else None, "where": at}
+
+
+def read_llava_records(path, image_folder=None, verify: bool = False) -> list[dict]:
+    """All records of one file, checked; stops at the first problem (a UserError with FILE:LINE)."""
+    folder = image_folder_for(path, image_folder)
+    return [_checked_record(raw, path, line, folder, verify) for line, raw in read_records(path)]
+
+
+def llava_problems(path, image_folder=None) -> list[str]:
+    """Every problem in a file (one `FILE:LINE: ...` string each), images fully decoded: for check-data."""
+    folder = image_folder_for(path, image_folder)
+    problems = []
+    try:
+        records = read_records(path)
+    except UserError as exc:
+        return [str(exc)]
+    for line, raw in records:
+        try:
+            _checked_record(raw, path, line, folder, verify=True)
+        except UserError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def check_llava_file(path, image_folder=None) -> dict:
+    """Raise a UserError naming the first bad record (and how many more there are); else counts."""
+    problems = llava_problems(path, image_folder)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s) in this file)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
+    records = read_llava_records(path, image_folder)
+    return {"records": len(records), "with_image": sum(1 for r in records if r["image"])}
+
+
+def expand_image_tokens(ids: list[int], labels: list[int] | None, image_id: int, n: int):
+    """Each `<image>` id becomes `n` placeholders (never trained on), as LlavaProcessor expands it."""
+    out_ids, out_labels = [], []
+    for k, t in enumerate(ids):
+        if t == image_id:
+            out_ids += [image_id] * n
+            out_labels += [IGNORE_INDEX] * n
+        else:
+            out_ids.append(t)
+            out_labels.append(labels[k] if labels is not None else IGNORE_INDEX)
+    return out_ids, out_labels
+
+
+def with_image_tag(messages: list[dict]) -> list[dict]:
+    """The image goes first into the first user turn (the course's `xtuner chat --image` does the same);
+    any tag a user typed is removed so exactly one stays."""
+    out, placed = [], False
+    for m in messages:
+        content = m["content"].replace(IMAGE_TOKEN, "")
+        if m["role"] == "user" and not placed:
+            content, placed = f"{IMAGE_TOKEN}\n{content.lstrip()}", True
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def encode_records(records: list[dict], tokenizer, image_id: int, n_image_tokens: int, max_length: int,
+                   system_prompt: str | None) -> tuple[list[dict], dict]:
+    """Samples `{input_ids, labels, image, where}` plus counts; a sample whose image placeholders or
+    answer would be cut by `max_length` is dropped (a cut image breaks the feature/token match)."""
+    samples, stats = [], {"samples": 0, "truncated": 0, "dropped": 0, "images": 0}
+    for rec in records:
+        enc = encode_chat(tokenizer, with_system(rec["messages"], system_prompt))
+        ids, labels = expand_image_tokens(enc["input_ids"], enc["labels"], image_id, n_image_tokens)
+        if len(ids) > max_length:
+            stats["truncated"] += 1
+            ids, labels = ids[:max_length], labels[:max_length]
+        want = n_image_tokens if rec["image"] else 0
+        if ids.count(image_id) != want or all(t == IGNORE_INDEX for t in labels):
+            stats["dropped"] += 1
+            continue
+        stats["images"] += bool(rec["image"])
+        samples.append({"input_ids": ids, "labels": labels, "image": rec["image"], "where": rec["where"]})
+    stats["samples"] = len(samples)
+    return samples, stats
+
+
+class LlavaCollator:
+    """Pads text like the text engine's Collator and adds `pixel_values` for the samples that have an
+    image, in batch order (LLaVA scatters image features into the placeholders in that order)."""
+
+    def __init__(self, pad_id: int, image_processor):
+        self.text = Collator(pad_id, packed=False)
+        self.image_processor = image_processor
+
+    @property
+    def tokens_seen(self) -> int:          # read by trainer.callbacks.LogLine for tok/s
+        return self.text.tokens_seen
+
+    def __call__(self, batch: list[dict]) -> dict:
+        out = self.text([{"input_ids": b["input_ids"], "labels": b["labels"]} for b in batch])
+        images = [open_image(b["image"], b["where"]) for b in batch if b["image"]]
+        if images:
+            out["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return out
+
+
+def pixel_values(image_processor, image_path, at: str | None = None) -> torch.Tensor:
+    """One image file -> a (1, 3, H, W) tensor through the model's own image processor."""
+    img = open_image(image_path, at or str(image_path))
+    return image_processor(images=[img], return_tensors="pt")["pixel_values"]
