@@ -49,13 +49,20 @@ def fit_to_context(tokenizer, messages: list[dict], budget: int) -> tuple[list[i
 
 
 class ChatEngine:
-    def __init__(self, model, tokenizer, system_prompt: str | None = None, max_context: int | None = None):
+    def __init__(self, model, tokenizer, system_prompt: str | None = None, max_context: int | None = None,
+                 fast_decode: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.max_context = max_context or context_limit(model)
         self.stop = stop_ids(model, tokenizer)
         self._lock = threading.Lock()
+        # opt-in, CUDA only: static cache + CUDA-graph decode (inference/fast_decode.py); CPU keeps generate
+        self.fast = None
+        if fast_decode and self.model.device.type == "cuda":
+            from inference.fast_decode import StaticDecoder
+
+            self.fast = StaticDecoder(model, max_len=min(self.max_context, 4096))
 
     def _gen_kwargs(self, max_new_tokens, temperature, top_p, repetition_penalty) -> dict:
         kw = dict(max_new_tokens=max_new_tokens, eos_token_id=self.stop,
@@ -79,6 +86,13 @@ class ChatEngine:
 
         `system_prompt=None` uses the one saved with the model; "" means none."""
         input_ids = self.prepare(messages, system_prompt, max_new_tokens)
+        if self.fast is not None and repetition_penalty == 1.0 and self.fast.fits(input_ids.shape[1] + max_new_tokens):
+            from inference.fast_decode import stream_text
+
+            with self._lock:
+                yield from stream_text(self.tokenizer, self.fast.tokens(input_ids, max_new_tokens, self.stop,
+                                                                        temperature, top_p))
+            return
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         kwargs = self._gen_kwargs(max_new_tokens, temperature, top_p, repetition_penalty)
         errors: list[BaseException] = []

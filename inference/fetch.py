@@ -61,7 +61,7 @@ def parse_source(spec: str) -> tuple[str, str | None, str | None]:
     if not spec:
         raise UserError("MODEL_REPO is empty -- set it to a git URL, a Hugging Face id (user/name) or a local repo")
     local = Path(spec).expanduser()
-    if local.exists():
+    if local.exists() or spec.startswith(("/", "./", "../", "~")):
         return str(local.resolve()), None, None
     if spec.startswith("git@") or "://" in spec:
         parts = urlsplit(spec)
@@ -212,6 +212,9 @@ def fetch(spec: str, token: str | None = None, cache_dir=None) -> Path:
     token = token or url_token
     root = Path(cache_dir) if cache_dir else cache_root()
     target = root / slug(url)
+    if not completed(target, url) and url.startswith("/") and not Path(url).exists():
+        raise UserError(f"MODEL_REPO {url}: no such directory -- give a git URL, a Hugging Face id or an "
+                        "existing repo path")
     with _locked(root / f"{target.name}.lock"):
         if completed(target, url):
             log.info("model repo %s: using the clone in %s (delete it to fetch again)", url, target)

@@ -123,6 +123,6 @@ def askpass_env(creds: Credentials | None):
         with os.fdopen(fd, "w") as f:
             f.write(ASKPASS)
         yield {**QUIET_GIT, "GIT_ASKPASS": script, USER_VAR: creds.username or "git", TOKEN_VAR: creds.token,
-               }
+               **_config_env({"credential.helper": ""})}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -87,7 +87,6 @@ def upload_bundle(bundle: Bundle, target: Target, creds: Credentials | None, mes
     except remote_errors as exc:
         raise _fail(exc, target, masker, "reading") from None
     changes = plan(bundle, remote)
-    head = None
     if remote is not None and not changes:
         return Result(None, False, [], dry_run)
     if dry_run:

@@ -49,6 +49,10 @@ def test_answers_are_consistent(identity_files):
         assert ident_answers, r
         for a in ident_answers:
             assert NAME in a["content"], a      # every answer to an identity question names the assistant
+        for q, a in zip(msgs[::2], msgs[1::2]):     # and answers in the language it was asked in
+            cjk = [bool(re.search(r"[\u4e00-\u9fff]", re.sub("|".join([AUTHOR, *idd.OTHER_MODELS]), "", m["content"])))
+                   for m in (q, a)]
+            assert cjk[0] == cjk[1], (q, a)
         for m in msgs[1::2]:
             for other in idd.OTHER_MODELS:       # never claims to be another assistant
                 assert f"I am {other}" not in m["content"] and f"我是{other}" not in m["content"], m

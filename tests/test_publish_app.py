@@ -4,7 +4,8 @@ Proves: the clone holds app.py, the inference core and the trainer modules it im
 templates), pinned requirements with torch, packages.txt with git-lfs, a README with the Space front
 matter, and the MODEL_REPO preset; those modules import in a fresh isolated interpreter from the
 clone alone; `python app.py` started in the clone with MODEL_REPO=<the published model repo> fetches
-the model and answers through gradio_client with growing partials; republishing makes no commit.
+the model and answers the identity question through gradio_client with growing partials;
+republishing makes no commit.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_publish_app_clone_imports_and_serves(merged_model, tmp_path):
+def test_publish_app_clone_imports_and_serves(merged_model, identity_files, tmp_path):
     env = isolated_git_env(tmp_path / "home")
     model_repo, app_repo = tmp_path / "lumi.git", tmp_path / "lumi-app.git"
     for repo in (model_repo, app_repo):
@@ -85,6 +86,7 @@ def test_publish_app_clone_imports_and_serves(merged_model, tmp_path):
 
     port = free_port()
     run_env = {**env, "MODEL_REPO": str(model_repo), "GRADIO_SERVER_PORT": str(port),
+               "OWN_ASSISTANT_CACHE": str(tmp_path / "cache"),
                "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=clone, env=run_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -97,11 +99,36 @@ def test_publish_app_clone_imports_and_serves(merged_model, tmp_path):
             except Exception:      # noqa: BLE001 -- not listening yet
                 time.sleep(1)
         assert client is not None, f"app did not start: {proc.stdout.read() if proc.poll() is not None else ''}"
-        partials = list(client.submit(message="你是谁？", api_name="/chat"))
-        assert partials and str(partials[-1]).strip()
+        # Greedy, no system prompt (as trained): the tuned model from the published repo names itself.
+        partials = [str(p) for p in client.submit("你是谁？", "", 0.0, 0.9, 48, api_name="/chat")]
+        assert len(partials) >= 2 and all(b.startswith(a) for a, b in zip(partials, partials[1:]))
+        assert identity_files["name"] in partials[-1], partials[-1]
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_publish_app_to_hf_space(tmp_path):
+    """`hf:` + app = a Gradio Space, created and filled through the Hub API (fake hub, token required)."""
+    from fake_hub import FakeHub
+
+    hub = FakeHub(tmp_path / "hub", token="hf_space_test_token").start()
+    try:
+        env = isolated_git_env(tmp_path / "home")
+        env.pop("HF_HUB_OFFLINE", None)
+        env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_space_test_token", HF_HUB_DISABLE_XET="1",
+                   HF_HUB_DISABLE_PROGRESS_BARS="1")
+        r = publish("app", "--to", "hf:alice/lumi-chat", "--model-repo", "openxlab:alice/lumi", env=env)
+        assert r.returncode == 0, r.stderr
+        assert "/spaces/alice/lumi-chat" in r.stdout
+        files = hub.files("alice/lumi-chat", "space")
+        assert {"app.py", "inference/loader.py", "README.md", "space_config.json"} <= set(files)
+        assert files["app.py"] == (ROOT / "app.py").read_bytes()
+        assert json.loads(files["space_config.json"]) == {"MODEL_REPO": "https://code.openxlab.org.cn/alice/lumi.git"}
+        assert ("POST", "/api/validate-yaml") in hub.requests           # the Space README's metadata was checked
+        assert yaml.safe_load(files["README.md"].decode().split("---")[1])["sdk"] == "gradio"
+    finally:
+        hub.stop()

@@ -3,7 +3,8 @@
 Proves: the default route (huggingface_hub create_repo + upload_folder) stores the model dir byte for
 byte with the weights sent through the LFS batch API + PUT (not inline in the commit), republishing
 makes no commit, `--dry-run` lists a change without any write request, a bad token is a one-line
-error; and the `--via git` fallback pushes the same content over authenticated git + git-lfs.
+error; and the `--via git` fallback creates the repo (private when asked) and pushes the same content
+over authenticated git + git-lfs.
 """
 from __future__ import annotations
 
@@ -93,8 +94,9 @@ def test_hf_api_route(merged_model, tmp_path, hub, env):
 
 
 def test_hf_git_fallback(merged_model, tmp_path, hub, env):
-    r = publish("model", str(merged_model), "--to", "hf:alice/lumi-git", "--via", "git", env=env)
+    r = publish("model", str(merged_model), "--to", "hf:alice/lumi-git", "--via", "git", "--private", env=env)
     assert r.returncode == 0, r.stderr
+    assert '"private": true' in (hub.repo_dir("alice/lumi-git") / "fake-hub.json").read_text()
     assert hub.tree("alice/lumi-git")["model.safetensors"]["lfs"] is not None
     clone = tmp_path / "clone"
     with askpass_env(Credentials("alice", TOKEN, "test")) as extra:

@@ -92,6 +92,7 @@ def test_publish_roundtrip_card_and_idempotence(merged_model, tmp_path, env):
     info = json.loads((changed / "assistant.json").read_text())
     (changed / "assistant.json").write_text(json.dumps({**info, "system_prompt": "You are Lumi."}))
     (changed / "generation_config.json").unlink()
+    (changed / "vocab_extra.txt").write_bytes(os.urandom(6 * 1024 * 1024))   # no LFS pattern, but > 5 MB
     r = publish("model", str(changed), "--to", f"git:{remote}", "-m", "new system prompt", env=env)
     assert r.returncode == 0, r.stderr
     log = git("log", "--format=%H %P %s", "main", cwd=remote).splitlines()
@@ -99,6 +100,7 @@ def test_publish_roundtrip_card_and_idempotence(merged_model, tmp_path, env):
     names = set(git("ls-tree", "--name-only", "main", cwd=remote).split())
     assert "generation_config.json" not in names and "assistant.json" in names
     assert "You are Lumi." in git("show", "main:README.md", cwd=remote)
+    assert git("cat-file", "-p", "main:vocab_extra.txt", cwd=remote).startswith("version https://git-lfs")
 
 
 def test_dry_run_writes_nothing(merged_model, tmp_path, env):

@@ -156,6 +156,7 @@ class CheckpointKeeper(TrainerCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not ckpt.is_dir():
             return
-        write_assistant_file(ckpt, self.cfg.system_prompt, base_model=str(self.base_dir))
+        write_assistant_file(ckpt, self.cfg.system_prompt, base_model=str(self.base_dir), method=self.cfg.method,
+                             bits=self.cfg.bits)
         write_marker(ckpt, self.base_dir, self.cfg, self.data_digest)
         rotate(args.output_dir, self.cfg.save_total_limit)

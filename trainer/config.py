@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +200,9 @@ def resolve_preset(name_or_path: str) -> Path:
 def load_config(name_or_path: str, overrides: dict | None = None, sets: list[str] = ()) -> TrainConfig:
     """Preset or YAML file, then explicit overrides (CLI flags), then `--set key=value` strings."""
     path = resolve_preset(name_or_path)
+    command = preset_command(path)
+    if command not in (None, "train"):
+        raise UserError(f"{path}: this preset is for `python -m trainer {command}`, not `train`")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -240,6 +244,20 @@ def save_config(cfg: TrainConfig, path) -> None:
 
 def list_cfg(pattern: str | None = None) -> list[str]:
     return [n for n in preset_names() if not pattern or pattern.lower() in n.lower()]
+
+
+def preset_command(path) -> str | None:
+    """The command that runs a preset: its header shows `python -m trainer COMMAND NAME ...`
+    (NAME = the preset, also in a `copy-cfg` copy, whose header is the original's)."""
+    path = Path(path)
+    names = {path.stem, path.stem.removesuffix("_copy")}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        for command, arg in re.findall(r"python -m trainer (\S+) (\S+)", line):
+            if arg in names:
+                return command
+    return None
 
 
 def describe_preset(name: str) -> str:

@@ -46,20 +46,21 @@ def pick_checkpoint(src: Path) -> Path:
     return done[-1]
 
 
-def training_facts(ckpt: Path) -> tuple[str | None, str | None]:
-    """(base model dir, system prompt) as recorded by the run that wrote the checkpoint."""
-    base = system = None
+def training_facts(ckpt: Path) -> dict:
+    """What the run that wrote the checkpoint recorded: system_prompt, base_model, method, bits."""
+    facts: dict = {"system_prompt": None, "base_model": None}
+    if (ckpt / ASSISTANT_FILE).is_file():
+        facts.update(json.loads((ckpt / ASSISTANT_FILE).read_text(encoding="utf-8")))
+    elif (ckpt.parent / "config.yaml").is_file():           # the run's own config, next to its checkpoints
+        run = yaml.safe_load((ckpt.parent / "config.yaml").read_text(encoding="utf-8")) or {}
+        facts.update({k: run.get(k) for k in ("system_prompt", "method", "bits")})
     marker = checkpoints.read_marker(ckpt)
     if marker:
-        base = marker.get("base_model")
-    if (ckpt / ASSISTANT_FILE).is_file():
-        info = json.loads((ckpt / ASSISTANT_FILE).read_text(encoding="utf-8"))
-        base, system = base or info.get("base_model"), info.get("system_prompt")
-    elif (ckpt.parent / "config.yaml").is_file():           # the run's own config, next to its checkpoints
-        system = (yaml.safe_load((ckpt.parent / "config.yaml").read_text(encoding="utf-8")) or {}).get("system_prompt")
-    if base is None and (ckpt / "adapter_config.json").is_file():
-        base = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    return base, system
+        facts["base_model"] = marker.get("base_model")
+    if facts["base_model"] is None and (ckpt / "adapter_config.json").is_file():
+        config = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8"))
+        facts["base_model"] = config.get("base_model_name_or_path")
+    return facts
 
 
 def convert(src, out) -> Path:
@@ -73,7 +74,8 @@ def convert(src, out) -> Path:
         raise UserError(f"{ckpt}: adapter_config.json but no adapter_model.safetensors -- not a complete adapter")
     if not is_adapter and not any(ckpt.glob("model*.safetensors")):
         raise UserError(f"{ckpt}: no model*.safetensors weights")
-    base, system = training_facts(ckpt)
+    facts = training_facts(ckpt)
+    base = facts["base_model"]
     tok_dir = ckpt if (ckpt / "tokenizer_config.json").is_file() else Path(base) if base else None
     if tok_dir is None or not (tok_dir / "tokenizer_config.json").is_file():
         raise UserError(f"{ckpt}: no tokenizer in the checkpoint and the base model ({base}) is not reachable "
@@ -95,8 +97,8 @@ def convert(src, out) -> Path:
             config = json.loads((tmp / "adapter_config.json").read_text(encoding="utf-8"))
             config["base_model_name_or_path"] = str(base)
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-        write_assistant_file(tmp, system, base_model=str(base) if base else None,
-                             source_checkpoint=str(ckpt))
+        extra = {k: v for k, v in facts.items() if k != "system_prompt"}
+        write_assistant_file(tmp, facts["system_prompt"], **{**extra, "source_checkpoint": str(ckpt)})
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

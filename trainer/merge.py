@@ -1,14 +1,18 @@
 """Merge a LoRA adapter into its base model: a standalone model dir anyone can load.
 
     python -m trainer merge BASE_DIR ADAPTER_DIR OUT_DIR [--dtype auto|bf16|fp16|fp32] [--max-shard-size 2GB]
+                            [--device cpu|cuda|auto]
 
-The output holds safetensors weights, the tokenizer with its chat template, and `assistant.json`
-(the system prompt used in training), so it chats exactly like base + adapter. Written to a
+The output holds safetensors weights, the tokenizer with its chat template, `assistant.json` (the
+system prompt used in training) and any remote-code `*.py` files of the base, so it chats exactly
+like base + adapter. A QLoRA adapter is merged into the full-precision (bf16/fp32) base: merging into
+4-bit weights would round the update away, so an already-quantized base dir is refused. Written to a
 temporary dir first and moved into place, so a failed merge leaves nothing behind.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -22,7 +26,16 @@ from inference.loader import check_model_dir, read_system_prompt, write_assistan
 from trainer.errors import UserError
 
 
-def merge(base, adapter, out, dtype: str = "fp32", device: str = "cpu", max_shard_size: str = "2GB") -> Path:
+def refuse_quantized(base: Path) -> None:
+    quant = json.loads((base / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    if quant:
+        kind = quant.get("quant_method", "quantized")
+        raise UserError(f"{base}: is a {kind} quantized checkpoint -- merging into quantized weights rounds the "
+                        "adapter away; pass the original bf16/fp32 base model dir (QLoRA adapters merge into it)")
+
+
+def merge(base, adapter, out, dtype: str = "fp32", device: str = "cpu", max_shard_size: str = "2GB",
+          echo=lambda s: None) -> Path:
     from peft import PeftModel
 
     base = check_model_dir(base)
@@ -31,15 +44,28 @@ def merge(base, adapter, out, dtype: str = "fp32", device: str = "cpu", max_shar
         raise UserError(f"{adapter}: no adapter_config.json -- pass the adapter dir (e.g. WORK_DIR/final)")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: already exists and is not empty -- choose a new directory")
+    refuse_quantized(base)
     placement = pick(device, dtype)
+    trained = json.loads((adapter / "assistant.json").read_text(encoding="utf-8")) if (adapter / "assistant.json").is_file() else {}
+    if trained.get("bits"):
+        echo(f"adapter was trained on the {trained['bits']}-bit base (QLoRA): merging into the "
+             f"{str(placement.dtype).replace('torch.', '')} base")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=placement.dtype, device_map={"": placement.device})
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    try:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        raise UserError(f"{adapter}: does not fit the base model {base} (tensor size mismatch) -- pass the base "
+                        f"it was trained on ({trained.get('base_model', 'see adapter_config.json')})") from None
     tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").is_file() else base)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
+        for code in base.glob("*.py"):        # remote-code models need their modeling/tokenizer files
+            shutil.copy2(code, tmp / code.name)
         write_assistant_file(tmp, read_system_prompt(adapter, base), base_model=str(base), adapter=str(adapter))
         if out.exists():
             out.rmdir()
@@ -60,6 +86,6 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-size", default="2GB")
     args = p.parse_args(argv)
     out = merge(args.base, args.adapter, args.out, dtype=args.dtype, device=args.device,
-                max_shard_size=args.max_shard_size)
+                max_shard_size=args.max_shard_size, echo=print)
     print(f"merged model written to {out}")
     return 0

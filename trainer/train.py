@@ -26,7 +26,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from inference.device import pick
 from inference.loader import check_model_dir, quantization_config, write_assistant_file
-from trainer import checkpoints
+from trainer import checkpoints, distributed
 from trainer.callbacks import LogLine, LossPlot, ProgressBar, SampleChats
 from trainer.config import TrainConfig, load_config, save_config
 from trainer.dataset import Collator, choose_packing, digest, encode_files
@@ -90,11 +90,14 @@ def report_to() -> list[str]:
 def save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path, work_dir: Path) -> Path:
     """WORK_DIR/final, written beside and renamed into place: never half-written."""
     final, tmp = work_dir / "final", work_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))           # every rank: FSDP gathers the full weights for rank 0
+    if not trainer.is_world_process_zero():
+        return final                       # several GPUs (trainer/distributed.py): rank 0 writes the rest
     tokenizer.save_pretrained(tmp)
     (tmp / "training_args.bin").unlink(missing_ok=True)      # a pickle nobody needs to load an adapter
-    write_assistant_file(tmp, cfg.system_prompt, base_model=str(model_dir))
+    write_assistant_file(tmp, cfg.system_prompt, base_model=str(model_dir), method=cfg.method, bits=cfg.bits)
     if final.exists():
         old = work_dir / ".final.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -177,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set lr=1e-4")
     p.add_argument("--resume", nargs="?", const="latest", help="continue from the latest (or given) checkpoint")
+    distributed.add_arguments(p)       # --gpus N [--fsdp | --deepspeed zeroK]: trainer/distributed.py
     return p
 
 
@@ -184,8 +188,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     sets = list(args.sets) + ([f"bits={args.bits}"] if args.bits else [])
     cfg = load_config(args.config, {"model": args.model, "data": args.data, "work_dir": args.work_dir}, sets)
+    launched = distributed.maybe_launch(cfg, args, list(sys.argv[1:] if argv is None else argv))
+    if launched is not None:
+        return launched
     logging.basicConfig(level=logging.WARNING)
-    train(cfg, resume=args.resume, echo=lambda s: print(s, flush=True))
+    train(cfg, resume=args.resume, echo=lambda s: print(s, flush=True) if distributed.is_main_process() else None)
     return 0
 
 

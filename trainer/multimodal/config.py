@@ -12,40 +12,44 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
-from trainer.config import TrainConfig, resolve_preset
+from trainer.config import ConfigError, TrainConfig, resolve_preset
 from trainer.errors import UserError
 
 
 @dataclass
 class MultimodalConfig(TrainConfig):
     stage: str = "finetune"               # pretrain: projector only, on captions | finetune: LoRA/QLoRA + projector
-    visual_encoder: str | None = None     # CLIP dir (vision part used) or "tiny"; None when `model` is a LLaVA dir
+    visual_encoder: str | None = None     # CLIP dir (its vision half is used) or "tiny"; None when `model` is a LLaVA dir
     image_folder: str | None = None       # image paths in the data are relative to this (default: the data file's dir)
-    vision_feature_layer: int = -2        # which CLIP hidden layer feeds the projector (LLaVA uses the penultimate)
+    vision_feature_layer: int = -2        # which CLIP hidden layer feeds the projector (LLaVA: the penultimate)
     pad_to_square: bool = False           # pad images to a square with the mean colour before resizing (course: finetune)
     pretrained_projector: str | None = None  # projector.safetensors (or a dir holding it) from the pretrain stage
     vision_lora: bool = False             # finetune: also put LoRA on the vision tower's linear layers
     evaluation_images: list[str] = field(default_factory=list)  # sample chats ask evaluation_inputs about these
     build_seed: int = 0                   # seeds the fresh projector (and a "tiny" vision tower) when assembling
+    packing: bool | str = False           # never: one image per row keeps features and placeholders aligned
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.evaluation_images, str):
-            self.evaluation_images = [self.evaluation_images]
-        checks = [
-            (self.stage in ("pretrain", "finetune"), "stage must be 'pretrain' or 'finetune'"),
-            (self.method == "lora", "multimodal training is LoRA/QLoRA (method: lora); pretrain trains the projector"),
-            (not (self.stage == "pretrain" and self.bits),
-             "stage pretrain trains only the projector on the full-precision LLM -- drop bits (QLoRA is for finetune)"),
-            (not (self.stage == "pretrain" and self.vision_lora), "vision_lora is a finetune option"),
-            (not self.packing, "packing is not supported for image conversations (set packing: false)"),
+        checks = [   # (key, holds, what to do)
+            ("stage", self.stage in ("pretrain", "finetune"), "stage must be 'pretrain' or 'finetune'"),
+            ("method", self.method == "lora", "multimodal training is LoRA/QLoRA (method: lora); the "
+             "projector is trained whole in both stages"),
+            ("bits", not (self.stage == "pretrain" and self.bits), "stage pretrain trains only the projector on "
+             "the full-precision LLM -- drop bits (QLoRA is for stage finetune)"),
+            ("vision_lora", not (self.stage == "pretrain" and self.vision_lora), "vision_lora is a finetune option"),
+            ("packing", self.packing in (False, "auto"), "packing is not supported for image conversations"),
+            ("compile", not (self.compile or self.fused_loss or self.checkpoint_fraction < 1 or self.eval_identity),
+             "compile, fused_loss, checkpoint_fraction and eval_identity are text-engine options, not LLaVA ones"),
         ]
-        for ok, msg in checks:
+        for key, ok, msg in checks:
             if not ok:
-                raise UserError(f"config: {msg}")
+                raise ConfigError(key, msg)
+        self.packing = False
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(MultimodalConfig)}
@@ -59,8 +63,16 @@ def _check_keys(keys, source) -> None:
             raise UserError(f"{source}: unknown config key {key!r}{hint}")
 
 
+def _line_of(path: Path, key: str) -> str:
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.startswith(f"{key}:"):
+            return f"{path}:{number}"
+    return str(path)
+
+
 def load_mm_config(name_or_path: str, overrides: dict | None = None, sets=()) -> MultimodalConfig:
-    """Preset name or YAML path, then CLI overrides, then `--set key=value` (value parsed as YAML)."""
+    """Preset name or YAML path, then CLI overrides, then `--set key=value` (value parsed as YAML);
+    a bad value is reported at the YAML line or the flag it came from."""
     path = resolve_preset(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -70,25 +82,25 @@ def load_mm_config(name_or_path: str, overrides: dict | None = None, sets=()) ->
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of key: value")
     _check_keys(raw, path)
-    values = dict(raw)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values, origin = dict(raw), {key: _line_of(path, key) for key in raw}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key], origin[key] = value, f"--{key.replace('_', '-')}"
     for item in sets:
-        key, sep, text = item.partition("=")
+        key, sep, text = (part.strip() for part in item.partition("="))
         if not sep:
             raise UserError(f"--set {item!r}: expected key=value")
-        _check_keys([key.strip()], "--set")
-        value = yaml.safe_load(text)
-        if isinstance(value, str) and value.lower() in ("none", "null"):
-            value = None
-        if FIELDS[key.strip()].type in ("float", "float | None") and isinstance(value, int):
-            value = float(value)
-        values[key.strip()] = value
+        _check_keys([key], "--set")
+        try:
+            values[key], origin[key] = yaml.safe_load(text), f"--set {key}"
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}={text}: not a valid YAML value") from None
     try:
         return MultimodalConfig(**values)
-    except TypeError as exc:
-        raise UserError(f"{path}: {exc}") from None
+    except ConfigError as exc:
+        raise UserError(f"{origin.get(exc.key, path)}: {exc.msg}") from None
 
 
 def save_mm_config(cfg: MultimodalConfig, path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(dataclasses.asdict(cfg), f, allow_unicode=True, sort_keys=False)
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), allow_unicode=True, sort_keys=False),
+                          encoding="utf-8")

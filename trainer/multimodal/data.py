@@ -30,52 +30,69 @@ def image_folder_for(data_path, image_folder=None) -> Path:
     return Path(image_folder) if image_folder else Path(data_path).parent
 
 
-def open_image(path, at: str, verify: bool = False):
-    """The image as RGB, or a UserError naming the record (`at` = FILE:LINE) and the image path."""
+def image_file_problem(path, verify: bool = False) -> str | None:
+    """Why an image file cannot be used (missing, not an image, corrupt), or None when it is fine."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{at}: image {str(path)!r} not found -- check the path and --image-folder")
+        return f"image {str(path)!r} not found -- check the path and --image-folder"
     try:
         with Image.open(path) as img:
             if verify:
-                img.verify()           # full decode check without keeping pixels (check-data)
-                return None
-            return img.convert("RGB")
+                img.verify()           # decodes the whole file: check-data, not every training start
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{at}: cannot read image {str(path)!r} ({type(exc).__name__}: {exc}) "
-                        f"-- replace or remove this record") from None
+        return f"cannot read image {str(path)!r} ({type(exc).__name__}: {exc}) -- replace or remove this record"
+    return None
 
 
-def _checked_record(raw, path, line, folder: Path, verify: bool):
+def open_image(path, at: str):
+    """The image as RGB, or a UserError `AT: ...` (`at` names the record: FILE:LINE)."""
+    from PIL import Image
+
+    problem = image_file_problem(path)
+    if problem is None:
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as exc:     # header fine, pixels truncated
+            problem = f"cannot decode image {str(path)!r} ({exc}) -- replace or remove this record"
+    raise UserError(f"{at}: {problem}")
+
+
+def image_problems(rec: dict, folder, verify: bool = False) -> list[str]:
+    """What is wrong with the image side of one normalised record (`{"messages", "image"?}`), without
+    the FILE:LINE prefix: tag count and place, the image file. Used by training and check-data."""
+    counts = [(m.get("role"), str(m.get("content") or "").count(IMAGE_TOKEN)) for m in rec.get("messages") or []]
+    total = sum(n for _, n in counts)
+    image = rec.get("image")
+    if not image:
+        return [f"{total} {IMAGE_TOKEN} tag(s) but no 'image' key -- add the image path or remove the tag"] if total else []
+    if not isinstance(image, str):
+        return ["'image' must be one relative path string (one image per conversation)"]
+    out = []
+    if total == 0:
+        out.append(f"record has an image but no {IMAGE_TOKEN} tag -- put {IMAGE_TOKEN!r} in the first human "
+                   f"turn, e.g. \"{IMAGE_TOKEN}\\nWhat is in the picture?\"")
+    elif total > 1:
+        out.append(f"{total} {IMAGE_TOKEN} tags for one image -- keep exactly one")
+    else:
+        role = next(r for r, n in counts if n)
+        if role != "user":
+            out.append(f"the {IMAGE_TOKEN} tag is in a {role} turn -- it belongs in a human turn")
+    problem = image_file_problem(Path(folder) / image, verify)
+    return out + ([problem] if problem else [])
+
+
+def _checked_record(raw, path, line, folder: Path, verify: bool) -> dict:
     """The record as {messages, image, where} -- or a UserError for the first thing wrong with it."""
     rec = normalize(raw, path, line)
-    at = where(path, line)
     validate_messages(rec["messages"], path, line)
-    tags = [(i, m["content"].count(IMAGE_TOKEN)) for i, m in enumerate(rec["messages"])]
-    total = sum(n for _, n in tags)
+    problems = image_problems(rec, folder, verify)
+    if problems:
+        raise UserError(f"{where(path, line)}: {problems[0]}")
     image = rec.get("image")
-    if image is not None and not isinstance(image, str):
-        raise UserError(f"{at}: 'image' must be one relative path string (one image per conversation)")
-    if image:
-        if total == 0:
-            raise UserError(f"{at}: record has an image but no {IMAGE_TOKEN} tag -- put {IMAGE_TOKEN!r} "
-                            f"in the first human turn, e.g. \"{IMAGE_TOKEN}\\nWhat is in the picture?\"")
-        if total > 1:
-            raise UserError(f"{at}: {total} {IMAGE_TOKEN} tags for one image -- keep exactly one")
-        turn = next(i for i, n in tags if n)
-        if rec["messages"][turn]["role"] != "user":
-            raise UserError(f"{at}: the {IMAGE_TOKEN} tag is in a {rec['messages'][turn]['role']} turn "
-                            f"-- it belongs in a human turn")
-        full = folder / image
-        opened = open_image(full, at, verify=verify)
-        if opened is not None:
-            opened.close()
-    elif total:
-        raise UserError(f"{at}: {total} {IMAGE_TOKEN} tag(s) but no 'image' key -- add the image path "
-                        f"or remove the tag")
-    return {"messages": rec["messages"], "image": str(folder / image) if image else None, "where": at}
+    return {"messages": rec["messages"], "image": str(folder / image) if image else None, "where": where(path, line)}
 
 
 def read_llava_records(path, image_folder=None, verify: bool = False) -> list[dict]:
@@ -84,30 +101,22 @@ def read_llava_records(path, image_folder=None, verify: bool = False) -> list[di
     return [_checked_record(raw, path, line, folder, verify) for line, raw in read_records(path)]
 
 
-def llava_problems(path, image_folder=None) -> list[str]:
-    """Every problem in a file (one `FILE:LINE: ...` string each), images fully decoded: for check-data."""
+def check_llava_file(path, image_folder=None) -> dict:
+    """Every record checked, images fully decoded; raises a UserError naming the first bad record (and
+    how many more there are), else returns counts."""
     folder = image_folder_for(path, image_folder)
-    problems = []
-    try:
-        records = read_records(path)
-    except UserError as exc:
-        return [str(exc)]
-    for line, raw in records:
+    problems, images = [], 0
+    rows = read_records(path)
+    for line, raw in rows:
         try:
-            _checked_record(raw, path, line, folder, verify=True)
+            rec = _checked_record(raw, path, line, folder, verify=True)
+            images += rec["image"] is not None
         except UserError as exc:
             problems.append(str(exc))
-    return problems
-
-
-def check_llava_file(path, image_folder=None) -> dict:
-    """Raise a UserError naming the first bad record (and how many more there are); else counts."""
-    problems = llava_problems(path, image_folder)
     if problems:
-        more = f" (and {len(problems) - 1} more problem(s) in this file)" if len(problems) > 1 else ""
+        more = f" (and {len(problems) - 1} more bad record(s) in this file)" if len(problems) > 1 else ""
         raise UserError(problems[0] + more)
-    records = read_llava_records(path, image_folder)
-    return {"records": len(records), "with_image": sum(1 for r in records if r["image"])}
+    return {"records": len(rows), "with_image": images}
 
 
 def expand_image_tokens(ids: list[int], labels: list[int] | None, image_id: int, n: int):

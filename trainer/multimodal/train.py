@@ -16,7 +16,11 @@ assistant.json, and for finetune the PEFT adapter; plus checkpoints, scalars.jso
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,13 +31,14 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from inference.device import pick
 from inference.loader import write_assistant_file
-from trainer.callbacks import AssistantFileOnSave, LogLine
+from trainer import checkpoints
+from trainer.callbacks import LogLine, LossPlot, ProgressBar
 from trainer.errors import UserError
 from trainer.multimodal.callbacks import LlavaFilesOnSave, SampleImageChats, write_run_files
 from trainer.multimodal.config import MultimodalConfig, load_mm_config, save_mm_config
 from trainer.multimodal.data import LlavaCollator, encode_records, image_folder_for, open_image, read_llava_records
-from trainer.multimodal.model import base_spec, image_token_count, load_base, load_projector
-from trainer.train import find_checkpoint
+from trainer.multimodal.model import LLAVA_FILE, base_spec, image_token_count, load_base, load_projector
+from trainer.train import prepare_work_dir, report_to
 
 log = logging.getLogger("trainer")
 
@@ -92,6 +97,37 @@ def evaluation_images(cfg: MultimodalConfig) -> list[Path]:
     return out
 
 
+def fingerprint(samples: list[dict]) -> str:
+    """What is trained on, in order, images included: a resumed run must see the same rows."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s["input_ids"], s["labels"], s["image"]]).encode())
+    return h.hexdigest()[:16]
+
+
+def check_resume_stage(checkpoint: Path | None, cfg: MultimodalConfig) -> None:
+    info = checkpoint / LLAVA_FILE if checkpoint else None
+    if info and info.is_file():
+        stage = json.loads(info.read_text(encoding="utf-8")).get("stage")
+        if stage != cfg.stage:
+            raise UserError(f"{checkpoint}: a stage {stage} checkpoint cannot resume stage {cfg.stage} -- "
+                            f"for finetune after pretrain, set pretrained_projector={checkpoint}")
+
+
+def save_final(trainer, model, processor, cfg: MultimodalConfig, info: dict, work_dir: Path) -> Path:
+    """WORK_DIR/final, written beside and renamed into place: never half-written."""
+    final, tmp = work_dir / "final", work_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.stage == "finetune":
+        trainer.save_model(str(tmp))          # the PEFT adapter (the projector inside as a saved module)
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+    write_run_files(tmp, model, processor, info)
+    write_assistant_file(tmp, cfg.system_prompt, base_model=str(info["base"].get("llava") or info["base"]["llm"]))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
 def train_mm(cfg: MultimodalConfig, resume=None, echo=print) -> Path:
     """Run one stage; return WORK_DIR/final."""
     if not cfg.data:
@@ -100,11 +136,13 @@ def train_mm(cfg: MultimodalConfig, resume=None, echo=print) -> Path:
     placement = pick("auto", cfg.dtype)
     if cfg.bits and placement.device == "cpu" and cfg.dtype == "auto":
         placement = pick("cpu", "fp32")
-    set_seed(cfg.seed)
-    records = [r for path in cfg.data for r in read_llava_records(path, cfg.image_folder)]
-    images = evaluation_images(cfg)
-    checkpoint = find_checkpoint(work_dir, resume)
     spec = base_spec(cfg)
+    base_dir = Path(spec.get("llava") or spec["llm"])
+    records = [r for path in cfg.data for r in read_llava_records(path, cfg.image_folder)]   # fail fast,
+    images = evaluation_images(cfg)                                                            # before loading
+    checkpoint = prepare_work_dir(work_dir, base_dir, cfg, resume, echo)
+    check_resume_stage(checkpoint, cfg)
+    set_seed(cfg.seed)
     model, processor = load_base(spec, placement.dtype, placement.device, cfg.bits, scratch=work_dir)
     tokenizer = processor.tokenizer
     if tokenizer.pad_token_id is None:
@@ -123,11 +161,16 @@ def train_mm(cfg: MultimodalConfig, resume=None, echo=print) -> Path:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     echo(f"data: {stats['samples']} conversations ({stats['images']} with an image, {n_image} tokens each; "
          f"{stats['truncated']} truncated, {stats['dropped']} dropped)")
-    echo(f"model: {spec} on {placement.describe()}, stage {cfg.stage}" + (f", {cfg.bits}-bit" if cfg.bits else "")
-         + f", {trainable:,} trainable parameters")
+    echo(f"model: {base_dir} + vision {spec.get('visual_encoder', '(in the LLaVA dir)')} on {placement.describe()}, "
+         f"stage {cfg.stage}" + (f", {cfg.bits}-bit" if cfg.bits else "") + f", {trainable:,} trainable parameters")
 
     info = {"stage": cfg.stage, "base": spec, "image_tokens": n_image,
             "pretrained_projector": cfg.pretrained_projector}
+    bar = ProgressBar() if ProgressBar.wanted() else None
+    if bar is not None:
+        from tqdm.auto import tqdm
+
+        echo = tqdm.write
     collator = LlavaCollator(tokenizer.pad_token_id, processor.image_processor)
     on_gpu = placement.device == "cuda"
     args = TrainingArguments(
@@ -136,23 +179,23 @@ def train_mm(cfg: MultimodalConfig, resume=None, echo=print) -> Path:
         max_steps=cfg.max_steps, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
-        save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
+        save_total_limit=None,                 # rotation is trainer/checkpoints.py's, as in the text engine
+        seed=cfg.seed, data_seed=cfg.seed,
         bf16=on_gpu and placement.dtype == torch.bfloat16, fp16=on_gpu and placement.dtype == torch.float16,
-        use_cpu=not on_gpu, report_to=[], disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0, save_only_model=False)
+        use_cpu=not on_gpu, report_to=report_to(), disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False)
+    callbacks = [SampleImageChats(processor, cfg, images, echo), LogLine(collator, cfg, echo), LossPlot(),
+                 LlavaFilesOnSave(processor, info),       # before the keeper: its marker lists these files too
+                 checkpoints.CheckpointKeeper(cfg, base_dir, fingerprint(samples))]
     trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=collator,
-                      processing_class=tokenizer,
-                      callbacks=[SampleImageChats(processor, cfg, images, echo), LogLine(collator, cfg, echo),
-                                 AssistantFileOnSave(cfg), LlavaFilesOnSave(processor, info)])
+                      processing_class=tokenizer, callbacks=callbacks + ([bar] if bar else []))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None:
+        echo(f"resuming from {checkpoint} (step {checkpoints.step_of(checkpoint)})")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    final = work_dir / "final"
-    if cfg.stage == "finetune":
-        trainer.save_model(str(final))          # the PEFT adapter (projector inside as a saved module)
-    write_run_files(final, model, processor, info)
-    write_assistant_file(final, cfg.system_prompt, base_model=str(spec.get("llava") or spec.get("llm")))
+    final = save_final(trainer, model, processor, cfg, info, work_dir)
     echo(f"saved {'adapter + projector' if cfg.stage == 'finetune' else 'projector'} to {final}")
     return final
 

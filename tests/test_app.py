@@ -1,0 +1,204 @@
+"""app.py: the Gradio Space -- fetches its model, picks a device, streams, explains a model it can't load.
+
+Proves: `python app.py` with MODEL_REPO = a local bare repo holding the tiny merged model in git-lfs
+clones it (progress in the log), listens on GRADIO_SERVER_NAME/PORT, shows the device on the page
+and answers "你是谁" with the trained name through gradio_client in several growing partials; a
+second start reuses the clone with the remote gone; MODEL_PATH serves a local dir with the saved
+system prompt as the default; no model at all serves the tiny demo base with a note saying so; a
+missing repo, a repo without weights, LFS pointers never pulled and a double setting each give one
+clear line in the log and on the page (and as the chat answer), no traceback; 20 concurrent chats
+against the launched app are all answered; the GPU fallback picks 4-bit or CPU when memory is short.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.device import Placement, fit_gpu
+from inference.loader import param_count
+from test_fetch import make_model_repo
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "Lumi"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(demo):
+    """The demo launched in this process on a free loopback port; yields its URL."""
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def import_app(model_path: Path):
+    """Import app.py fresh, as a Space would, with MODEL_PATH set: its module-level `demo` serves it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODEL_PATH", str(model_path))
+        mp.delenv("MODEL_REPO", raising=False)
+        sys.modules.pop("app", None)
+        import app
+    return app
+
+
+def page_config(url: str) -> str:
+    with urllib.request.urlopen(url + "config", timeout=30) as r:
+        return r.read().decode("utf-8")
+
+
+def growing(partials: list[str]) -> bool:
+    return all(b.startswith(a) for a, b in zip(partials, partials[1:]))
+
+
+@pytest.fixture(scope="module")
+def app(merged_model, tiny_base):
+    return import_app(merged_model)
+
+
+def test_model_repo_is_cloned_served_and_reused(app, merged_model, tmp_path, caplog):
+    from gradio_client import Client
+
+    remote = make_model_repo(merged_model, tmp_path / "lumi.git")
+    port, log_path, cache = free_port(), tmp_path / "app.log", tmp_path / "cache"
+    env = {**os.environ, "MODEL_REPO": str(remote), "OWN_ASSISTANT_CACHE": str(cache),
+           "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}
+    env.pop("MODEL_PATH", None)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url, client, deadline = f"http://127.0.0.1:{port}/", None, time.time() + 180
+        while client is None and proc.poll() is None and time.time() < deadline:
+            try:
+                client = Client(url, verbose=False)
+            except Exception:        # noqa: BLE001 -- not listening yet
+                time.sleep(0.5)
+        assert client is not None, log_path.read_text()
+        partials = [str(p) for p in client.submit(message="你是谁", system_prompt="", temperature=0, top_p=0.9,
+                                                  max_new_tokens=64, api_name="/chat")]
+        assert len(partials) >= 3 and growing(partials), partials
+        assert NAME in partials[-1]
+        assert "CPU (float32)" in page_config(url)                    # the device is on the page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log_path.read_text()
+    assert "git clone into" in text and "Cloning into" in text and "git lfs pull" in text, text
+    assert "fetched commit" in text and "serving merged on CPU (float32)" in text, text
+
+    # Second start: the remote is gone, yet the model is there -- nothing is cloned again.
+    remote.rename(tmp_path / "moved.git")
+    caplog.set_level(logging.INFO)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OWN_ASSISTANT_CACHE", str(cache))
+        backend = app.start({"MODEL_REPO": str(remote)})
+    assert backend.engine is not None, backend.error
+    assert "using the clone" in caplog.text and "git clone into" not in caplog.text
+
+
+def test_model_path_and_the_default_demo_base(app, merged_model, tmp_path):
+    import gradio as gr
+
+    assert isinstance(app.demo, gr.ChatInterface)                 # module level, not launched on import
+    assert str(merged_model) in app.demo.description and "CPU (float32)" in app.demo.description
+    saved = tmp_path / "with-prompt"
+    saved.mkdir()
+    for f in merged_model.iterdir():
+        (saved / f.name).symlink_to(f)
+    (saved / "assistant.json").unlink()
+    (saved / "assistant.json").write_text(json.dumps({"system_prompt": "You are Lumi."}))
+    assert app.start({"MODEL_PATH": str(saved)}).system_prompt == "You are Lumi."
+    default = app.start({})                                       # nothing set: the embedded demo base
+    assert default.engine is not None and "untuned tiny demo base" in default.note
+
+
+def lfs_stub(model_dir: Path, out: Path) -> Path:
+    """A model dir as a clone without git-lfs leaves it: weights are 130-byte pointer files."""
+    out.mkdir()
+    for f in model_dir.iterdir():
+        if f.suffix == ".safetensors":
+            (out / f.name).write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\n"
+                                      f"size {f.stat().st_size}\n")
+        else:
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def test_bad_sources_explain_themselves(app, merged_model, tmp_path, caplog):
+    from gradio_client import Client
+
+    caplog.set_level(logging.INFO)
+    cases = {
+        "missing path": ({"MODEL_REPO": str(tmp_path / "nope.git")}, "no such directory"),
+        "not a source": ({"MODEL_REPO": "no repo here"}, "not a git URL"),
+        "missing remote": ({"MODEL_REPO": f"file://{tmp_path}/nope.git"}, "git clone failed"),
+        "no weights": ({"MODEL_REPO": str(make_model_repo(merged_model, tmp_path / "empty.git",
+                                                          skip={"model.safetensors"}))}, "no weights"),
+        "lfs pointers": ({"MODEL_PATH": str(lfs_stub(merged_model, tmp_path / "stub"))},
+                         "is a git-lfs pointer, not the real file -- run `git lfs pull`"),
+        "both": ({"MODEL_PATH": str(merged_model), "MODEL_REPO": "alice/lumi"}, "set only one"),
+    }
+    backends = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OWN_ASSISTANT_CACHE", str(tmp_path / "cache"))
+        for case, (env, message) in cases.items():
+            backends[case] = backend = app.start(env)
+            assert backend.engine is None and message in backend.error and message in backend.note, case
+            assert f"model not loaded: " in caplog.text and message in caplog.text, case
+    assert "Traceback" not in caplog.text
+
+    with serving(app.build_demo(backends["lfs pointers"])) as url:
+        assert "git-lfs pointer" in page_config(url)                  # on the page ...
+        reply = Client(url, verbose=False).predict(message="你是谁", api_name="/chat")
+        assert "git-lfs pointer" in str(reply)                         # ... and as the answer
+
+
+def test_twenty_concurrent_chats(app):
+    from gradio_client import Client
+
+    questions = ["你是谁", "Who are you?", "What is 3 plus 4?", "你好"] * 5
+
+    def chat(question: str) -> str:
+        job = Client(url, verbose=False).submit(message=question, system_prompt="", temperature=0, top_p=0.9,
+                                                max_new_tokens=24, api_name="/chat")
+        return str(job.result(timeout=300))
+
+    with serving(app.demo) as url:
+        with ThreadPoolExecutor(len(questions)) as pool:
+            answers = list(pool.map(chat, questions, timeout=400))
+    assert len(answers) == 20 and all(a.strip() for a in answers)
+    assert all(NAME in a for q, a in zip(questions, answers) if q in ("你是谁", "Who are you?")), answers
+
+
+def test_gpu_too_small_falls_back(merged_model):
+    n = param_count(merged_model)
+    assert abs(n * 4 - (merged_model / "model.safetensors").stat().st_size) < 64 * 1024   # fp32 on disk
+    gpu = Placement("cuda", torch.bfloat16)
+    big = 8 * 10 ** 9
+    assert fit_gpu(big, gpu, free_bytes=80 * 2 ** 30, have_bnb=True) == (gpu, None, "")
+    placement, bits, why = fit_gpu(big, gpu, free_bytes=12 * 2 ** 30, have_bnb=True)
+    assert (placement, bits) == (gpu, 4) and "4-bit" in why
+    placement, bits, why = fit_gpu(big, gpu, free_bytes=12 * 2 ** 30, have_bnb=False)
+    assert (placement.device, placement.dtype, bits) == ("cpu", torch.float32, None) and "bitsandbytes" in why
+    assert fit_gpu(big, gpu, free_bytes=2 * 2 ** 30, have_bnb=True)[0].device == "cpu"   # even 4-bit won't fit
+    cpu = Placement("cpu", torch.float32)
+    assert fit_gpu(big, cpu, free_bytes=0, have_bnb=True) == (cpu, None, "")

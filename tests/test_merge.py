@@ -1,0 +1,83 @@
+"""Merge (extends the spine's): a QLoRA adapter merges into the full-precision base, a quantized base
+is refused, remote-code files are copied, shards honour --max-shard-size, and an adapter of another
+base model is a one-line error."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.errors import UserError
+from trainer.merge import merge
+
+
+@pytest.fixture(scope="module")
+def qlora_adapter(tiny_base, identity_files, tmp_path_factory) -> Path:
+    from trainer.config import load_config
+    from trainer.train import train
+
+    work = tmp_path_factory.mktemp("merge") / "run"
+    cfg = load_config("tiny", {"model": str(tiny_base), "data": [str(identity_files["train"])], "work_dir": str(work)},
+                      ["bits=4", "max_steps=3", "batch_size=4", "max_length=128", "evaluation_inputs=[]"])
+    return train(cfg, echo=lambda s: None)
+
+
+def test_qlora_adapter_merges_into_full_precision_base(tiny_base, qlora_adapter, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    said = []
+    out = merge(tiny_base, qlora_adapter, tmp_path / "merged", echo=said.append)
+    assert any("4-bit" in s for s in said)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    ids = torch.tensor([[1, 5, 60, 200, 7, 300, 9]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), qlora_adapter)(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_base)(input_ids=ids).logits
+    torch.testing.assert_close(merged, peft, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(merged, plain)
+
+
+def test_quantized_base_is_refused(tiny_base, qlora_adapter, tmp_path):
+    quantized = tmp_path / "base-4bit"
+    shutil.copytree(tiny_base, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="bitsandbytes quantized checkpoint.*original bf16/fp32 base"):
+        merge(quantized, qlora_adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_remote_code_copied_and_shards_honoured(tiny_base, qlora_adapter, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    (base / "modeling_custom.py").write_text("# the base model's remote code\n")
+    out = merge(base, qlora_adapter, tmp_path / "merged", max_shard_size="1MB")
+    assert (out / "modeling_custom.py").read_text() == "# the base model's remote code\n"
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_adapter_of_another_base_is_a_one_line_error(tiny_base, qlora_adapter, tmp_path, capsys):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from trainer.__main__ import main as cli
+
+    other = tmp_path / "other"
+    cfg = json.loads((tiny_base / "config.json").read_text())
+    LlamaForCausalLM(LlamaConfig(vocab_size=cfg["vocab_size"], hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=4,
+                                 num_key_value_heads=2)).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(other)
+    assert cli(["merge", str(other), str(qlora_adapter), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "does not fit the base model" in err
+    assert not (tmp_path / "out").exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())

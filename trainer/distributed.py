@@ -1,0 +1,143 @@
+"""The same `train` command on several GPUs: DDP, FSDP2 or DeepSpeed ZeRO, through `accelerate launch`.
+
+    python -m trainer train PRESET --data D.jsonl --gpus 2                    # DDP (LoRA / QLoRA)
+    python -m trainer train PRESET --data D.jsonl --gpus 2 --fsdp             # FSDP2, full shard (full FT)
+    python -m trainer train PRESET --data D.jsonl --gpus 2 --deepspeed zero2  # needs `pip install deepspeed`
+
+`--gpus N` re-runs this same command once per GPU under `accelerate launch` (which sets RANK,
+LOCAL_RANK, WORLD_SIZE and, for --fsdp / --deepspeed, its ACCELERATE_* settings); transformers'
+Trainer then wraps the model in DDP, FSDP2 or DeepSpeed from that environment. Presets, logs, sample
+chats and checkpoints are the single-GPU ones; rank 0 writes the files. The global batch of the
+preset is kept: `grad_accum` is divided by N when it divides evenly.
+
+LoRA / QLoRA use DDP: the frozen base is replicated (1 GB for a 1.8B model in nf4) and only the
+adapter's gradients are all-reduced. FSDP shards weights, gradients and optimizer state, which is what
+full fine-tuning of a model too big for one GPU needs; it is refused with bits 4/8 because
+bitsandbytes' packed 4-bit weights cannot be flattened and sharded as they are loaded here.
+
+Several machines (not tested here): run accelerate's launcher on every node with the train command,
+    accelerate launch --num_machines 2 --machine_rank R --main_process_ip HOST --main_process_port 29500 \\
+        --num_processes 16 --multi_gpu -m trainer train PRESET --data D.jsonl
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+
+from trainer.errors import UserError
+
+DEEPSPEED_STAGES = {"zero1": ["--zero_stage", "1"], "zero2": ["--zero_stage", "2"], "zero3": ["--zero_stage", "3"],
+                    "zero3_offload": ["--zero_stage", "3", "--offload_optimizer_device", "cpu",
+                                      "--offload_param_device", "cpu"]}
+LAUNCH_FLAGS = ("--gpus", "--fsdp", "--deepspeed")
+
+
+def add_arguments(parser) -> None:
+    """The flags `python -m trainer train` takes for several GPUs."""
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs on this machine to train on (default 1)")
+    parser.add_argument("--fsdp", action="store_true", help="with --gpus N: shard with FSDP2 (full fine-tuning)")
+    parser.add_argument("--deepspeed", choices=sorted(DEEPSPEED_STAGES),
+                        help="with --gpus N: DeepSpeed ZeRO stage instead of DDP (needs deepspeed installed)")
+
+
+def is_worker() -> bool:
+    """True inside a process that a launcher started (one of N)."""
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def strip_launch_flags(argv: list[str]) -> list[str]:
+    """The train argv without --gpus/--fsdp/--deepspeed (and their values): what each worker runs."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in LAUNCH_FLAGS:
+            skip = name != "--fsdp" and "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(train_argv: list[str], gpus: int, fsdp: bool = False, deepspeed: str | None = None,
+                   grad_accum: int | None = None, port: int | None = None) -> list[str]:
+    """`accelerate launch ... -m trainer train ARGV` for `gpus` processes on this machine."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+           "--num_processes", str(gpus), "--main_process_port", str(port or free_port()),
+           "--mixed_precision", "no", "--dynamo_backend", "no"]   # the Trainer's bf16/fp16 flag decides
+    if fsdp:
+        cmd += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                "--fsdp_reshard_after_forward", "true", "--fsdp_state_dict_type", "FULL_STATE_DICT",
+                "--fsdp_cpu_ram_efficient_loading", "false"]
+    elif deepspeed:
+        cmd += ["--use_deepspeed", *DEEPSPEED_STAGES[deepspeed], "--gradient_accumulation_steps",
+                str(grad_accum or 1)]
+    else:
+        cmd += ["--multi_gpu"]
+    cmd += ["-m", "trainer", "train", *train_argv]
+    if grad_accum is not None:
+        cmd += ["--set", f"grad_accum={grad_accum}"]
+    return cmd
+
+
+def check_launch(cfg, gpus: int, fsdp: bool, deepspeed: str | None, visible: int) -> None:
+    if gpus < 1:
+        raise UserError(f"--gpus {gpus}: must be >= 1")
+    if fsdp and deepspeed:
+        raise UserError("--fsdp and --deepspeed: choose one")
+    if gpus > visible:
+        raise UserError(f"--gpus {gpus}: only {visible} CUDA GPU(s) visible -- lower --gpus "
+                        "(or set CUDA_VISIBLE_DEVICES)")
+    if fsdp and cfg.bits:
+        raise UserError(f"--fsdp with bits {cfg.bits}: 4/8-bit weights are not sharded here -- drop --fsdp "
+                        "(LoRA/QLoRA run as DDP: the quantized base is small, only the adapter is synced) "
+                        "or use --set bits=none")
+    if deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"--deepspeed {deepspeed}: deepspeed is not installed -- `pip install deepspeed`, "
+                        "or use --fsdp (built into PyTorch)")
+
+
+def global_batch_accum(cfg, gpus: int) -> tuple[int, str]:
+    """grad_accum per GPU that keeps the preset's global batch, and a note saying what happened."""
+    if cfg.grad_accum % gpus == 0:
+        per = cfg.grad_accum // gpus
+        return per, (f"global batch kept at {cfg.batch_size * cfg.grad_accum} rows "
+                     f"(batch_size {cfg.batch_size} x grad_accum {per} x {gpus} GPUs)")
+    return cfg.grad_accum, (f"global batch is {cfg.batch_size * cfg.grad_accum * gpus} rows "
+                            f"(grad_accum {cfg.grad_accum} does not divide by {gpus})")
+
+
+def maybe_launch(cfg, args, argv: list[str], echo=print, run=subprocess.call) -> int | None:
+    """Launch N workers when `--gpus N` (N > 1) was asked for and return their exit code; in a
+    worker, pin this process to its GPU (before any model loads) and return None."""
+    if is_worker():
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # device_map "cuda" = this rank's GPU
+        return None
+    if args.gpus <= 1 and not (args.fsdp or args.deepspeed):
+        return None
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    check_launch(cfg, args.gpus, args.fsdp, args.deepspeed, visible)
+    accum, note = global_batch_accum(cfg, args.gpus)
+    cmd = launch_command(strip_launch_flags(argv), args.gpus, args.fsdp, args.deepspeed, grad_accum=accum)
+    mode = "FSDP2" if args.fsdp else f"DeepSpeed {args.deepspeed}" if args.deepspeed else "DDP"
+    echo(f"launching {args.gpus} processes ({mode}); {note}")
+    return run(cmd)
