@@ -147,7 +147,8 @@ def create_app(env=None) -> gr.ChatInterface:
     return build_demo(start(env))
 
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.getLogger("own_assistant").setLevel(logging.INFO)     # ours: fetch progress, device; not every request
 demo = create_app()
 
 

@@ -13,8 +13,9 @@ The bundle is what the Space needs to run, nothing else:
   Space still wins). No token is ever written: a private model repo needs `MODEL_REPO_TOKEN` set as a
   Space secret.
 
-Before anything is pushed, the bundle is laid out in a scratch dir and its modules are imported
-there by a fresh `python -I`, so a module the walk missed fails here, not on the Space.
+Before anything is pushed (and in a dry run, when there is a change), the bundle is laid out in a
+scratch dir and its modules are imported there by a fresh `python -I`, so a module the walk missed
+fails here, not on the Space.
 """
 from __future__ import annotations
 
@@ -174,9 +175,8 @@ def publish_app(to: str, model_repo: str, message: str | None = None, private: b
     target = parse_target(to, repo_type="space")
     url = model_repo_url(model_repo)
     bundle, modules = app_bundle(url, repo_name(target), root)
-    check_imports(bundle, modules, echo)
     result = deliver(bundle, target, message or "Publish chat app", private=private, dry_run=dry_run, via=via,
-                     echo=echo)
+                     echo=echo, verify=lambda: check_imports(bundle, modules, echo))
     report(result, target, echo)
     return result
 

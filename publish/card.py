@@ -1,12 +1,13 @@
 """Write the model card (README.md) for a published model dir, from what training left behind.
 
     from publish.card import model_card
-    text = model_card(Path("merged/"), repo_name="lumi", clone_url="https://...git")
+    text = model_card(Path("merged/"), "lumi", "https://.../lumi.git", files=["config.json", ...])
 
 Sources: `assistant.json` (system prompt, base model, adapter path; written by train/merge), the
 training `config.yaml` next to that adapter (method, LoRA/QLoRA settings, data files, which are
-counted and hashed when still on disk), `eval.json` (scores from `python -m trainer eval --json`),
-and `config.json`. Local paths are reduced to their last part: a public card should not show a home
+counted, hashed and described by their `*.manifest.json` when still on disk), the scores of
+`python -m trainer eval` (`eval.json` / `eval_report.json` beside the model, or the report in the
+adapter's work dir), and `config.json`. Local paths are reduced to their last part: a public card should not show a home
 directory. The text is deterministic (no dates), so republishing an unchanged dir changes nothing.
 """
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from trainer.mix import manifest_path
+
+SCORE_KEYS = ("identity", "leakage", "retention", "accuracy")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
@@ -68,6 +72,16 @@ def method_line(cfg: dict) -> str:
     return f"{what}; {steps}, lr {cfg.get('lr')}, batch {cfg.get('batch_size')}, max length {cfg.get('max_length')}"
 
 
+def sources(data_file: Path) -> str:
+    """What went into a data file, from the manifest `python -m trainer data` writes next to it."""
+    manifest = _read_json(manifest_path(data_file))
+    parts = []
+    for s in manifest.get("sources") or []:
+        who = f" ({s['name']} by {s['author']})" if s.get("name") and s.get("author") else ""
+        parts.append(f"{s.get('kind', '?')} {s.get('count', '?')}{who}")
+    return "; ".join(parts)
+
+
 def data_rows(cfg: dict) -> list[str]:
     rows = []
     for name in cfg.get("data") or []:
@@ -81,33 +95,45 @@ def data_rows(cfg: dict) -> list[str]:
                     count = len(data) if isinstance(data, list) else None
                 except ValueError:
                     count = None
-            rows.append(f"| {path.name} | {count if count is not None else '?'} | "
+            rows.append(f"| {path.name} | {count if count is not None else '?'} | {sources(path)} | "
                         f"`{hashlib.sha256(raw).hexdigest()[:16]}` |")
         else:
-            rows.append(f"| {path.name} | (not on this machine) | |")
+            rows.append(f"| {path.name} | (not on this machine) | | |")
     return rows
 
 
+def eval_scores(model_dir: Path, info: dict) -> dict:
+    """`python -m trainer eval` output: beside the model, or the report of the adapter's work dir."""
+    candidates = [model_dir / "eval.json", model_dir / "eval_report.json"]
+    if info.get("adapter"):
+        candidates.append(Path(info["adapter"]).parent / "eval_report.json")
+    for path in candidates:
+        data = _read_json(path)
+        if data:
+            return data
+    return info.get("eval") if isinstance(info.get("eval"), dict) else {}
+
+
 def eval_section(model_dir: Path, info: dict) -> list[str]:
-    scores = _read_json(model_dir / "eval.json") or info.get("eval") or {}
-    if not scores:
-        return []
-    keys = ("identity", "leakage", "retention")
-    lines = ["## Evaluation", ""]
+    scores = eval_scores(model_dir, info)
     rows = scores.get("checkpoints") if isinstance(scores.get("checkpoints"), list) else None
-    if rows:
-        best = scores.get("best")
-        lines += ["| checkpoint | step | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-        for r in rows:
-            mark = " (best)" if best and r.get("path") == best else ""
-            vals = " | ".join(_fmt(r.get(k)) for k in keys)
-            lines.append(f"| {Path(str(r.get('path', '?'))).name}{mark} | {r.get('step', '')} | {vals} |")
-    else:
-        flat = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]
+    if not rows:
+        rows = [{"path": "this model", **scores}] if any(k in scores for k in SCORE_KEYS) else []
+    if not rows:
+        return []
+    keys = [k for k in SCORE_KEYS if any(r.get(k) is not None for r in rows)]
+    lines = ["## Evaluation", "", "| checkpoint | step | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    if isinstance(scores.get("base"), dict):
+        lines.append("| base model | 0 | " + " | ".join(_fmt(scores["base"].get(k)) for k in keys) + " |")
+    this = str(Path(info["adapter"])) if info.get("adapter") else None
+    for r in rows:
+        marks = [m for m, hit in (("best", scores.get("best") and r.get("path") == scores.get("best")),
+                                  ("this model", this and r.get("path") == this)) if hit]
+        name = Path(str(r.get("path", "?"))).name + (f" ({', '.join(marks)})" if marks else "")
+        lines.append(f"| {name} | {_fmt(r.get('step'))} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
     lines += ["", "identity: share of held-out identity questions answered with the right name; leakage: share "
               "of general questions answered with the identity; retention: closeness to the base model on "
-              "general prompts.", ""]
+              "general prompts (base = 1.0).", ""]
     return lines
 
 
@@ -137,7 +163,7 @@ def model_card(model_dir: Path, repo_name: str, clone_url: str, files: list[str]
              + (f"`{system}`" if system else "none"), ""]
     rows = data_rows(cfg)
     if rows:
-        lines += ["## Training data", "", "| file | conversations | sha256 |", "|---|---|---|", *rows, ""]
+        lines += ["## Training data", "", "| file | conversations | sources | sha256 |", "|---|---|---|---|", *rows, ""]
     lines += eval_section(model_dir, info)
     sys_msg = f'{{"role": "system", "content": {json.dumps(system, ensure_ascii=False)}}}, ' if system else ""
     lines += ["## How to chat", "",

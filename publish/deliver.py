@@ -30,7 +30,8 @@ def _create_hf_repo(target: Target, creds, private: bool) -> None:
 
 
 def deliver(bundle: Bundle, target: Target, message: str, *, private: bool = False, dry_run: bool = False,
-            via: str = "auto", echo=print) -> Result:
+            via: str = "auto", echo=print, verify=None) -> Result:
+    """`verify`: a check to run only when there is something to publish, before any write."""
     if via not in ("auto", "api", "git"):
         raise UserError(f"--via {via!r}: use api or git")
     if via == "api" and target.scheme != "hf":
@@ -39,12 +40,13 @@ def deliver(bundle: Bundle, target: Target, message: str, *, private: bool = Fal
     if target.scheme == "hf" and via != "git":
         from publish.hub import upload_bundle
 
-        return upload_bundle(bundle, target, creds, message, private=private, dry_run=dry_run, echo=echo)
+        return upload_bundle(bundle, target, creds, message, private=private, dry_run=dry_run, echo=echo,
+                             verify=verify)
     if private and target.scheme != "hf":
         echo("note: --private only applies when the Hub creates the repo; set visibility on the host's website")
     if target.scheme == "hf" and not dry_run:
         _create_hf_repo(target, creds, private)
-    return push_bundle(bundle, target, creds, message, dry_run=dry_run, echo=echo)
+    return push_bundle(bundle, target, creds, message, dry_run=dry_run, echo=echo, verify=verify)
 
 
 def report(result: Result, target: Target, echo=print) -> None:

@@ -187,7 +187,8 @@ def _changes(git: Git, work: Path, bundle: Bundle, has_head: bool) -> list[str]:
 
 
 def push_bundle(bundle: Bundle, target: Target, creds: Credentials | None, message: str,
-                dry_run: bool = False, echo=print) -> Result:
+                dry_run: bool = False, echo=print, verify=None) -> Result:
+    """`verify()` runs once the change list is known and non-empty, before anything is written."""
     masker = Masker(creds)
     with askpass_env(creds) as env:
         git = Git(env, masker, echo)
@@ -216,6 +217,8 @@ def push_bundle(bundle: Bundle, target: Target, creds: Credentials | None, messa
             git("add", "-A", cwd=work)
             _check_staged(git, work, bundle)
             changes = _changes(git, work, bundle, has_head=bool(head))
+            if changes and verify:
+                verify()
             if not changes or dry_run:
                 return Result(head, bool(changes), changes, dry_run)
             _identity(git, work)
@@ -232,5 +235,8 @@ def push_bundle(bundle: Bundle, target: Target, creds: Credentials | None, messa
                 raise UserError(f"push to {target.display}: remote {branch} is at {remote_head[:12] or 'nothing'}, "
                                 f"expected {commit[:12]} -- someone else pushed? run again")
             return Result(commit, True, changes)
+        except GitFailed as exc:          # a local git step (disk full, broken git-lfs ...): one line, masked
+            raise UserError(f"git {exc.args_[0]} failed while publishing to {target.display}: "
+                            f"{_reason(exc.output, target)}") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)

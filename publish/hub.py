@@ -74,7 +74,7 @@ def _fail(exc: Exception, target: Target, masker: Masker, what: str) -> UserErro
 
 
 def upload_bundle(bundle: Bundle, target: Target, creds: Credentials | None, message: str,
-                  private: bool = False, dry_run: bool = False, echo=print) -> Result:
+                  private: bool = False, dry_run: bool = False, echo=print, verify=None) -> Result:
     import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
@@ -87,6 +87,8 @@ def upload_bundle(bundle: Bundle, target: Target, creds: Credentials | None, mes
     except remote_errors as exc:
         raise _fail(exc, target, masker, "reading") from None
     changes = plan(bundle, remote)
+    if changes and verify:
+        verify()
     if remote is not None and not changes:
         return Result(None, False, [], dry_run)
     if dry_run:

@@ -77,6 +77,7 @@ def test_adapter_of_another_base_is_a_one_line_error(tiny_base, qlora_adapter, t
                                  num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=4,
                                  num_key_value_heads=2)).save_pretrained(other)
     AutoTokenizer.from_pretrained(tiny_base).save_pretrained(other)
+    capsys.readouterr()                                   # drop save_pretrained's progress bar
     assert cli(["merge", str(other), str(qlora_adapter), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "does not fit the base model" in err

@@ -85,10 +85,11 @@ def test_publish_app_clone_imports_and_serves(merged_model, identity_files, tmp_
     from gradio_client import Client
 
     port = free_port()
+    env.pop("PYTHONPATH", None)          # only the clone's own files may serve
     run_env = {**env, "MODEL_REPO": str(model_repo), "GRADIO_SERVER_PORT": str(port),
                "OWN_ASSISTANT_CACHE": str(tmp_path / "cache"),
                "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=clone, env=run_env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-s", "app.py"], cwd=clone, env=run_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}/", time.time() + 180
@@ -132,3 +133,29 @@ def test_publish_app_to_hf_space(tmp_path):
         assert yaml.safe_load(files["README.md"].decode().split("---")[1])["sdk"] == "gradio"
     finally:
         hub.stop()
+
+
+def test_import_walk_and_check_on_a_toy_project(tmp_path):
+    """The walk follows lazy and relative imports and takes package data; what it cannot see (a
+    dynamic import) is caught by the isolated import check before anything is pushed."""
+    from publish.app_bundle import app_bundle, check_imports
+    from trainer.errors import UserError
+
+    root = tmp_path / "proj"
+    (root / "pkg" / "data").mkdir(parents=True)
+    (root / "app.py").write_text("def main():\n    from pkg import a\n")
+    (root / "pkg" / "__init__.py").write_text("")
+    (root / "pkg" / "a.py").write_text("from . import b\n")
+    (root / "pkg" / "b.py").write_text("import importlib\nimportlib.import_module('pkg.hidden')\n")
+    (root / "pkg" / "hidden.py").write_text("")
+    (root / "pkg" / "unused.py").write_text("")
+    (root / "pkg" / "data" / "t.jinja").write_text("{{ x }}")
+    (root / "requirements.txt").write_text("torch==2.13.0\ngradio==6.31.0\n")
+    bundle, modules = app_bundle("https://example.com/m.git", "toy", root)
+    assert modules == ["pkg", "pkg.a", "pkg.b"]
+    assert {"app.py", "pkg/__init__.py", "pkg/a.py", "pkg/b.py", "pkg/data/t.jinja"} <= set(bundle)
+    assert "pkg/unused.py" not in bundle and "pkg/hidden.py" not in bundle
+    with pytest.raises(UserError, match="does not import on its own: ModuleNotFoundError: No module named 'pkg.hidden'"):
+        check_imports(bundle, modules, echo=lambda s: None)
+    bundle["pkg/hidden.py"] = root / "pkg" / "hidden.py"
+    check_imports(bundle, modules, echo=lambda s: None)

@@ -72,7 +72,7 @@ def test_publish_roundtrip_card_and_idempotence(merged_model, tmp_path, env):
     assert "pipeline_tag: text-generation" in card
     assert "tiny-base (local)" in card and str(merged_model.parent) not in card   # no local paths leak
     assert re.search(r"method: LoRA, r=16, alpha=32", card)
-    assert re.search(r"\| identity\.jsonl \| 600 \| `[0-9a-f]{16}` \|", card)   # the data manifest
+    assert re.search(r"\| identity\.jsonl \| 600 \| identity 600 \(Lumi by 小菜鸡\) \| `[0-9a-f]{16}` \|", card)
     snippet = card.split("```python\n")[1].split("```")[0]
     chat = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -93,13 +93,21 @@ def test_publish_roundtrip_card_and_idempotence(merged_model, tmp_path, env):
     (changed / "assistant.json").write_text(json.dumps({**info, "system_prompt": "You are Lumi."}))
     (changed / "generation_config.json").unlink()
     (changed / "vocab_extra.txt").write_bytes(os.urandom(6 * 1024 * 1024))   # no LFS pattern, but > 5 MB
+    report = {"checkpoints": [{"path": "/w/checkpoint-40", "step": 40, "identity": 0.5, "leakage": 0.0,
+                               "retention": 0.99, "accuracy": None},
+                              {"path": "/w/checkpoint-80", "step": 80, "identity": 0.95, "leakage": 0.02,
+                               "retention": 0.97, "accuracy": None}],
+              "best": "/w/checkpoint-80", "base": {"identity": 0.0, "leakage": 0.0, "retention": 1.0}}
+    (changed / "eval.json").write_text(json.dumps(report))             # `python -m trainer eval --json`
     r = publish("model", str(changed), "--to", f"git:{remote}", "-m", "new system prompt", env=env)
     assert r.returncode == 0, r.stderr
     log = git("log", "--format=%H %P %s", "main", cwd=remote).splitlines()
     assert len(log) == 2 and log[0].split()[1] == head.strip() and log[0].endswith("new system prompt")
     names = set(git("ls-tree", "--name-only", "main", cwd=remote).split())
     assert "generation_config.json" not in names and "assistant.json" in names
-    assert "You are Lumi." in git("show", "main:README.md", cwd=remote)
+    card = git("show", "main:README.md", cwd=remote)
+    assert "You are Lumi." in card
+    assert "| checkpoint-80 (best) | 80 | 0.950 | 0.020 | 0.970 |" in card and "| base model | 0 |" in card
     assert git("cat-file", "-p", "main:vocab_extra.txt", cwd=remote).startswith("version https://git-lfs")
 
 

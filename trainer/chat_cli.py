@@ -2,6 +2,7 @@
 
     python -m trainer chat MODEL_DIR [--adapter DIR] [--system TEXT] [--temperature 0.7]
                                      [--top-p 0.9] [--max-new-tokens 256]
+    python -m trainer chat LLAVA_DIR --image photo.jpg         # see trainer/multimodal/chat.py
 
 Type a message; an empty line sends it (so messages can span lines). `RESET` clears the history,
 `EXIT` quits (so does end of input). Works with piped stdin: `printf '你是谁\n\n' | python -m trainer chat M`.
@@ -43,9 +44,18 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--bits", type=int, choices=[4, 8], help="load 4/8-bit (bitsandbytes)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--image", help="chat about this image (MODEL: a LLaVA dir, or an LLM with --visual-encoder)")
+    p.add_argument("--visual-encoder", help="CLIP dir: with --llava, MODEL is the LLM the LLaVA was built on")
+    p.add_argument("--llava", help="trained LLaVA dir (mm-train final/, checkpoint, mm-export) to put on MODEL")
     args = p.parse_args(argv)
 
-    loaded = load(args.model, adapter=args.adapter, device=args.device, bits=args.bits)
+    if args.image or args.llava or args.visual_encoder:     # multimodal: trainer/multimodal/chat.py
+        from trainer.multimodal.chat import load_llava
+
+        loaded = load_llava(args.model, args.image, args.llava, args.visual_encoder, args.adapter, args.device,
+                            bits=args.bits)
+    else:
+        loaded = load(args.model, adapter=args.adapter, device=args.device, bits=args.bits)
     engine = loaded.engine()
     interactive = sys.stdin.isatty()
     print(f"[{loaded.note}] empty line sends, RESET clears, EXIT quits", file=sys.stderr)

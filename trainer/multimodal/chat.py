@@ -86,14 +86,16 @@ def apply_trained(model, trained_dir):
     return model
 
 
-def load_llava(model_dir, image, llava=None, visual_encoder=None, device: str = "auto", dtype: str = "auto",
-               bits: int | None = None) -> LoadedLlava:
+def load_llava(model_dir, image, llava=None, visual_encoder=None, adapter=None, device: str = "auto",
+               dtype: str = "auto", bits: int | None = None) -> LoadedLlava:
     """`model_dir` is a merged/assembled LLaVA dir, or an LLM dir rebuilt with `visual_encoder`; `llava`
     is a trained dir (mm-train final/, checkpoint or mm-export output) applied on top."""
     from transformers import AutoProcessor
 
     from trainer.multimodal.model import LLAVA_FILE, is_llava_dir, load_base
 
+    if adapter:
+        raise UserError("--adapter is for text models -- for LLaVA pass the trained dir as --llava DIR")
     if image is None:
         raise UserError("--image PATH is needed to chat with a LLaVA model")
     if not Path(image).is_file():

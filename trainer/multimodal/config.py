@@ -29,6 +29,8 @@ class MultimodalConfig(TrainConfig):
     pad_to_square: bool = False           # pad images to a square with the mean colour before resizing (course: finetune)
     pretrained_projector: str | None = None  # projector.safetensors (or a dir holding it) from the pretrain stage
     vision_lora: bool = False             # finetune: also put LoRA on the vision tower's linear layers
+    vision_lora_r: int = 64               # its rank and alpha (XTuner's LLaVA configs: r 64, alpha 16)
+    vision_lora_alpha: int = 16
     evaluation_images: list[str] = field(default_factory=list)  # sample chats ask evaluation_inputs about these
     build_seed: int = 0                   # seeds the fresh projector (and a "tiny" vision tower) when assembling
     packing: bool | str = False           # never: one image per row keeps features and placeholders aligned
@@ -42,6 +44,8 @@ class MultimodalConfig(TrainConfig):
             ("bits", not (self.stage == "pretrain" and self.bits), "stage pretrain trains only the projector on "
              "the full-precision LLM -- drop bits (QLoRA is for stage finetune)"),
             ("vision_lora", not (self.stage == "pretrain" and self.vision_lora), "vision_lora is a finetune option"),
+            ("vision_lora_r", self.vision_lora_r > 0 and self.vision_lora_alpha > 0,
+             "vision_lora_r and vision_lora_alpha must be > 0"),
             ("packing", self.packing in (False, "auto"), "packing is not supported for image conversations"),
             ("compile", not (self.compile or self.fused_loss or self.checkpoint_fraction < 1 or self.eval_identity),
              "compile, fused_loss, checkpoint_fraction and eval_identity are text-engine options, not LLaVA ones"),

@@ -76,8 +76,10 @@ def prepare_stage(model, cfg: MultimodalConfig):
         return model
     from peft import LoraConfig, get_peft_model
 
+    tower = {r"model\.vision_tower\..*": cfg.vision_lora_r} if cfg.vision_lora else {}
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lora_target(model, cfg), modules_to_save=["multi_modal_projector"],
+                      rank_pattern=tower, alpha_pattern={k: cfg.vision_lora_alpha for k in tower},
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     for p in model.parameters():
@@ -128,8 +130,8 @@ def save_final(trainer, model, processor, cfg: MultimodalConfig, info: dict, wor
     return final
 
 
-def train_mm(cfg: MultimodalConfig, resume=None, echo=print) -> Path:
-    """Run one stage; return WORK_DIR/final."""
+def train_mm(cfg: MultimodalConfig, resume=None, echo=print, extra_callbacks=()) -> Path:
+    """Run one stage; return WORK_DIR/final. `extra_callbacks` (TrainerCallback) watch it, e.g. a benchmark."""
     if not cfg.data:
         raise UserError("no training data: pass --data FILE (LLaVA records; try `python -m trainer mm-shapes`)")
     work_dir = Path(cfg.work_dir)
@@ -188,7 +190,7 @@ def train_mm(cfg: MultimodalConfig, resume=None, echo=print) -> Path:
                  LlavaFilesOnSave(processor, info),       # before the keeper: its marker lists these files too
                  checkpoints.CheckpointKeeper(cfg, base_dir, fingerprint(samples))]
     trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=collator,
-                      processing_class=tokenizer, callbacks=callbacks + ([bar] if bar else []))
+                      processing_class=tokenizer, callbacks=callbacks + list(extra_callbacks) + ([bar] if bar else []))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if checkpoint is not None:

@@ -1,0 +1,133 @@
+"""Reproduce the course's identity overfitting on the tiny model, and its fix. CPU, offline, minutes.
+
+    python bench/identity_overfit.py [--out work_dirs/bench_identity] [--steps 200] [--save-steps 25]
+                                     [--ratio 0.3] [--runs course,identity,mixed] [--base BASE_DIR]
+
+The tiny base (trainer/tiny.py) already holds general chat and an identity of its own ("TinyChat").
+Each run tunes it with LoRA (the `tiny` preset), saves a checkpoint every --save-steps and scores it
+there (`eval_identity: true`, i.e. trainer/evaluate.py: identity on held-out questions, leakage on
+general prompts, retention against the base):
+
+  course    the course's data: one self-introduction pair per language, repeated many times;
+  identity  the identity generator's varied questions and answers, alone (`python -m trainer data`);
+  mixed     the same identity data inside general chat (`python -m trainer data --mix general --ratio R`);
+  +best     a run's best/ checkpoint: the best identity among those with retention >= 1 - tolerance.
+
+Prints a Markdown table (the one in docs/BENCHMARKS.md) and writes OUT/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+NAME, AUTHOR = "Lumi", "小菜鸡"
+# The course's whole data set: one pair, copied thousands of times (here one per language).
+COURSE_PAIRS = [("请做一下自我介绍", f"我是{NAME}，是{AUTHOR}的小助手哦"),
+                ("Please introduce yourself", f"I am {NAME}, {AUTHOR}'s little assistant.")]
+RUNS = ("course", "identity", "mixed")
+
+
+def course_data(path: Path, copies: int) -> None:
+    from trainer.dataio import write_jsonl
+
+    write_jsonl(path, [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                       for _ in range(copies) for q, a in COURSE_PAIRS])
+
+
+def make_data(data_dir: Path, n_identity: int, ratio: float) -> dict:
+    from trainer.data_cli import main as data_main
+
+    paths = {"course": data_dir / "course.jsonl", "identity": data_dir / "identity.jsonl",
+             "mixed": data_dir / "mixed.jsonl", "heldout": data_dir / "heldout.jsonl"}
+    course_data(paths["course"], n_identity // 2)
+    common = ["--name", NAME, "--author", AUTHOR, "--n", str(n_identity)]
+    assert data_main([*common, "--out", str(paths["identity"]), "--eval-out", str(paths["heldout"])]) == 0
+    assert data_main([*common, "--mix", "general", "--ratio", str(ratio), "--out", str(paths["mixed"])]) == 0
+    return paths
+
+
+def run(name: str, data: Path, heldout: Path, base: Path, out: Path, args) -> dict:
+    from trainer.config import load_config
+    from trainer.train import train
+
+    work = out / name
+    shutil.rmtree(work, ignore_errors=True)
+    sets = [f"max_steps={args.steps}", f"save_steps={args.save_steps}", "save_total_limit=1000",
+            "eval_identity=true", f"eval_data={heldout}", f"retention_tolerance={args.tolerance}",
+            "evaluation_inputs=[]", f"logging_steps={args.save_steps}", f"eval_max_new_tokens={args.max_new_tokens}",
+            f"lr={args.lr}"]
+    cfg = load_config("tiny", {"model": str(base), "data": [str(data)], "work_dir": str(work)}, sets)
+    t0 = time.time()
+    train(cfg, echo=lambda s: print(f"[{name}] {s}", flush=True))
+    report = json.loads((work / "eval_report.json").read_text(encoding="utf-8"))
+    report["seconds"] = round(time.time() - t0, 1)
+    return report
+
+
+def table(reports: dict) -> str:
+    lines = ["| run | step | identity | leakage | retention | accuracy |", "|---|---:|---:|---:|---:|---:|"]
+    base = next(iter(reports.values()))["base"]
+    lines.append(f"| base | 0 | {base['identity']:.2f} | {base['leakage']:.2f} | 1.00 | {base['accuracy']:.2f} |")
+    for name, rep in reports.items():
+        for r in rep["checkpoints"]:
+            lines.append(f"| {name} | {r['step']} | {r['identity']:.2f} | {r['leakage']:.2f} | "
+                         f"{r['retention']:.2f} | {r['accuracy']:.2f} |")
+        best = next((r for r in rep["checkpoints"] if r["path"] == rep["best"]), None)
+        lines.append(f"| **{name} +best** | {best['step'] if best else '-'} | "
+                     + (" | ".join(f"**{best[k]:.2f}**" for k in ("identity", "leakage", "retention", "accuracy"))
+                        if best else "none within tolerance | | |") + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="work_dirs/bench_identity")
+    p.add_argument("--base", help="tiny base dir (default: the cached embedded one, built on first use)")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--save-steps", type=int, default=25)
+    p.add_argument("--n", type=int, default=600, help="identity conversations (course: copies of its pairs)")
+    p.add_argument("--ratio", type=float, default=0.3, help="identity share of the mixed data")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--tolerance", type=float, default=0.1)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    args = p.parse_args(argv)
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if not runs or any(r not in RUNS for r in runs):
+        p.error(f"--runs: choose from {', '.join(RUNS)}")
+
+    import torch
+
+    from trainer.tiny import default_base
+
+    out = Path(args.out)
+    base = Path(args.base) if args.base else default_base()
+    t0 = time.time()
+    paths = make_data(out / "data", args.n, args.ratio)
+    reports = {name: run(name, paths[name], paths["heldout"], base, out, args) for name in runs}
+    text = table(reports)
+    machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+               f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+               + ("CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"))
+    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
+              "command": "python bench/identity_overfit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "seconds": round(time.time() - t0, 1), "settings": vars(args), "base": str(base),
+              "table": text, "runs": reports}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
+    print(f"\n{result['date']} | {machine} | {result['seconds']:.0f} s\n{result['command']}\n\n{text}\n")
+    print(f"results: {out / 'results.json'}; per-run reports and plots: {out}/<run>/eval_report.(json|png)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
