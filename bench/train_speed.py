@@ -43,6 +43,8 @@ SHAPES = {   # LlamaConfig fields; InternLM2 maps onto Llama (trainer/convert.py
                            rope_theta=1e6),
     "qwen2.5-7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                        intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6),
+    "qwen2.5-14b": dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                        intermediate_size=13824, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6),
     "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=128, vocab_size=3000, max_position_embeddings=4096),
 }
@@ -65,8 +67,10 @@ def prepare(root: Path, shape: str, n_convs: int, tokenizer_from: Path | None, d
                              eos_token_id=im_end, pad_token_id=tok.pad_token_id, dtype="bfloat16")
         t0 = time.time()
         torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)          # built in bf16: a 14B shape never exists in fp32
         with torch.device(device):
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
+            model = LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)
         model.generation_config = GenerationConfig(eos_token_id=[im_end], pad_token_id=tok.pad_token_id)
         model.save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
@@ -106,14 +110,23 @@ def mean_attended(rows: list[dict]) -> float:
 
 
 def steady(scalars: list[dict], warmup: int) -> dict:
-    """tokens/s and s/step over the logged steps after `warmup` (compile and allocator warm-up)."""
-    recs = {r["step"]: r for r in scalars}             # several ranks may log the same step
-    steps = sorted(recs)
-    first, last = recs[steps[min(warmup, len(steps) - 2)]], recs[steps[-1]]
-    tokens = last["tokens_per_s"] * last["elapsed_s"] - first["tokens_per_s"] * first["elapsed_s"]
-    span = last["elapsed_s"] - first["elapsed_s"]
-    return {"tokens_per_s": tokens / span, "step_s": span / (last["step"] - first["step"]),
-            "steps_timed": last["step"] - first["step"]}
+    """tokens/s and s/step over the logged steps after `warmup` (compile and allocator warm-up).
+    Under several GPUs every rank logs each step with its own token count: those are summed."""
+    by_step: dict[int, list[dict]] = {}
+    for r in scalars:
+        by_step.setdefault(r["step"], []).append(r)
+    steps = sorted(by_step)
+    first, last = steps[min(warmup, len(steps) - 2)], steps[-1]
+
+    def tokens(step):
+        return sum(r["tokens_per_s"] * r["elapsed_s"] for r in by_step[step])
+
+    def at(step):
+        return max(r["elapsed_s"] for r in by_step[step])
+
+    span = at(last) - at(first)
+    return {"tokens_per_s": (tokens(last) - tokens(first)) / span, "step_s": span / (last - first),
+            "steps_timed": last - first}
 
 
 def _rows(model_dir: Path, data: Path, max_length: int):
@@ -169,6 +182,14 @@ def run_ours(a, work: Path) -> None:
             f"compile={str(a.compile).lower()}", f"fused_loss={str(a.fused_loss).lower()}"]
     if a.dtype:
         sets.append(f"dtype={a.dtype}")
+    sets += a.extra_set
+    if a.gpus > 1:     # the user's command: `python -m trainer train ... --gpus N` (trainer/distributed.py)
+        cmd = [sys.executable, "-m", "trainer", "train", PRESET, "--model", str(a.model_dir), "--data", str(a.data),
+               "--work-dir", str(work), "--gpus", str(a.gpus), *(x for kv in sets for x in ("--set", kv))]
+        print("+", " ".join(cmd[1:]), flush=True)
+        if subprocess.call(cmd, cwd=REPO) != 0:
+            raise SystemExit(f"{a.name}: the {a.gpus}-GPU run failed")
+        return
     cfg = load_config(PRESET, {"model": str(a.model_dir), "data": [str(a.data)], "work_dir": str(work)}, sets)
     train(cfg, echo=lambda s: print(s, flush=True))
 
@@ -195,7 +216,7 @@ def run(a) -> int:
     fpt = flops_per_token(config, cfg.lora_r, mean_attended(rows))
     on_gpu = torch.cuda.is_available()
     result = {
-        "name": a.name, "impl": a.impl, "shape": a.shape, "max_length": a.max_length, "batch": a.batch,
+        "name": a.name, "impl": a.impl, "gpus": a.gpus, "shape": a.shape, "max_length": a.max_length, "batch": a.batch,
         "accum": a.accum, "ckpt": a.ckpt, "ckpt_fraction": a.ckpt_fraction, "compile": a.compile,
         "fused_loss": a.fused_loss, "steps": a.steps, "wall_s": round(wall, 1), **{k: round(v, 4) for k, v in speed.items()},
         "peak_gib": max(r["peak_gib"] for r in scalars),
@@ -300,6 +321,8 @@ def main(argv=None) -> int:
     pr.add_argument("--ckpt-fraction", type=float, default=1.0)
     pr.add_argument("--compile", action="store_true")
     pr.add_argument("--fused-loss", action="store_true")
+    pr.add_argument("--gpus", type=int, default=1, help="ours only: launch through `train --gpus N`")
+    pr.add_argument("--extra-set", action="append", default=[], metavar="KEY=VALUE", help="ours only: more --set")
     pr.add_argument("--dtype", help="override the preset's dtype (the CPU smoke uses fp32)")
     pr.add_argument("--steps", type=int, default=30)
     pr.add_argument("--warmup", type=int, default=5, help="logged steps left out of the timing")

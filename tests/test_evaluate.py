@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from trainer import eval_report
-from trainer.evaluate import (Scores, answers_correctly, build_eval_set, contains_all, evaluate_dirs, leaks,
-                              main, score)
+from trainer.evaluate import (Reference, answers_correctly, build_eval_set, contains_all, evaluate_dirs, kept,
+                              leaks, main, score)
 
 
 class Scripted:
@@ -63,6 +63,19 @@ def test_oracle_scores_perfectly_and_a_namedropper_only_on_identity(identity_fil
     assert creator > 0 and s.identity == pytest.approx(1 - creator / len(es.identity))
 
 
+def test_retention_counts_answers_kept_or_fixed(identity_files):
+    es = build_eval_set(identity_files["heldout"], n_general=10)
+    known = dict(es.general)
+    base_said = {q: f"{q} hmm, {i}" for i, (q, _) in enumerate(es.general)}      # a base that is always wrong
+    ref = Reference(answers=[base_said[q] for q, _ in es.general], answer_ids=[], logprob=0.0, scores=None)
+    assert score(Scripted(lambda q: base_said.get(q, "?")), es, ref).retention == 1.0     # unchanged
+    assert score(Scripted(lambda q: known.get(q, "?")), es, ref).retention == 1.0         # fixed
+    half = {q for q, _ in es.general[::2]}
+    s = score(Scripted(lambda q: base_said[q] if q in half else f"我是{identity_files['name']}。"), es, ref)
+    assert 0.5 < s.retention < 0.75 and s.leakage == 0.5 and s.likelihood is None
+    assert kept("我是Lumi，是小菜鸡的小助手。", "The capital of France is Paris.", "Paris!") < 0.2
+
+
 def test_bad_eval_data_names_file_and_line(tmp_path, capsys):
     from trainer.errors import run_cli
 
@@ -99,8 +112,7 @@ def test_base_knows_nothing_and_tuned_adapter_knows_its_name(tiny_base, tuned_ad
     base, (tuned,) = evaluate_dirs([tuned_adapter], tiny_base, es, device="cpu", echo=lambda s: None)
     assert base.identity <= 0.1 and base.leakage == 0.0 and base.retention == 1.0
     assert tuned.identity >= 0.8, tuned.examples
-    assert 0.0 < tuned.retention < 1.0                   # tuning moved it away from the base
-    assert tuned.retention == pytest.approx(min(1.0, tuned.likelihood))
+    assert tuned.retention < 1.0 and tuned.likelihood < 1.0          # tuning moved it away from the base
 
 
 def _load_best(best: Path, base: Path) -> None:

@@ -81,7 +81,7 @@ def write_json(path, data: dict) -> None:
         raise
 
 
-def plot(rows: list[dict], path, tolerance: float, best: str | None = None, base=None) -> None:
+def plot(rows: list[dict], path, tolerance: float, best: str | None = None, base=None, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +92,7 @@ def plot(rows: list[dict], path, tolerance: float, best: str | None = None, base
     if base is not None:
         pts = [{"step": 0, "identity": base.identity, "leakage": base.leakage, "retention": 1.0,
                 "path": "base"}] + pts
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=110)
     steps = [r["step"] for r in pts]
     for key, color in (("identity", "tab:blue"), ("leakage", "tab:red"), ("retention", "tab:green")):
         ax.plot(steps, [r[key] if r[key] is not None else float("nan") for r in pts], "o-", color=color, label=key)
@@ -101,8 +101,9 @@ def plot(rows: list[dict], path, tolerance: float, best: str | None = None, base
     if chosen:
         ax.axvline(chosen[0]["step"], color="gray", linestyle="--", linewidth=1, label="best")
     ax.set_xlabel("step")
+    ax.set_title(title, fontsize=9)
     ax.set_ylim(-0.03, 1.03)
-    ax.legend(loc="center right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -140,7 +141,7 @@ def write_report(work_dir, rows: list[dict], base, tolerance: float, es, json_pa
     json_path = Path(json_path) if json_path else work_dir / "eval_report.json"
     write_json(json_path, report_dict(rows, base, best, tolerance, es, base_path))
     png = work_dir / "eval_report.png"
-    plot(rows, png, tolerance, best["path"] if best else None, base)
+    plot(rows, png, tolerance, best["path"] if best else None, base, title=f"{work_dir.name}: identity vs. overfitting")
     if best and copy_best and Path(best["path"]).is_dir():
         write_best(best["path"], work_dir)
     elif best is None and copy_best and (work_dir / "best" / "best_of.json").is_file():

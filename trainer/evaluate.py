@@ -8,12 +8,17 @@
   greedy answer contains every expected string (the name; also the author when asked who made it).
 * leakage   -- share of general, non-identity prompts whose answer contains the name or the author: the
   course's failure, where 300 steps on one repeated pair made the model answer everything with it.
-* retention -- how much of the base's general behaviour survives, relative to the base (base = 1.0):
-  the base's own greedy answers to general prompts are scored under the tuned model, and retention is
-  exp(mean log p_tuned - mean log p_base) per answer token, capped at 1: the share of per-token
-  probability the tuned model still gives to what the base would have said. Reported beside it:
-  `accuracy`, the share of general tasks with a computed answer (trainer/general_data.py) answered
-  with that answer, for the tuned model and the base.
+* retention -- does it still answer general prompts as the base did (base = 1.0)? For each general
+  prompt (a task with a computed answer, trainer/general_data.py) the tuned model's greedy answer
+  scores 1 if it gives the computed answer, else its similarity to the base's own greedy answer
+  (difflib ratio, 1 = identical); retention is the mean. So keeping the base's answers, or fixing
+  them, keeps retention; replacing them (by the identity sentence, by drift) lowers it. Reported
+  beside it, the two parts it draws on:
+  - `likelihood`: exp(mean log p_tuned - mean log p_base) over the tokens of the base's greedy answers
+    (teacher-forced): the per-token probability the tuned model still gives to what the base said.
+    It falls as soon as LoRA moves the distribution at all, even where no answer changes, which is
+    why it is reported but not the number best/ is chosen by;
+  - `accuracy`: the share of general prompts answered with the computed answer.
 
 General prompts come from a fixed seed that no data command uses, so they are the same for every run.
 A work dir's report (table, `eval_report.json`, `eval_report.png`) and `best/` are written by
@@ -22,6 +27,7 @@ trainer/eval_report.py; `eval_identity: true` in a training config runs the same
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import math
@@ -54,6 +60,7 @@ class EvalSet:
 @dataclass
 class Reference:
     """What the base does on the general prompts: its greedy answers and how sure it is of them."""
+    answers: list[str]
     answer_ids: list[list[int]]
     logprob: float                       # mean per-token log-likelihood of its own answers
     scores: "Scores"
@@ -64,7 +71,7 @@ class Scores:
     identity: float
     leakage: float
     accuracy: float                      # exact-answer accuracy on general tasks
-    retention: float | None = None       # min(1, likelihood); None without a base to compare with
+    retention: float | None = None       # answers kept (or fixed) vs the base; None without a base
     likelihood: float | None = None      # exp(mean logp tuned - mean logp base) on the base's answers
     examples: dict = field(default_factory=dict)   # a few misses and leaks, for the reader
 
@@ -124,7 +131,14 @@ def answers_correctly(answer: str, known: str) -> bool:
     return _norm(known).rstrip(END_PUNCT) in _norm(answer)
 
 
-def _share(flags) -> float:
+def kept(answer: str, base_answer: str, known: str) -> float:
+    """1 for the computed answer, else how close the answer stays to the base's (0..1)."""
+    if answers_correctly(answer, known):
+        return 1.0
+    return difflib.SequenceMatcher(None, _norm(answer), _norm(base_answer)).ratio()
+
+
+def _mean(flags) -> float:
     flags = list(flags)
     return sum(flags) / len(flags) if flags else 0.0
 
@@ -146,7 +160,7 @@ def score_answers(id_answers: list[str], gen_answers: list[str], es: EvalSet) ->
                             for a, q, ok in zip(id_answers, es.identity, hits) if not ok][:3],
         "leaks": [{"q": q, "a": a} for a, (q, _), bad in zip(gen_answers, es.general, leaked) if bad][:3],
     }
-    return Scores(identity=_share(hits), leakage=_share(leaked), accuracy=_share(right), examples=examples)
+    return Scores(identity=_mean(hits), leakage=_mean(leaked), accuracy=_mean(right), examples=examples)
 
 
 @torch.inference_mode()
@@ -174,19 +188,21 @@ def base_reference(engine: ChatEngine, es: EvalSet, max_new_tokens: int = MAX_NE
     scores = score_answers(id_answers, texts, es)
     logprob = answer_logprobs(engine, prompts, ids)
     scores.likelihood, scores.retention = 1.0, 1.0
-    return Reference(ids, logprob, scores)
+    return Reference(texts, ids, logprob, scores)
 
 
 def score(engine, es: EvalSet, reference: Reference | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> Scores:
-    """All three scores for one model behind a chat engine (anything with `.chat(messages, ...)`;
-    retention also needs a real `ChatEngine` and the base's `Reference`)."""
+    """All three scores for one model behind a chat engine (anything with `.chat(messages, ...)`);
+    retention needs the base's `Reference`, the likelihood also a real `ChatEngine`."""
     id_answers = chat_answers(engine, [q["messages"] for q in es.identity], max_new_tokens)
     gen_answers = chat_answers(engine, [_user(q) for q, _ in es.general], max_new_tokens)
     scores = score_answers(id_answers, gen_answers, es)
     if reference is not None:
-        lp = answer_logprobs(engine, [q for q, _ in es.general], reference.answer_ids)
-        scores.likelihood = math.exp(lp - reference.logprob)
-        scores.retention = min(1.0, scores.likelihood)
+        scores.retention = _mean(kept(a, b, known) for a, b, (_, known)
+                                 in zip(gen_answers, reference.answers, es.general))
+        if isinstance(engine, ChatEngine):
+            lp = answer_logprobs(engine, [q for q, _ in es.general], reference.answer_ids)
+            scores.likelihood = math.exp(lp - reference.logprob)
     return scores
 
 

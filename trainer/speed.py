@@ -8,10 +8,10 @@
   gradient; here one chunk of ~1 GiB at a time. Same math as transformers' `ForCausalLMLoss`
   (bf16 logits, fp32 log-softmax, sum / number of labelled tokens): `tests/test_speed.py` checks loss
   and gradients against it.
-- `compile`: `torch.compile` of every decoder layer's attention and MLP blocks. The
-  eager PEFT/bitsandbytes step launches thousands of small kernels; compiled blocks fuse the norms,
-  rotary, SwiGLU, dropout and LoRA additions. Compiling the blocks (not the whole layer) keeps
-  gradient checkpointing's recompute outside the compiled graphs.
+- `compile`: `torch.compile` of every decoder layer's norms, attention and MLP for training steps.
+  The eager PEFT/bitsandbytes step launches thousands of small kernels; compiled blocks fuse the
+  norms, rotary, SwiGLU, dropout and LoRA additions. Compiling the blocks (not the whole layer)
+  keeps gradient checkpointing's recompute outside the compiled graphs.
 - `checkpoint_fraction`: with `gradient_checkpointing`, recompute only the first fraction of the
   decoder layers in backward; the rest keep their activations (less recompute, more memory).
 
@@ -130,17 +130,33 @@ def decoder_layers(model) -> list:
     return list(getattr(decoder, "layers", []))
 
 
+COMPILED_BLOCKS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
 def compile_layers(model) -> int:
-    """torch.compile each decoder layer's attention and MLP in place (state-dict keys unchanged, so
-    checkpoints and adapters save as usual). Returns the number of blocks compiled."""
+    """torch.compile each decoder layer's norms, attention and MLP, for training steps only.
+
+    The compiled forward is used while the module trains with gradients on; generation (sample
+    chats, evaluation) keeps the eager forward, so it never triggers a second, inference-mode
+    compilation. `dynamic=True`: packed batches vary in width, and one symbolic-shape graph serves
+    them all (and all layers) instead of a recompile per width. Parameters and state-dict keys are
+    untouched, so adapters and checkpoints save as usual. Returns the number of blocks switched."""
     n = 0
     for layer in decoder_layers(model):
-        for name in ("self_attn", "mlp"):
+        for name in COMPILED_BLOCKS:
             block = getattr(layer, name, None)
-            if isinstance(block, torch.nn.Module):
-                block.compile(dynamic=None)
+            if isinstance(block, torch.nn.Module) and not hasattr(block, "_eager_forward"):
+                block._eager_forward = block.forward
+                block._compiled_forward = torch.compile(block.forward, dynamic=True)
+                block.forward = types.MethodType(_train_compiled_forward, block)
                 n += 1
     return n
+
+
+def _train_compiled_forward(self, *args, **kwargs):
+    if self.training and torch.is_grad_enabled():
+        return self._compiled_forward(*args, **kwargs)
+    return self._eager_forward(*args, **kwargs)
 
 
 def limit_checkpointing(model, fraction: float) -> int:

@@ -1,0 +1,78 @@
+"""Packing: several conversations share a row without attending to each other, optimise the same
+objective as unpadded batches, and train to the same loss in fewer steps."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.chat_format import encode_chat
+from trainer.dataset import Collator, choose_packing, pack
+
+
+@pytest.fixture(scope="module")
+def tok_model(tiny_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    model.config.use_cache = False           # as in training: packing is detected only without a cache
+    return AutoTokenizer.from_pretrained(tiny_base), model
+
+
+@pytest.fixture(scope="module")
+def samples(tok_model, identity_files) -> list[dict]:
+    tok, _ = tok_model
+    lines = Path(identity_files["train"]).read_text(encoding="utf-8").splitlines()[:6]
+    return [encode_chat(tok, json.loads(line)["messages"]) for line in lines]
+
+
+def test_a_conversation_sees_only_itself_inside_a_packed_row(tok_model, samples):
+    _, model = tok_model
+    [row] = pack(samples[:3], max_length=10_000)
+    batch = Collator(pad_id=0, packed=True)([row])
+    assert "attention_mask" not in batch and batch["position_ids"][0].tolist() == row["position_ids"]
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        start = 0
+        for s in samples[:3]:
+            alone = model(input_ids=torch.tensor([s["input_ids"]])).logits[0]
+            n = len(s["input_ids"])
+            torch.testing.assert_close(packed[start:start + n], alone, atol=1e-4, rtol=1e-4)
+            start += n
+        # control: the same row as one long sequence (no position reset) lets conversations mix
+        mixed = model(input_ids=batch["input_ids"]).logits[0]
+    n0 = len(samples[0]["input_ids"])
+    assert (mixed[n0:] - packed[n0:]).abs().max() > 1e-2
+
+
+def test_packed_rows_give_the_same_loss_and_gradients_as_a_batch(tok_model, samples):
+    from transformers import AutoModelForCausalLM
+
+    _, model = tok_model
+    model = AutoModelForCausalLM.from_pretrained(model.name_or_path)
+    model.config.use_cache = False
+    plain = Collator(pad_id=0, packed=False)(samples)
+    packed = Collator(pad_id=0, packed=True)(pack(samples, max_length=160))
+    assert packed["input_ids"].numel() < plain["input_ids"].numel()      # no padding waste
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_a, grads_a = loss_and_grads(plain)
+    loss_b, grads_b = loss_and_grads(packed)
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-3)
+
+
+def test_auto_packs_only_when_it_halves_the_rows(samples):
+    assert choose_packing("auto", samples, max_length=1024)[0] is True      # short chats, long rows
+    longest = max(len(s["input_ids"]) for s in samples)
+    assert choose_packing("auto", samples, max_length=longest)[0] is False   # one per row: no gain
+    assert choose_packing(False, samples, max_length=1024) == (False, samples)
+    assert choose_packing(True, samples, max_length=longest)[0] is True
