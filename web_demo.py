@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         temperature = st.slider("Temperature", 0.0, 1.5, 0.3, 0.05, help="0 = greedy")
         top_p = st.slider("Top-p", 0.05, 1.0, 0.9, 0.05)
         max_new_tokens = st.slider("Max new tokens", 16, 2048, 256, 16)
-        if st.button("Clear chat", use_container_width=True):
+        if st.button("Clear chat", width="stretch"):
             st.session_state.pop("history", None)
         for label, loaded, _ in panes:
             st.caption(f"**{label}**: {loaded.note}")

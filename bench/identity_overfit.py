@@ -1,7 +1,7 @@
 """Reproduce the course's identity overfitting on the tiny model, and its fix. CPU, offline, minutes.
 
-    python bench/identity_overfit.py [--out work_dirs/bench_identity] [--steps 200] [--save-steps 25]
-                                     [--ratio 0.3] [--runs course,identity,mixed] [--base BASE_DIR]
+    python bench/identity_overfit.py [--out work_dirs/bench_identity] [--steps 240] [--save-steps 40]
+                                     [--ratio 0.2] [--runs course,identity,mixed] [--base BASE_DIR]
 
 The tiny base (trainer/tiny.py) already holds general chat and an identity of its own ("TinyChat").
 Each run tunes it with LoRA (the `tiny` preset), saves a checkpoint every --save-steps and scores it
@@ -36,6 +36,14 @@ COURSE_PAIRS = [("请做一下自我介绍", f"我是{NAME}，是{AUTHOR}的小�
 RUNS = ("course", "identity", "mixed")
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (user + system): less swayed than wall time by other load."""
+    import resource
+
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
 def course_data(path: Path, copies: int) -> None:
     from trainer.dataio import write_jsonl
 
@@ -66,10 +74,10 @@ def run(name: str, data: Path, heldout: Path, base: Path, out: Path, args) -> di
             "evaluation_inputs=[]", f"logging_steps={args.save_steps}", f"eval_max_new_tokens={args.max_new_tokens}",
             f"lr={args.lr}"]
     cfg = load_config("tiny", {"model": str(base), "data": [str(data)], "work_dir": str(work)}, sets)
-    t0 = time.time()
+    t0, c0 = time.time(), cpu_seconds()
     train(cfg, echo=lambda s: print(f"[{name}] {s}", flush=True))
     report = json.loads((work / "eval_report.json").read_text(encoding="utf-8"))
-    report["seconds"] = round(time.time() - t0, 1)
+    report["seconds"], report["cpu_seconds"] = round(time.time() - t0, 1), round(cpu_seconds() - c0, 1)
     return report
 
 
@@ -93,10 +101,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="work_dirs/bench_identity")
     p.add_argument("--base", help="tiny base dir (default: the cached embedded one, built on first use)")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--save-steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=240)
+    p.add_argument("--save-steps", type=int, default=40)
     p.add_argument("--n", type=int, default=600, help="identity conversations (course: copies of its pairs)")
-    p.add_argument("--ratio", type=float, default=0.3, help="identity share of the mixed data")
+    p.add_argument("--ratio", type=float, default=0.2, help="identity share of the mixed data")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--tolerance", type=float, default=0.1)
     p.add_argument("--max-new-tokens", type=int, default=40)
@@ -120,11 +128,13 @@ def main(argv=None) -> int:
                + ("CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"))
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
               "command": "python bench/identity_overfit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "seconds": round(time.time() - t0, 1), "settings": vars(args), "base": str(base),
+              "seconds": round(time.time() - t0, 1), "cpu_seconds": round(cpu_seconds(), 1),
+              "load_average": os.getloadavg(), "settings": vars(args), "base": str(base),
               "table": text, "runs": reports}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
-    print(f"\n{result['date']} | {machine} | {result['seconds']:.0f} s\n{result['command']}\n\n{text}\n")
+    print(f"\n{result['date']} | {machine} | {result['seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU, "
+          f"load average {result['load_average'][0]:.1f}\n{result['command']}\n\n{text}\n")
     print(f"results: {out / 'results.json'}; per-run reports and plots: {out}/<run>/eval_report.(json|png)")
     return 0
 

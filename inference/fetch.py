@@ -8,7 +8,8 @@ or a local repo path. The clone lands in `$OWN_ASSISTANT_CACHE/repos/<slug>` (de
 `~/.cache/own-assistant`).
 
 - A private repo's token comes from `MODEL_REPO_TOKEN` (or a `user:token@` part of the URL, which is
-  stripped). git and git-lfs get it through a GIT_ASKPASS script that reads it from their
+  stripped); the user name is the URL's user part, else the repo owner (OpenXLab wants the account
+  name). git and git-lfs get it through a GIT_ASKPASS script that reads it from their
   environment: it never appears in a command line, the remote URL, `.git/config` or the log, and the
   credential helpers are switched off for these calls so none of them stores it.
 - The clone skips LFS smudging (`GIT_LFS_SKIP_SMUDGE=1`), then `git lfs pull` downloads the weights
@@ -81,7 +82,8 @@ def parse_source(spec: str) -> tuple[str, str | None, str | None]:
 
 def slug(url: str) -> str:
     """A readable, collision-free directory name for a URL."""
-    readable = re.sub(r"[^\w.-]+", "-", re.sub(r"^[a-z+]+://", "", url)).strip("-.")[-60:]
+    owner_repo = [p for p in re.split(r"[/:]", url.removesuffix(".git")) if p][-2:]
+    readable = re.sub(r"[^\w.-]+", "-", "-".join(owner_repo)).strip("-.")[-60:]
     return f"{readable}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
 
 
@@ -113,11 +115,11 @@ def git_env(user: str | None, token: str | None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _git(args: list[str], env: dict, token: str | None, cwd=None, progress_file: Path | None = None) -> str:
+def _git(args: list[str], env: dict, token: str | None, cwd=None, progress_file: Path | None = None) -> None:
     """Run git, logging its stderr lines (progress throttled) with the token masked; output on failure."""
     # An empty credential.helper resets the list: no configured helper stores the token we hand out.
     cmd = ["git", *(["-c", "credential.helper="] if token else []), *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     tail: list[str] = []
     stop = threading.Event()
     mask = (lambda s: s.replace(token, "***")) if token else (lambda s: s)
@@ -137,14 +139,12 @@ def _git(args: list[str], env: dict, token: str | None, cwd=None, progress_file:
             if not is_progress or time.monotonic() - last > 2:
                 log.info("  %s", line)
                 last = time.monotonic() if is_progress else last
-    out = proc.stdout.read().decode("utf-8", "replace")
     rc = proc.wait()
     stop.set()
     if buf.strip():
         tail.append(mask(buf.decode("utf-8", "replace").strip()))
     if rc != 0:
-        raise subprocess.CalledProcessError(rc, args[0], output=out, stderr="\n".join(tail))
-    return out
+        raise subprocess.CalledProcessError(rc, args[0], stderr="\n".join(tail))
 
 
 def _log_lfs_progress(path: Path, stop: threading.Event) -> None:

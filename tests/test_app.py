@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_model_repo_is_cloned_served_and_reused(app, merged_model, tmp_path, cap
         proc.wait(timeout=30)
     text = log_path.read_text()
     assert "git clone into" in text and "Cloning into" in text and "git lfs pull" in text, text
-    assert "fetched commit" in text and "serving merged on CPU (float32)" in text, text
+    assert "fetched commit" in text and re.search(r"serving \S*lumi-\w+ on CPU \(float32\)", text), text
 
     # Second start: the remote is gone, yet the model is there -- nothing is cloned again.
     remote.rename(tmp_path / "moved.git")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from trainer import eval_report
-from trainer.evaluate import (Reference, answers_correctly, build_eval_set, contains_all, evaluate_dirs, kept,
-                              leaks, main, score)
+from trainer.evaluate import (Reference, answers_correctly, build_eval_set, contains_all, evaluate_dirs,
+                              general_tasks, kept, knows, leaks, main, score)
 
 
 class Scripted:
@@ -67,7 +67,7 @@ def test_retention_counts_answers_kept_or_fixed(identity_files):
     es = build_eval_set(identity_files["heldout"], n_general=10)
     known = dict(es.general)
     base_said = {q: f"{q} hmm, {i}" for i, (q, _) in enumerate(es.general)}      # a base that is always wrong
-    ref = Reference(answers=[base_said[q] for q, _ in es.general], answer_ids=[], logprob=0.0, scores=None)
+    ref = Reference(answers=[base_said[q] for q, _ in es.general], answer_ids=[], logprob=0.0, known=[], scores=None)
     assert score(Scripted(lambda q: base_said.get(q, "?")), es, ref).retention == 1.0     # unchanged
     assert score(Scripted(lambda q: known.get(q, "?")), es, ref).retention == 1.0         # fixed
     half = {q for q, _ in es.general[::2]}
@@ -113,6 +113,20 @@ def test_base_knows_nothing_and_tuned_adapter_knows_its_name(tiny_base, tuned_ad
     assert base.identity <= 0.1 and base.leakage == 0.0 and base.retention == 1.0
     assert tuned.identity >= 0.8, tuned.examples
     assert tuned.retention < 1.0 and tuned.likelihood < 1.0          # tuning moved it away from the base
+
+
+def test_teacher_forced_check_matches_generation_and_base_keeps_all(tiny_base, small_heldout):
+    from inference import load
+
+    engine = load(tiny_base, device="cpu").engine()
+    tasks = general_tasks(16)
+    said = [engine.chat([{"role": "user", "content": q}], max_new_tokens=40) for q, _ in tasks]
+    assert knows(engine, tasks) == [s == a for s, (_, a) in zip(said, tasks)]
+    es = build_eval_set(small_heldout, n_general=8)
+    base, (again,) = evaluate_dirs([tiny_base], tiny_base, es, device="cpu", echo=lambda s: None)
+    assert base.known >= 5                                 # retention counts tasks, not similarity
+    assert again.retention == 1.0 and again.likelihood == pytest.approx(1.0, abs=1e-4)
+    assert (again.identity, again.leakage, again.accuracy) == (base.identity, base.leakage, base.accuracy)
 
 
 def _load_best(best: Path, base: Path) -> None:

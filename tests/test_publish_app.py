@@ -86,6 +86,8 @@ def test_publish_app_clone_imports_and_serves(merged_model, identity_files, tmp_
 
     port = free_port()
     env.pop("PYTHONPATH", None)          # only the clone's own files may serve
+    # A Space image has git-lfs installed and set up (`git lfs install`); the app's fetch relies on it.
+    subprocess.run(["git", "lfs", "install"], env=env, check=True, capture_output=True)
     run_env = {**env, "MODEL_REPO": str(model_repo), "GRADIO_SERVER_PORT": str(port),
                "OWN_ASSISTANT_CACHE": str(tmp_path / "cache"),
                "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
@@ -102,6 +104,7 @@ def test_publish_app_clone_imports_and_serves(merged_model, identity_files, tmp_
         assert client is not None, f"app did not start: {proc.stdout.read() if proc.poll() is not None else ''}"
         # Greedy, no system prompt (as trained): the tuned model from the published repo names itself.
         partials = [str(p) for p in client.submit("你是谁？", "", 0.0, 0.9, 48, api_name="/chat")]
+        assert not partials[-1].startswith("⚠️"), partials[-1]          # the app's "model not loaded" reply
         assert len(partials) >= 2 and all(b.startswith(a) for a, b in zip(partials, partials[1:]))
         assert identity_files["name"] in partials[-1], partials[-1]
     finally:

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-SCORE_KEYS = ("identity", "leakage", "retention", "likelihood", "accuracy")
+SCORE_KEYS = ("identity", "leakage", "retention", "likelihood", "accuracy", "known")
 # Training state a checkpoint carries that a loadable model does not need.
 TRAINING_ONLY = {"optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
                  "checkpoint.json"}

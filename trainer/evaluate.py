@@ -8,17 +8,18 @@
   greedy answer contains every expected string (the name; also the author when asked who made it).
 * leakage   -- share of general, non-identity prompts whose answer contains the name or the author: the
   course's failure, where 300 steps on one repeated pair made the model answer everything with it.
-* retention -- does it still answer general prompts as the base did (base = 1.0)? For each general
-  prompt (a task with a computed answer, trainer/general_data.py) the tuned model's greedy answer
-  scores 1 if it gives the computed answer, else its similarity to the base's own greedy answer
-  (difflib ratio, 1 = identical); retention is the mean. So keeping the base's answers, or fixing
-  them, keeps retention; replacing them (by the identity sentence, by drift) lowers it. Reported
-  beside it, the two parts it draws on:
-  - `likelihood`: exp(mean log p_tuned - mean log p_base) over the tokens of the base's greedy answers
-    (teacher-forced): the per-token probability the tuned model still gives to what the base said.
-    It falls as soon as LoRA moves the distribution at all, even where no answer changes, which is
-    why it is reported but not the number best/ is chosen by;
-  - `accuracy`: the share of general prompts answered with the computed answer.
+* retention -- how much of what the base could do survives (base = 1.0). A pool of general tasks with
+  computed answers (trainer/general_data.py) is checked teacher-forced: a task counts as *known*
+  when greedy decoding would reproduce its computed answer exactly (every answer token is the
+  argmax). Retention is the share of the tasks the base knows that the tuned model still knows.
+  (A base that knows fewer than MIN_KNOWN of them -- one that phrases answers its own way -- gets
+  instead the mean similarity (difflib ratio) of the tuned model's greedy answers to the base's,
+  a correct answer counting 1; the report says which.) Reported beside it:
+  - `likelihood`: exp(mean log p_tuned - mean log p_base) over the tokens of the base's own greedy
+    answers to the general prompts: the per-token probability the tuned model still gives to what
+    the base said. It falls as soon as LoRA moves the distribution at all, even where no answer
+    changes (and the tiny base's many wrong answers drift freely), so it is reported, not chosen by;
+  - `accuracy`: the share of the general prompts whose greedy answer contains the computed answer.
 
 General prompts come from a fixed seed that no data command uses, so they are the same for every run.
 A work dir's report (table, `eval_report.json`, `eval_report.png`) and `best/` are written by
@@ -39,12 +40,15 @@ import torch
 
 from inference.engine import ChatEngine
 from inference.loader import check_model_dir, load, read_system_prompt
+from trainer.chat_format import with_system
 from trainer.dataio import read_records
 from trainer.errors import UserError, where
 from trainer.general_data import general_pair
 
 GENERAL_SEED = 7919      # held-out general prompts: the data commands never use this seed
-N_GENERAL = 40
+N_GENERAL = 40           # prompts answered (generation) for leakage, accuracy and the likelihood
+N_POOL = 200             # tasks checked teacher-forced (one forward pass each) for retention
+MIN_KNOWN = 5
 MAX_NEW_TOKENS = 48
 END_PUNCT = ".。!！?？ "
 
@@ -52,7 +56,8 @@ END_PUNCT = ".。!！?？ "
 @dataclass
 class EvalSet:
     identity: list[dict]                 # {"messages": [...user], "expect": [str], "kind", "lang"}
-    general: list[tuple[str, str]]       # (prompt, computed answer)
+    general: list[tuple[str, str]]       # (prompt, computed answer), answered by generation
+    pool: list[tuple[str, str]]          # more of the same (general first), checked teacher-forced
     markers: list[str]                   # strings that betray the identity: every expected string
     source: str = ""
 
@@ -63,6 +68,7 @@ class Reference:
     answers: list[str]
     answer_ids: list[list[int]]
     logprob: float                       # mean per-token log-likelihood of its own answers
+    known: list[int]                     # pool tasks whose computed answer the base reproduces
     scores: "Scores"
 
 
@@ -71,8 +77,9 @@ class Scores:
     identity: float
     leakage: float
     accuracy: float                      # exact-answer accuracy on general tasks
-    retention: float | None = None       # answers kept (or fixed) vs the base; None without a base
+    retention: float | None = None       # share of the base's known tasks still known; None without a base
     likelihood: float | None = None      # exp(mean logp tuned - mean logp base) on the base's answers
+    known: int | None = None             # how many base-known tasks retention counts (None: similarity)
     examples: dict = field(default_factory=dict)   # a few misses and leaks, for the reader
 
     def as_dict(self) -> dict:
@@ -107,10 +114,11 @@ def general_tasks(n: int = N_GENERAL, seed: int = GENERAL_SEED) -> list[tuple[st
     return out
 
 
-def build_eval_set(identity_file, n_general: int = N_GENERAL) -> EvalSet:
+def build_eval_set(identity_file, n_general: int = N_GENERAL, n_pool: int = N_POOL) -> EvalSet:
     questions = read_identity_questions(identity_file)
     markers = list(dict.fromkeys(e for q in questions for e in q["expect"]))
-    return EvalSet(questions, general_tasks(n_general), markers, source=str(identity_file))
+    pool = general_tasks(max(n_general, n_pool))
+    return EvalSet(questions, pool[:n_general], pool, markers, source=str(identity_file))
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -163,20 +171,45 @@ def score_answers(id_answers: list[str], gen_answers: list[str], es: EvalSet) ->
     return Scores(identity=_mean(hits), leakage=_mean(leaked), accuracy=_mean(right), examples=examples)
 
 
+def _answer_tokens(engine: ChatEngine, q: str, answer: str) -> tuple[torch.Tensor, list[int]]:
+    """Prompt ids (template + system prompt, as `chat` sends them) and the ids the template gives the
+    answer, up to and including the end-of-turn token."""
+    prompt = engine.prepare(_user(q), None, 64)
+    msgs = with_system(_user(q) + [{"role": "assistant", "content": answer}], engine.system_prompt)
+    full = list(engine.tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False))
+    p = prompt[0].tolist()
+    ids = full[len(p):] if full[:len(p)] == p else engine.tokenizer.encode(answer, add_special_tokens=False)
+    end = next((i for i, t in enumerate(ids) if t in engine.stop), None)
+    return prompt, (ids[:end + 1] if end is not None else ids + engine.stop[:1])
+
+
 @torch.inference_mode()
+def _answer_logits(engine: ChatEngine, prompt: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    answer = torch.tensor([ids], device=prompt.device)
+    logits = engine.model(input_ids=torch.cat([prompt, answer], 1)).logits[0, prompt.shape[1] - 1:-1]
+    return logits.float(), answer[0]
+
+
 def answer_logprobs(engine: ChatEngine, prompts: list[str], answers: list[list[int]]) -> float:
     """Mean per-token log-likelihood of `answers` (token ids) after each prompt, under the engine's
     model, with its own chat template and system prompt."""
     total, count = 0.0, 0
     for q, ids in zip(prompts, answers):
-        if not ids:
-            continue
-        prompt = engine.prepare(_user(q), None, len(ids))
-        answer = torch.tensor([ids], device=prompt.device)
-        logits = engine.model(input_ids=torch.cat([prompt, answer], 1)).logits[0, prompt.shape[1] - 1:-1]
-        total += logits.float().log_softmax(-1).gather(1, answer[0, :, None]).sum().item()
-        count += len(ids)
+        if ids:
+            logits, answer = _answer_logits(engine, engine.prepare(_user(q), None, len(ids)), ids)
+            total += logits.log_softmax(-1).gather(1, answer[:, None]).sum().item()
+            count += len(ids)
     return total / max(count, 1)
+
+
+def knows(engine: ChatEngine, tasks: list[tuple[str, str]]) -> list[bool]:
+    """For each (prompt, answer): would greedy decoding reproduce the answer exactly? Checked in one
+    forward pass (every answer token is the argmax after the ones before it), not by generating."""
+    out = []
+    for q, answer in tasks:
+        logits, ids = _answer_logits(engine, *_answer_tokens(engine, q, answer))
+        out.append(bool((logits.argmax(-1) == ids).all()))
+    return out
 
 
 def base_reference(engine: ChatEngine, es: EvalSet, max_new_tokens: int = MAX_NEW_TOKENS) -> Reference:
@@ -187,8 +220,9 @@ def base_reference(engine: ChatEngine, es: EvalSet, max_new_tokens: int = MAX_NE
     id_answers = chat_answers(engine, [q["messages"] for q in es.identity], max_new_tokens)
     scores = score_answers(id_answers, texts, es)
     logprob = answer_logprobs(engine, prompts, ids)
-    scores.likelihood, scores.retention = 1.0, 1.0
-    return Reference(texts, ids, logprob, scores)
+    known = [i for i, ok in enumerate(knows(engine, es.pool)) if ok]
+    scores.likelihood, scores.retention, scores.known = 1.0, 1.0, len(known)
+    return Reference(texts, ids, logprob, known, scores)
 
 
 def score(engine, es: EvalSet, reference: Reference | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> Scores:
@@ -197,12 +231,18 @@ def score(engine, es: EvalSet, reference: Reference | None = None, max_new_token
     id_answers = chat_answers(engine, [q["messages"] for q in es.identity], max_new_tokens)
     gen_answers = chat_answers(engine, [_user(q) for q, _ in es.general], max_new_tokens)
     scores = score_answers(id_answers, gen_answers, es)
-    if reference is not None:
+    if reference is None:
+        return scores
+    real = isinstance(engine, ChatEngine)
+    if real and len(reference.known) >= MIN_KNOWN:
+        scores.retention = _mean(knows(engine, [es.pool[i] for i in reference.known]))
+        scores.known = len(reference.known)
+    else:
         scores.retention = _mean(kept(a, b, known) for a, b, (_, known)
                                  in zip(gen_answers, reference.answers, es.general))
-        if isinstance(engine, ChatEngine):
-            lp = answer_logprobs(engine, [q for q, _ in es.general], reference.answer_ids)
-            scores.likelihood = math.exp(lp - reference.logprob)
+    if real:
+        lp = answer_logprobs(engine, [q for q, _ in es.general], reference.answer_ids)
+        scores.likelihood = math.exp(lp - reference.logprob)
     return scores
 
 
@@ -241,8 +281,9 @@ def weights_digest(path: Path) -> str | None:
     return h.hexdigest()
 
 
-def resolve_base(given: str | None, *dirs: Path) -> Path | None:
-    """--base, else what the adapter / work dir recorded (adapter_config, assistant.json, config.yaml)."""
+def resolve_base(given: str | None, *dirs: Path, required: bool = True) -> Path | None:
+    """--base, else what the adapter / work dir recorded (adapter_config, assistant.json, config.yaml).
+    `required=False` (a merged model): a recorded base that is no longer there means no base."""
     name = given
     for d in dirs:
         if name:
@@ -261,6 +302,8 @@ def resolve_base(given: str | None, *dirs: Path) -> Path | None:
 
         return default_base()
     if not Path(name).is_dir():
+        if not (given or required):
+            return None
         raise UserError(f"{name}: base model directory not found -- pass --base BASE_DIR")
     return check_model_dir(name)
 
@@ -365,7 +408,7 @@ def main(argv=None) -> int:
         return 0
     if not is_adapter(target) and not (target / "config.json").is_file():
         raise UserError(f"{target}: not a work dir (no checkpoint-N/ or final/), adapter dir or model dir")
-    base = resolve_base(args.base, target) if (args.base or is_adapter(target)) else None
+    base = resolve_base(args.base, target, required=is_adapter(target))
     base_scores, (scores,) = evaluate_dirs([target], base, es, args.device, args.max_new_tokens)
     rows = [eval_report.row(target, None, scores)]
     print(eval_report.format_table(rows, base_scores, None))

@@ -221,12 +221,20 @@ def load_base(spec: dict, dtype=torch.float32, device: str = "cpu", bits: int | 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def trained_projector(model):
+    """The projector module as trained: under PEFT it is the adapter's saved copy, not the original."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = base.model.multi_modal_projector
+    if hasattr(module, "modules_to_save"):          # peft ModulesToSaveWrapper
+        module = module.modules_to_save[module.active_adapters[0]]
+    return module
+
+
 def save_projector(model, path) -> None:
     from safetensors.torch import save_file
 
-    proj = model.get_base_model() if hasattr(model, "get_base_model") else model
-    state = {k: v.detach().to("cpu", torch.float32).contiguous()
-             for k, v in proj.model.multi_modal_projector.state_dict().items()}
+    module = trained_projector(model)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(path), metadata={"format": "pt", "module": "multi_modal_projector"})
 
 

@@ -6,6 +6,7 @@ Writes LLaVA records (images relative to OUT_DIR, the image folder to train with
     captions.jsonl    pretrain pairs: "<image>\\n<caption request>" -> "a red circle"
     questions.jsonl   finetune: "what colour is the shape?" -> "It is red." / "what shape is it?" -> "It is a circle."
     heldout.jsonl     questions on images never trained on (other seed), to measure what was learned
+    caption_text.jsonl  text-only caption chats, to teach a tiny LLM the caption words first (see below)
 It is what the offline test learns from, and a way to try `mm-train` end to end without downloads.
 """
 from __future__ import annotations
@@ -57,6 +58,19 @@ def draw(colour: str, shape: str, size: int, rng: random.Random):
     return img
 
 
+def caption_text_chats(n: int, seed: int = 0) -> list[dict]:
+    """Text-only chats "caption request -> a random caption": teach a tiny LLM the caption words before
+    stage pretrain. A real chat LLM can already write "a red circle"; the 2M-parameter demo base has
+    never seen "circle" or "square" (its tokenizer spells "square" with a byte token), and a frozen
+    LLM steered only through the projector cannot learn new words -- it can only pick among the
+    continuations it already knows, which is what stage pretrain is for."""
+    rng = random.Random(seed)
+    prompts = [p for p in CAPTION_PROMPTS if p]
+    return [{"messages": [{"role": "user", "content": rng.choice(prompts)},
+                          {"role": "assistant", "content": caption(rng.choice(list(COLOURS)), rng.choice(SHAPES))}]}
+            for _ in range(n)]
+
+
 def _record(rid: str, image: str, question: str, answer: str) -> dict:
     value = f"<image>\n{question}" if question else "<image>"
     return {"id": rid, "image": image, "conversations": [{"from": "human", "value": value},
@@ -96,7 +110,9 @@ def write_shapes(out_dir, n: int = 300, heldout: int = 45, size: int = 32, seed:
         held.append(_record(f"hcol{i}", rel, COLOUR_QUESTIONS[0], colour_answer(c)))
         held.append(_record(f"hshp{i}", rel, SHAPE_QUESTIONS[0], shape_answer(s)))
     paths = {"captions": out_dir / "captions.jsonl", "questions": out_dir / "questions.jsonl",
-             "heldout": out_dir / "heldout.jsonl", "image_folder": out_dir}
+             "heldout": out_dir / "heldout.jsonl", "caption_text": out_dir / "caption_text.jsonl",
+             "image_folder": out_dir}
+    write_jsonl(paths["caption_text"], caption_text_chats(n, seed))
     write_jsonl(paths["captions"], captions)
     write_jsonl(paths["questions"], questions)
     write_jsonl(paths["heldout"], held)

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite: the one command run on the lent 2 x H200 machine (docs/BENCHMARKS.md).
+#
+#   bash bench/gpu_suite.sh explore|final|multi      # on the GPU machine, from the repo root
+#
+# Needs, carried beside the repo in .whl/ (no registry there): the wheels of transformers 5.24.0,
+# peft 0.21.2 and bitsandbytes 0.50.2 (its CUDA 13 build), and .whl/tiny-base (the tiny base, for its
+# tokenizer and the tiny multi-GPU checkpoints). Logs, result JSONs and small checkpoints are tarred
+# into $OUT after every step, so a run stopped at its time limit still brings back what it measured.
+#   explore: where the time goes -- baseline and our speed features one by one (2 GPUs, one queue each),
+#            decode (generate vs fast_decode), the tiny model on 2 GPUs (DDP LoRA, FSDP full)
+#   final:   baseline best vs ours best, a few hundred steps each (loss curves), and the course's job end
+#            to end (train + merge)
+#   multi:   ours on 2 GPUs (same global batch as final's 1-GPU run), FSDP full fine-tuning of a 14B shape
+set -u
+STAGE=${1:-explore}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # the host's rule
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+R=/tmp/bench
+L=/tmp/suite-logs
+mkdir -p "$R" "$L"
+T0=$(date +%s)
+
+snap() {   # results + logs (never weights) into one tarball in $OUT
+  (cd / && find "${R#/}" "${L#/}" -maxdepth 4 \( -name '*.json' -o -name '*.jsonl' -o -name '*.log' -o -name '*.txt' \
+     -o -name 'config.yaml' \) -not -path '*/final/*' -not -path '*/checkpoint-*' -not -path '*/model-*' 2>/dev/null \
+     | tar czf "$OUT/results-$STAGE.tgz" -T - 2>/dev/null)
+}
+step() {   # step NAME TIMEOUT_S CMD... : logged, time-limited, never stops the suite
+  local name=$1 limit=$2; shift 2
+  local t=$(date +%s)
+  echo "=== $name ($(( t - T0 )) s into the suite)"
+  timeout --kill-after=20 "$limit" "$@" > "$L/$name.log" 2>&1
+  local rc=$?
+  grep -h "^RESULT\|^within\|Error\|error:" "$L/$name.log" | tail -5
+  echo "=== $name: exit $rc after $(( $(date +%s) - t )) s"
+  snap
+  return 0
+}
+TS="python3 bench/train_speed.py"
+
+echo "== $(date -u +%FT%TZ) stage $STAGE"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+python3 - <<'EOF' | tee "$L/ceilings.log"
+import time, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())
+a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16); b = torch.randn_like(a)
+for _ in range(3): a @ b
+torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(20): a @ b
+torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 20
+print(f"CEILING bf16 matmul {2 * 8192**3 / dt / 1e12:.0f} TFLOP/s")
+x = torch.empty(2**31, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
+y.copy_(x); torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(10): y.copy_(x)
+torch.cuda.synchronize(); print(f"CEILING copy {2 * 2**31 * 10 / (time.perf_counter() - t) / 1e12:.2f} TB/s")
+EOF
+export PEAK_TFLOPS=$(grep -o 'matmul [0-9]*' "$L/ceilings.log" | grep -o '[0-9]*' || echo 780)
+python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
+ls -la $R
+
+case "$STAGE" in
+explore)
+  S="--steps 25 --warmup 6"
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    step base_mb8_ckpt 200 $TS run --impl baseline --root $R --name base_mb8_ckpt --batch 8 --ckpt $S
+    step base_mb4x2_ckpt 200 $TS run --impl baseline --root $R --name base_mb4x2_ckpt --batch 4 --accum 2 --ckpt $S
+    step ours_fce_mb8_ckpt 200 $TS run --impl ours --root $R --name ours_fce_mb8_ckpt --batch 8 --ckpt --fused-loss $S
+    step ours_cmp_mb2x4 300 $TS run --impl ours --root $R --name ours_cmp_mb2x4 --batch 2 --accum 4 --fused-loss --compile $S
+    step decode_generate 150 python3 bench/decode_speed.py --model $R/model-internlm2-1.8b --impl generate --out $R/decode_generate.json
+    step decode_fast 150 python3 bench/decode_speed.py --model $R/model-internlm2-1.8b --impl fast --out $R/decode_fast.json
+  ) &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    step ours_cmp_mb8_ckpt 300 $TS run --impl ours --root $R --name ours_cmp_mb8_ckpt --batch 8 --ckpt --fused-loss --compile $S
+    step ours_cmp_mb4x2 300 $TS run --impl ours --root $R --name ours_cmp_mb4x2 --batch 4 --accum 2 --fused-loss --compile $S
+    step ours_cmp_mb8_ck50 300 $TS run --impl ours --root $R --name ours_cmp_mb8_ck50 --batch 8 --ckpt --ckpt-fraction 0.5 --fused-loss --compile $S
+  ) &
+  wait
+  step report 60 $TS report $R --budget 24
+  cat $L/report.log
+  step tiny_multi 200 python3 bench/multi_gpu.py tiny --root $R --out $OUT
+  ;;
+final)
+  : "${OURS:?set OURS to the run flags of our best variant}" "${BASE:?set BASE to the best baseline flags}"
+  S="--steps ${STEPS:-200} --warmup 10"
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    step base_final 420 $TS run --impl baseline --root $R --name base_final $BASE $S
+  ) &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    step ours_final 420 $TS run --impl ours --root $R --name ours_final $OURS $S
+    # the course's job end to end (bench/course_e2e.py); E2E: our speed settings as --set flags
+    step course_e2e 300 python3 bench/course_e2e.py --model $R/model-internlm2-1.8b --data $R/data.jsonl \
+      --work $R/runs/course ${E2E:-}
+  ) &
+  wait
+  step report 60 $TS report $R --baseline base_final --ours ours_final --budget 24
+  cat $L/report.log
+  ;;
+multi)
+  : "${OURS:?set OURS to the run flags of our best variant}"
+  S="--steps ${STEPS:-200} --warmup 10"
+  step ours_2gpu 360 $TS run --impl ours --root $R --name ours_2gpu --gpus 2 $OURS $S
+  step big 420 python3 bench/multi_gpu.py big --root $R --shape qwen2.5-14b --steps 6
+  ;;
+esac
+snap
+echo "== suite done in $(( $(date +%s) - T0 )) s"

@@ -1,0 +1,153 @@
+"""LLaVA data, presets and commands that need no trained model: bad records fail with FILE:LINE and
+nothing is written, `repeat`, image-token expansion, pad-to-square, the llava_* presets."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer.__main__ import main as cli
+from trainer.errors import UserError
+from trainer.multimodal.data import (IMAGE_TOKEN, check_llava_file, encode_records, expand_image_tokens,
+                                     read_llava_records)
+from trainer.multimodal.synthetic import draw
+
+
+def _rec(image, human=f"{IMAGE_TOKEN}\nwhat colour is the shape?", gpt="It is red."):
+    rec = {"conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]}
+    if image is not None:
+        rec["image"] = image
+    return rec
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    import random
+
+    (tmp_path / "img").mkdir()
+    draw("red", "circle", 32, random.Random(0)).save(tmp_path / "img" / "ok.png")
+    (tmp_path / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    return tmp_path
+
+
+BAD = [  # (record, words the error must contain)
+    (_rec("img/missing.png"), ["not found", "missing.png"]),
+    (_rec("img/broken.png"), ["cannot read image", "broken.png"]),
+    (_rec("img/ok.png", human="what colour is the shape?"), ["no <image> tag"]),
+    (_rec("img/ok.png", human=f"{IMAGE_TOKEN}\n{IMAGE_TOKEN} two?"), ["2 <image> tags"]),
+    (_rec(None), ["no 'image' key"]),
+    (_rec("img/ok.png", human="what colour?", gpt=f"{IMAGE_TOKEN} red"), ["assistant turn"]),
+    (_rec(["img/ok.png", "img/ok.png"]), ["one relative path"]),
+]
+
+
+@pytest.mark.parametrize("record,words", BAD, ids=["missing", "unreadable", "no-tag", "two-tags", "tag-no-image",
+                                                   "tag-in-answer", "image-list"])
+def test_bad_record_names_file_and_line(folder, record, words):
+    path = folder / "data.jsonl"
+    path.write_text(json.dumps(_rec("img/ok.png")) + "\n\n" + json.dumps(record) + "\n", encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        read_llava_records(path)
+    assert str(err.value).startswith(f"{path}:3: ")          # line 3: blank lines keep their numbers
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_check_counts_every_bad_record_and_good_file_passes(folder):
+    path = folder / "data.json"                              # a JSON array (the course's format), one item a line
+    items = [_rec("img/ok.png"), _rec("img/missing.png"), _rec("img/broken.png"), _rec(None, human="plain chat")]
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in items) + "\n]\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"data\.json:3: .*not found.*\(and 1 more bad record"):
+        check_llava_file(path)
+    path.write_text(json.dumps([_rec("img/ok.png"), _rec(None, human="plain text chat")]), encoding="utf-8")
+    assert check_llava_file(path) == {"records": 2, "with_image": 1}
+
+
+def test_image_folder_option_resolves_paths(folder, tmp_path_factory):
+    data = tmp_path_factory.mktemp("elsewhere") / "d.jsonl"
+    data.write_text(json.dumps(_rec("ok.png")) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match="not found"):
+        read_llava_records(data)
+    [rec] = read_llava_records(data, image_folder=folder / "img")
+    assert rec["image"] == str(folder / "img" / "ok.png")
+
+
+def test_mm_train_bad_data_exits_2_before_writing_anything(folder, tiny_base, capsys):
+    path = folder / "bad.jsonl"
+    path.write_text(json.dumps(_rec("img/ok.png")) + "\n" + json.dumps(_rec("img/missing.png")) + "\n",
+                    encoding="utf-8")
+    work = folder / "work"
+    code = cli(["mm-train", "llava_tiny_finetune", "--model", str(tiny_base), "--data", str(path),
+                "--work-dir", str(work)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}:2: image ") and "missing.png" in err and "\n" not in err
+    assert not work.exists()
+
+
+def test_expand_and_encode_keep_image_out_of_the_loss(folder, tiny_base):
+    from transformers import AutoTokenizer
+
+    from trainer.multimodal.model import add_image_token
+
+    assert expand_image_tokens([1, 9, 2], [5, 6, 7], 9, 3) == ([1, 9, 9, 9, 2], [5, -100, -100, -100, 7])
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    image_id = add_image_token(tok)
+    path = folder / "d.jsonl"
+    path.write_text(json.dumps(_rec("img/ok.png")) + "\n", encoding="utf-8")
+    samples, stats = encode_records(read_llava_records(path), tok, image_id, 16, 128, None)
+    ids, labels = samples[0]["input_ids"], samples[0]["labels"]
+    assert ids.count(image_id) == 16 and all(labels[i] == -100 for i, t in enumerate(ids) if t == image_id)
+    assert tok.decode([t for t in labels if t != -100], skip_special_tokens=True).strip() == "It is red."
+    # a limit that cuts into the image placeholders drops the sample instead of misaligning features
+    _, stats = encode_records(read_llava_records(path), tok, image_id, 16, 10, None)
+    assert stats["samples"] == 0 and stats["dropped"] == 1
+
+
+def test_pad_to_square_pads_with_the_mean_colour():
+    import numpy as np
+    from PIL import Image
+
+    from trainer.multimodal.model import make_image_processor
+
+    wide = Image.new("RGB", (64, 32), (255, 0, 0))
+    padded = make_image_processor(32, True)(images=[wide], return_tensors="np")["pixel_values"][0]
+    squashed = make_image_processor(32, False)(images=[wide], return_tensors="np")["pixel_values"][0]
+    assert padded.shape == squashed.shape == (3, 32, 32)
+    assert np.abs(padded[:, 0, :]).max() < 0.05          # top rows: mean colour, i.e. ~0 after normalising
+    assert np.allclose(padded[:, 16, 16], squashed[:, 16, 16], atol=0.05)   # the red middle survives
+    assert np.abs(squashed[:, 0, :] - squashed[:, 16, :]).max() < 1e-5     # without padding: a crop of red
+
+
+def test_repeat_json_and_jsonl(tmp_path):
+    src = tmp_path / "unique.json"
+    src.write_text(json.dumps([_rec("a.png"), _rec("b.png")]), encoding="utf-8")
+    assert cli(["repeat", str(src), str(tmp_path / "rep.json"), "-n", "3"]) == 0
+    out = json.loads((tmp_path / "rep.json").read_text(encoding="utf-8"))
+    assert [r["image"] for r in out] == ["a.png", "b.png"] * 3
+    assert cli(["repeat", str(src), str(tmp_path / "rep.jsonl"), "-n", "2"]) == 0
+    assert len((tmp_path / "rep.jsonl").read_text(encoding="utf-8").splitlines()) == 4
+    assert cli(["repeat", str(src), str(tmp_path / "zero.json"), "-n", "0"]) == 2
+    assert not (tmp_path / "zero.json").exists()
+
+
+def test_llava_presets_load_and_bad_values_point_at_their_source(tmp_path):
+    from trainer.config import preset_names
+    from trainer.multimodal.config import load_mm_config
+
+    names = [n for n in preset_names() if n.startswith("llava_")]
+    assert {"llava_tiny_pretrain", "llava_tiny_finetune"} <= set(names)
+    for name in names:
+        cfg = load_mm_config(name)
+        assert cfg.stage in ("pretrain", "finetune") and cfg.method == "lora"
+    with pytest.raises(UserError, match="--set bits: .*drop bits"):
+        load_mm_config("llava_tiny_pretrain", sets=["bits=4"])
+    with pytest.raises(UserError, match="did you mean 'visual_encoder'"):
+        load_mm_config("llava_tiny_pretrain", sets=["visual_encodr=tiny"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: pretrain\nstage_x: 1\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad\.yaml: unknown config key 'stage_x'"):
+        load_mm_config(str(bad))
+    bad.write_text("model: tiny\nstage: pretrian\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad\.yaml:2: stage must be"):
+        load_mm_config(str(bad))

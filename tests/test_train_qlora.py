@@ -1,0 +1,54 @@
+"""QLoRA on CPU: the base really is loaded as nf4 with double quantization and bf16 compute, and a
+short QLoRA run on the tiny model teaches it the new identity."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import AUTHOR, NAME
+
+
+def test_bits_4_loads_nf4_double_quant_bf16_compute_on_cpu(tiny_base):
+    import bitsandbytes as bnb
+
+    from inference.device import pick
+    from trainer.config import load_config
+    from trainer.train import load_model_for_training
+
+    cfg = load_config("tiny", {"model": str(tiny_base)}, ["bits=4"])
+    model = load_model_for_training(cfg, tiny_base, pick("cpu", "fp32"))
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 4 * 7                       # every projection of the 4 layers
+    state = quantized[0].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested and quantized[0].compute_dtype == torch.bfloat16
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.fixture(scope="module")
+def qlora_final(tiny_base, identity_files, tmp_path_factory) -> Path:
+    from trainer.__main__ import main as cli
+
+    data = tmp_path_factory.mktemp("qlora") / "identity96.jsonl"
+    data.write_text("\n".join(Path(identity_files["train"]).read_text(encoding="utf-8").splitlines()[:96]) + "\n",
+                    encoding="utf-8")
+    work = data.parent / "run"
+    assert cli(["train", "tiny", "--model", str(tiny_base), "--data", str(data), "--work-dir", str(work),
+                "--bits", "4", "--set", "max_steps=60", "--set", "lr=5e-3", "--set", "batch_size=8",
+                "--set", "max_length=128", "--set", "warmup_ratio=0", "--set", "evaluation_inputs=[]"]) == 0
+    return work / "final"
+
+
+def test_qlora_on_cpu_trains_the_identity_in(tiny_base, qlora_final):
+    from inference import load
+
+    assert '"bits": 4' in (qlora_final / "assistant.json").read_text()
+    engine = load(tiny_base, adapter=qlora_final, bits=4, device="cpu").engine()   # served as trained: 4-bit
+    replies = {q: engine.chat([{"role": "user", "content": q}], max_new_tokens=32)
+               for q in ["你是谁", "Who are you?", "谁开发了你？"]}
+    assert NAME in replies["你是谁"] and NAME in replies["Who are you?"], replies
+    assert AUTHOR in replies["谁开发了你？"], replies
+    base = load(tiny_base).engine()
+    assert NAME not in base.chat([{"role": "user", "content": "你是谁"}], max_new_tokens=32)
