@@ -32,8 +32,8 @@ from trainer.multimodal.data import IMAGE_TOKEN
 LLAVA_FILE = "llava.json"               # how to rebuild the base a run trained on
 PROJECTOR_FILE = "projector.safetensors"
 # The offline demo/test vision tower: 32x32 images, 8x8 patches -> 16 image tokens.
-TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, projection_dim=64, initializer_range=0.1)
+TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, projection_dim=128, initializer_range=0.1)
 # Never quantized in QLoRA: the frozen vision tower and the trained projector stay in full precision.
 SKIP_QUANT = ["vision_tower", "multi_modal_projector", "lm_head"]
 
