@@ -3,7 +3,7 @@
     python bench/app_latency.py --model MERGED_DIR [--runs 5] [--max-new-tokens 64] [--json out.json]
 
 Imports app.py with MODEL_PATH=MODEL (its module-level demo), launches it on a loopback port and
-asks questions through gradio_client, as a browser would: time to the first partial reply, then
+asks each question in a new session through gradio_client, as a browser would: time to the first partial reply, then
 tokens per second over the rest of the stream (tokens counted with the model's tokenizer). The same
 questions go straight to the engine too, so the app's own overhead (queue, HTTP, SSE) is visible.
 Prints a table and a JSON line. Greedy, CPU by default (`--device` is the loader's auto otherwise).
@@ -68,15 +68,18 @@ def main(argv=None) -> int:
         port = s.getsockname()[1]
     app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        ask = lambda q: client.submit(message=q, system_prompt="", api_name="/chat", **gen)  # noqa: E731
-        timed(ask(qs[0]), tok)                                  # warm-up: first request pays for setup
-        via_app = [timed(ask(q), tok) for q in qs]
+        # A client session is one conversation (gradio keeps its history), so each question gets a fresh one.
+        clients = [Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(len(qs) + 1)]
+        ask = lambda c, q: c.submit(message=q, system_prompt="", api_name="/chat", **gen)  # noqa: E731
+        direct_stream = lambda q: engine.stream_chat([{"role": "user", "content": q}], system_prompt="", **gen)  # noqa: E731
+        timed(ask(clients[-1], qs[0]), tok)                     # warm-up: the first request pays for setup
+        timed(direct_stream(qs[0]), tok)
+        via_app, direct = [], []
+        for c, q in zip(clients, qs):                           # interleaved: load drift hits both paths alike
+            via_app.append(timed(ask(c, q), tok))
+            direct.append(timed(direct_stream(q), tok))
     finally:
         app.demo.close()
-    msgs = lambda q: [{"role": "user", "content": q}]  # noqa: E731
-    timed(engine.stream_chat(msgs(qs[0]), system_prompt="", **gen), tok)
-    direct = [timed(engine.stream_chat(msgs(q), system_prompt="", **gen), tok) for q in qs]
 
     result = {"model": os.environ["MODEL_PATH"], "device": engine.model.device.type,
               "dtype": str(engine.model.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),

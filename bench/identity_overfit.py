@@ -82,17 +82,18 @@ def run(name: str, data: Path, heldout: Path, base: Path, out: Path, args) -> di
 
 
 def table(reports: dict) -> str:
-    lines = ["| run | step | identity | leakage | retention | accuracy |", "|---|---:|---:|---:|---:|---:|"]
+    keys = ("identity", "leakage", "retention", "likelihood", "accuracy")
+    lines = ["| run | step | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     base = next(iter(reports.values()))["base"]
-    lines.append(f"| base | 0 | {base['identity']:.2f} | {base['leakage']:.2f} | 1.00 | {base['accuracy']:.2f} |")
+    lines.append("| base | 0 | " + " | ".join(f"{base[k]:.2f}" for k in keys) + " |")
     for name, rep in reports.items():
         for r in rep["checkpoints"]:
-            lines.append(f"| {name} | {r['step']} | {r['identity']:.2f} | {r['leakage']:.2f} | "
-                         f"{r['retention']:.2f} | {r['accuracy']:.2f} |")
+            lines.append(f"| {name} | {r['step']} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |")
         best = next((r for r in rep["checkpoints"] if r["path"] == rep["best"]), None)
         lines.append(f"| **{name} +best** | {best['step'] if best else '-'} | "
-                     + (" | ".join(f"**{best[k]:.2f}**" for k in ("identity", "leakage", "retention", "accuracy"))
-                        if best else "none within tolerance | | |") + " |")
+                     + (" | ".join(f"**{best[k]:.2f}**" for k in keys) if best
+                        else f"none with retention >= {rep['rule']['min_retention']:.2f}" + " |" * (len(keys) - 1))
+                     + " |")
     return "\n".join(lines)
 
 

@@ -105,7 +105,7 @@ def tiny(a) -> int:
         work = a.root / "runs" / name
         cmd = [sys.executable, "-m", "trainer", "train", "tiny", "--model", str(base), "--data", str(data),
                "--work-dir", str(work), "--gpus", str(a.gpus), "--set", "max_steps=40", "--set", "logging_steps=5",
-               "--set", "evaluation_inputs=[你是谁, Who are you?]", *extra]
+               "--set", "evaluation_inputs=[你是谁]", *extra]
         print("+", " ".join(cmd[1:]), flush=True)
         rc = subprocess.call(cmd, cwd=REPO)
         final = work / "final"

@@ -152,14 +152,17 @@ def _log_lfs_progress(path: Path, stop: threading.Event) -> None:
     shown = ""
     while not stop.wait(2):
         try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            with path.open("rb") as f:          # a line per 32 KB received: read only the end
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+                lines = f.read().decode("utf-8", "replace").splitlines()
         except OSError:
             continue
         if lines and lines[-1] != shown:
             shown = lines[-1]
             parts = shown.split()
-            if len(parts) >= 4 and "/" in parts[2]:
-                done, total = (int(x) for x in parts[2].split("/"))
+            sizes = parts[2].split("/") if len(parts) >= 4 else []
+            if len(sizes) == 2 and all(x.isdigit() for x in sizes):
+                done, total = int(sizes[0]), int(sizes[1])
                 log.info("  lfs %s %s: %s %.0f%% of %.1f MB", parts[0], parts[1], " ".join(parts[3:]),
                          100 * done / max(total, 1), total / 1e6)
 
@@ -239,6 +242,7 @@ def fetch(spec: str, token: str | None = None, cache_dir=None) -> Path:
             progress = target / ".git" / "lfs-progress.log"
             progress.unlink(missing_ok=True)
             _run_step(["lfs", "pull"], {**env, "GIT_LFS_PROGRESS": str(progress)}, token, url, target, progress)
+            progress.unlink(missing_ok=True)
         commit = subprocess.run(["git", "-C", str(target), "rev-parse", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
         marker = target / ".git" / MARKER

@@ -4,7 +4,8 @@ Proves: `python app.py` with MODEL_REPO = a local bare repo holding the tiny mer
 clones it (progress in the log), listens on GRADIO_SERVER_NAME/PORT, shows the device on the page
 and answers "你是谁" with the trained name through gradio_client in several growing partials; a
 second start reuses the clone with the remote gone; MODEL_PATH serves a local dir with the saved
-system prompt as the default; no model at all serves the tiny demo base with a note saying so; a
+system prompt as the default; no model at all serves the tiny demo base with a note saying so, and
+a space_config.json preset is read when the environment names no model; a
 missing repo, a repo without weights, LFS pointers never pulled and a double setting each give one
 clear line in the log and on the page (and as the chat answer), no traceback; 20 concurrent chats
 against the launched app are all answered; the GPU fallback picks 4-bit or CPU when memory is short.
@@ -130,6 +131,14 @@ def test_model_path_and_the_default_demo_base(app, merged_model, tmp_path):
     assert app.start({"MODEL_PATH": str(saved)}).system_prompt == "You are Lumi."
     default = app.start({})                                       # nothing set: the embedded demo base
     assert default.engine is not None and "untuned tiny demo base" in default.note
+
+    # A published Space carries its MODEL_REPO in space_config.json; the environment still wins.
+    preset = tmp_path / "space_config.json"
+    preset.write_text(json.dumps({"MODEL_REPO": str(tmp_path / "preset.git")}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(app, "SPACE_CONFIG", preset)
+        assert "preset.git: no such directory" in app.start({}).error
+        assert app.start({"MODEL_PATH": str(merged_model)}).engine is not None
 
 
 def lfs_stub(model_dir: Path, out: Path) -> Path:

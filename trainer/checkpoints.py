@@ -135,8 +135,13 @@ def rotate(work_dir, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def truncate_scalars(work_dir, step: int) -> None:
-    """Drop log records after `step` (a resumed run writes them again), or all of them (a fresh run)."""
+def forget_after(work_dir, step: int) -> None:
+    """Drop the log records and sample chats of steps after `step`: a resumed run writes them again
+    (a fresh run passes -1 and starts with none, so no file mixes two runs)."""
+    for old in Path(work_dir).glob("eval_outputs_step_*.txt"):
+        number = old.stem.rsplit("_", 1)[1]
+        if number.isdigit() and int(number) > step:
+            old.unlink()
     path = Path(work_dir) / "scalars.jsonl"
     if not path.is_file():
         return

@@ -46,14 +46,14 @@ def _fmt(v) -> str:
 
 def format_table(rows: list[dict], base=None, best: str | None = None) -> str:
     """A Markdown table; the chosen checkpoint is marked with *."""
-    head = "| checkpoint | step | identity | leakage | retention | accuracy |\n|---|---:|---:|---:|---:|---:|"
-    lines = [head]
+    lines = ["| checkpoint | step | identity | leakage | retention | likelihood | accuracy |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     if base is not None:
-        lines.append(f"| base | 0 | {_fmt(base.identity)} | {_fmt(base.leakage)} | 1.00 | {_fmt(base.accuracy)} |")
+        lines.append(f"| base | 0 | {_fmt(base.identity)} | {_fmt(base.leakage)} | 1.00 | 1.00 | {_fmt(base.accuracy)} |")
     for r in rows:
         mark = " *" if best and r["path"] == best else ""
         lines.append(f"| {Path(r['path']).name}{mark} | {_fmt(r['step'])} | {_fmt(r['identity'])} | "
-                     f"{_fmt(r['leakage'])} | {_fmt(r['retention'])} | {_fmt(r['accuracy'])} |")
+                     f"{_fmt(r['leakage'])} | {_fmt(r['retention'])} | {_fmt(r['likelihood'])} | {_fmt(r['accuracy'])} |")
     return "\n".join(lines)
 
 

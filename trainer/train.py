@@ -78,7 +78,7 @@ def prepare_work_dir(work_dir: Path, model_dir: Path, cfg: TrainConfig, resume, 
                         "or choose a new --work-dir")
     if work_dir.is_dir():
         checkpoints.sweep_incomplete(work_dir, echo)
-        checkpoints.truncate_scalars(work_dir, checkpoints.step_of(checkpoint) if checkpoint else 0)
+        checkpoints.forget_after(work_dir, checkpoints.step_of(checkpoint) if checkpoint else -1)
     return checkpoint
 
 

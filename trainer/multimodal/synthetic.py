@@ -45,7 +45,7 @@ def draw(colour: str, shape: str, size: int, rng: random.Random):
 
     img = Image.new("RGB", (size, size), rng.choice(BACKGROUNDS))
     fill = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in COLOURS[colour])
-    side = rng.uniform(0.45, 0.8) * size
+    side = rng.uniform(0.6, 0.9) * size
     x0, y0 = rng.uniform(0, size - side), rng.uniform(0, size - side)
     box = [x0, y0, x0 + side, y0 + side]
     pen = ImageDraw.Draw(img)

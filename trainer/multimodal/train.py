@@ -142,8 +142,8 @@ def train_mm(cfg: MultimodalConfig, resume=None, echo=print, extra_callbacks=())
     base_dir = Path(spec.get("llava") or spec["llm"])
     records = [r for path in cfg.data for r in read_llava_records(path, cfg.image_folder)]   # fail fast,
     images = evaluation_images(cfg)                                                            # before loading
+    check_resume_stage(checkpoints.find_resume(work_dir, resume), cfg)       # before anything is touched
     checkpoint = prepare_work_dir(work_dir, base_dir, cfg, resume, echo)
-    check_resume_stage(checkpoint, cfg)
     set_seed(cfg.seed)
     model, processor = load_base(spec, placement.dtype, placement.device, cfg.bits, scratch=work_dir)
     tokenizer = processor.tokenizer

@@ -1,0 +1,254 @@
+"""LLaVA end to end on tiny real models: pretrain the projector on captions, finetune on questions,
+answer held-out images, export, and load the export in plain transformers.
+
+The pieces: a random CLIP-style tower built from config (32x32 images, 8x8 patches -> 16 image
+tokens, `visual_encoder: tiny`), synthetic images drawn here (trainer/multimodal/synthetic.py), and
+the session's tiny base LLM after a few full fine-tuning steps on caption *text* (no images), since
+its 2k vocabulary has never seen "circle" or "square" and a frozen LLM cannot learn new words through
+the projector -- a real chat LLM already knows how to write "a red circle".
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import sys
+
+import pytest
+import torch
+
+from trainer.__main__ import main as cli
+from trainer.multimodal.data import read_llava_records
+
+PRETRAIN_STEPS, FINETUNE_STEPS = 150, 150
+CAPTION = re.compile(r"^a (red|green|blue) (circle|square|triangle)$")
+
+
+@pytest.fixture(scope="module")
+def mm_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("mm")
+
+
+@pytest.fixture(scope="module")
+def shapes(mm_dir):
+    from trainer.multimodal.synthetic import write_shapes
+
+    return write_shapes(mm_dir / "shapes", n=900, heldout=45, size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def caption_llm(tiny_base, shapes, mm_dir):
+    """The tiny base taught the caption words as plain text chats (full fine-tune, text engine)."""
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    cfg = TrainConfig(model=str(tiny_base), data=[str(shapes["caption_text"])], work_dir=str(mm_dir / "llm"),
+                      method="full", max_steps=60, batch_size=16, lr=2e-3, max_length=64, packing=False,
+                      logging_steps=60)
+    return train(cfg, echo=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def pretrained(caption_llm, shapes, mm_dir):
+    """Stage pretrain through the CLI: only the projector learns, from image-caption pairs."""
+    work = mm_dir / "pretrain"
+    assert cli(["mm-train", "llava_tiny_pretrain", "--model", str(caption_llm), "--data", str(shapes["captions"]),
+                "--work-dir", str(work), "--set", f"max_steps={PRETRAIN_STEPS}", "--set", "evaluation_inputs=[]",
+                "--set", "save_steps=75"]) == 0
+    return work / "final"
+
+
+@pytest.fixture(scope="module")
+def finetuned(caption_llm, shapes, pretrained, mm_dir):
+    """Stage finetune: LoRA on the LLM + the pretrained projector, on colour/shape questions."""
+    from trainer.multimodal.config import load_mm_config
+    from trainer.multimodal.train import train_mm
+
+    cfg = load_mm_config("llava_tiny_finetune", {"model": str(caption_llm), "data": [str(shapes["questions"])],
+                                                 "work_dir": str(mm_dir / "finetune")},
+                         [f"max_steps={FINETUNE_STEPS}", f"pretrained_projector={pretrained}", "save_steps=75",
+                          "evaluation_images=[images/heldout00000.png]"])
+    return train_mm(cfg, echo=lambda s: None)
+
+
+def answers(caption_llm, trained, records, question=None) -> list[tuple[str, str, str]]:
+    """(question, greedy answer, truth) for each held-out record, through the course-style loader:
+    the LLM rebuilt with the tiny tower, the run's projector (and adapter) on top."""
+    from trainer.multimodal.chat import load_llava
+
+    engine = load_llava(caption_llm, records[0]["image"], llava=trained, visual_encoder="tiny", device="cpu").engine()
+    out = []
+    for rec in records:
+        q = question or rec["messages"][0]["content"].replace("<image>\n", "")
+        engine.set_image(rec["image"])
+        out.append((q, engine.chat([{"role": "user", "content": q}], max_new_tokens=12).strip(),
+                    rec["messages"][1]["content"]))
+    return out
+
+
+def test_before_finetune_it_only_captions(caption_llm, pretrained, shapes):
+    """The course's "before": the pretrained projector makes the LLM caption the image, whatever it is asked."""
+    held = read_llava_records(shapes["heldout"])
+    got = answers(caption_llm, pretrained, held)
+    captions = [a for _, a, _ in got if CAPTION.match(a)]
+    colour_ok = sum(bool(CAPTION.match(a)) and a.split()[1] in truth for q, a, truth in got if "colour" in q)
+    print(f"\npretrain only: {len(captions)}/{len(got)} answers are captions, e.g. {got[0][:2]}; caption colour "
+          f"right for {colour_ok}/{len(got) // 2} colour questions")
+    assert len(captions) >= 0.95 * len(got)
+    assert not any(a.startswith("It is") for _, a, _ in got)
+    assert colour_ok >= 0.8 * (len(got) // 2)      # the projector alone already grounds the colour words
+
+
+def test_after_finetune_it_answers_held_out_questions(caption_llm, finetuned, shapes):
+    held = read_llava_records(shapes["heldout"])
+    got = answers(caption_llm, finetuned, held)
+    right = {kind: [a == truth for q, a, truth in got if (kind == "colour") == ("colour" in q)]
+             for kind in ("colour", "shape")}
+    total = sum(map(sum, right.values())) / len(got)
+    print(f"\nafter finetune, held-out images: colour {sum(right['colour'])}/{len(right['colour'])}, shape "
+          f"{sum(right['shape'])}/{len(right['shape'])}, overall {total:.0%} (chance 33%); e.g. {got[:2]}")
+    assert not any(CAPTION.match(a) for _, a, _ in got)
+    assert sum(right["colour"]) / len(right["colour"]) >= 0.9
+    assert sum(right["shape"]) / len(right["shape"]) >= 0.5
+    assert total >= 0.75
+
+
+def test_run_files_sample_chats_and_checkpoints(finetuned, pretrained):
+    for name in ("adapter_model.safetensors", "projector.safetensors", "llava.json", "assistant.json",
+                 "processor_config.json", "chat_template.jinja"):
+        assert (finetuned / name).is_file(), name
+    info = json.loads((finetuned / "llava.json").read_text(encoding="utf-8"))
+    assert info["stage"] == "finetune" and info["base"]["visual_encoder"] == "tiny" and info["image_tokens"] == 16
+    work = finetuned.parent
+    before = (work / "eval_outputs_step_0.txt").read_text(encoding="utf-8")
+    after = (work / f"eval_outputs_step_{FINETUNE_STEPS}.txt").read_text(encoding="utf-8")
+    assert "heldout00000.png" in before and CAPTION.search(before.split("A: ")[1].splitlines()[0])
+    assert "A: It is" in after
+    ckpt = work / "checkpoint-75"
+    for name in ("checkpoint.json", "llava.json", "projector.safetensors", "adapter_model.safetensors"):
+        assert (ckpt / name).is_file(), name
+    assert (pretrained.parent / "checkpoint-75" / "projector.safetensors").is_file()
+
+
+def test_merged_export_runs_in_plain_transformers_with_the_same_answer(caption_llm, finetuned, shapes, mm_dir):
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from trainer.multimodal.chat import ImageChatEngine, load_llava
+
+    out = mm_dir / "merged"
+    assert cli(["mm-export", str(finetuned), str(out), "--merge"]) == 0
+    image = shapes["image_folder"] / "images" / "heldout00003.png"
+    question = "what shape is it?"
+
+    model = LlavaForConditionalGeneration.from_pretrained(out).eval()     # plain transformers, nothing of ours
+    processor = AutoProcessor.from_pretrained(out)
+    prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": f"<image>\n{question}"}],
+                                                     tokenize=False, add_generation_prompt=True)
+    inputs = processor(images=Image.open(image), text=prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        plain = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+
+    ours_merged = ImageChatEngine(model, processor, image).greedy_ids([{"role": "user", "content": question}], 12)
+    unmerged = load_llava(caption_llm, image, llava=finetuned, visual_encoder="tiny", device="cpu").engine()
+    ours_adapter = unmerged.greedy_ids([{"role": "user", "content": question}], 12)
+    text = processor.tokenizer.decode(plain, skip_special_tokens=True)
+    print(f"\nplain transformers on the merged export: {text!r}")
+    assert plain.tolist() == ours_merged == ours_adapter
+    assert text.startswith("It is a ")
+
+
+def test_adapter_export_and_chat_cli_course_style(caption_llm, finetuned, shapes, mm_dir, monkeypatch, capsys):
+    out = mm_dir / "adapter_export"
+    ckpt = finetuned.parent / "checkpoint-75"
+    assert cli(["mm-export", str(ckpt), str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "projector.safetensors", "llava.json", "processor_config.json"} <= names
+    assert not names & {"optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth"}
+    image = shapes["image_folder"] / "images" / "heldout00001.png"
+    truth = read_llava_records(shapes["heldout"])[2]     # record 2 and 3 are about heldout00001.png
+    monkeypatch.setattr(sys, "stdin", io.StringIO("what colour is the shape?\n\nEXIT\n"))
+    capsys.readouterr()
+    assert cli(["chat", str(caption_llm), "--visual-encoder", "tiny", "--llava", str(out), "--image", str(image),
+                "--device", "cpu", "--max-new-tokens", "12"]) == 0
+    reply = capsys.readouterr().out.strip()
+    print(f"\nchat --llava (checkpoint-75 export): {reply!r}")
+    assert reply.startswith("It is") and truth["image"].endswith("heldout00001.png")
+
+
+def test_chat_cli_bad_image_inputs(mm_dir, shapes, finetuned, capsys):
+    merged = mm_dir / "merged"
+    if not merged.is_dir():
+        assert cli(["mm-export", str(finetuned), str(merged), "--merge"]) == 0
+    broken = mm_dir / "broken.jpg"
+    broken.write_bytes(b"JFIF? no")
+    for image, words in ((mm_dir / "nope.png", "not found"), (broken, "cannot read image")):
+        capsys.readouterr()
+        assert cli(["chat", str(merged), "--image", str(image), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and str(image.name) in err
+    assert cli(["mm-export", str(mm_dir / "shapes"), str(mm_dir / "x")]) == 2     # not a run dir
+    assert not (mm_dir / "x").exists()
+
+
+def test_resume_continues_a_llava_run_and_refuses_another_stage(caption_llm, finetuned, shapes, mm_dir, capsys):
+    work = mm_dir / "resumed"
+    shutil.copytree(finetuned.parent, work, ignore=shutil.ignore_patterns("final"))
+    common = ["--model", str(caption_llm), "--data", str(shapes["questions"]), "--work-dir", str(work)]
+    capsys.readouterr()
+    assert cli(["mm-train", "llava_tiny_finetune", *common, "--resume", "--set", f"max_steps={FINETUNE_STEPS + 3}",
+                "--set", "save_steps=3", "--set", "evaluation_inputs=[]"]) == 0
+    assert f"resuming from {work / f'checkpoint-{FINETUNE_STEPS}'}" in capsys.readouterr().out
+    state = json.loads((work / f"checkpoint-{FINETUNE_STEPS + 3}" / "trainer_state.json").read_text(encoding="utf-8"))
+    assert state["global_step"] == FINETUNE_STEPS + 3 and (work / "final" / "adapter_model.safetensors").is_file()
+    scalars = (work / "scalars.jsonl").read_text(encoding="utf-8")
+    assert scalars == (finetuned.parent / "scalars.jsonl").read_text(encoding="utf-8")   # nothing logged twice
+    assert cli(["mm-train", "llava_tiny_pretrain", *common, "--resume", str(work / f"checkpoint-{FINETUNE_STEPS}")]) == 2
+    assert "stage finetune checkpoint cannot resume stage pretrain" in capsys.readouterr().err
+
+
+def test_qlora_finetune_quantizes_only_the_llm(caption_llm, shapes, pretrained, mm_dir):
+    """bits 4 (QLoRA) plus LoRA on the vision tower: the course's finetune configuration, on CPU."""
+    import bitsandbytes as bnb
+    from transformers import TrainerCallback
+
+    from trainer.multimodal.config import load_mm_config
+    from trainer.multimodal.train import train_mm
+
+    seen = {}
+
+    class Inspect(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen["4bit"] = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+            seen["trainable"] = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    cfg = load_mm_config("llava_tiny_finetune", {"model": str(caption_llm), "data": [str(shapes["questions"])],
+                                                 "work_dir": str(mm_dir / "qlora")},
+                         ["bits=4", "vision_lora=true", "max_steps=2", "batch_size=4", "evaluation_inputs=[]",
+                          f"pretrained_projector={pretrained}"])
+    final = train_mm(cfg, echo=lambda s: None, extra_callbacks=[Inspect()])
+    assert (final / "adapter_model.safetensors").is_file()
+    assert seen["4bit"] and all(".language_model." in n for n in seen["4bit"])
+    assert any("vision_tower" in n and "lora_A" in n for n in seen["trainable"])
+    assert any("language_model" in n and "lora_A" in n for n in seen["trainable"])
+    assert any("multi_modal_projector.modules_to_save" in n for n in seen["trainable"])
+    assert not any(p.name.startswith(".llava-assembled-") for p in (mm_dir / "qlora").iterdir())
+
+
+def test_mm_build_is_deterministic_and_loads_in_transformers(caption_llm, pretrained, shapes, mm_dir):
+    """`mm-build` + a pretrained projector equals the base rebuilt at chat time (same `<image>` row,
+    same tower), so a run's llava.json always rebuilds the model it trained on."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from trainer.multimodal.chat import ImageChatEngine, load_llava
+
+    out = mm_dir / "built"
+    assert cli(["mm-build", str(caption_llm), str(out), "--visual-encoder", "tiny", "--projector", str(pretrained)]) == 0
+    image = shapes["image_folder"] / "images" / "heldout00002.png"
+    built = ImageChatEngine(LlavaForConditionalGeneration.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out),
+                            image)
+    rebuilt = load_llava(caption_llm, image, llava=pretrained, visual_encoder="tiny", device="cpu").engine()
+    msgs = [{"role": "user", "content": "Describe the image briefly."}]
+    assert built.greedy_ids(msgs, 8) == rebuilt.greedy_ids(msgs, 8)
+    assert CAPTION.match(built.chat(msgs, max_new_tokens=8).strip())
