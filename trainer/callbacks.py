@@ -76,7 +76,7 @@ class LogLine(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = dict(logs or {})
-        if "loss" not in logs:
+        if "loss" not in logs or not state.is_world_process_zero:
             return
         elapsed = max(time.time() - self.t0, 1e-6)
         done = state.global_step - self.step0
@@ -96,10 +96,12 @@ class LossPlot(TrainerCallback):
     """Redraw `loss.png` from scalars.jsonl at every checkpoint and at the end."""
 
     def on_save(self, args, state, control, **kw):
-        plot_loss(args.output_dir)
+        if state.is_world_process_zero:
+            plot_loss(args.output_dir)
 
     def on_train_end(self, args, state, control, **kw):
-        plot_loss(args.output_dir)
+        if state.is_world_process_zero:
+            plot_loss(args.output_dir)
 
 
 class ProgressBar(TrainerCallback):

@@ -159,7 +159,7 @@ class CheckpointKeeper(TrainerCallback):
 
     def on_save(self, args, state, control, **kw):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not ckpt.is_dir():
+        if not ckpt.is_dir() or not state.is_world_process_zero:     # one writer when several GPUs train
             return
         write_assistant_file(ckpt, self.cfg.system_prompt, base_model=str(self.base_dir), method=self.cfg.method,
                              bits=self.cfg.bits)

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from trainer.chat_format import IGNORE_INDEX, encode_chat, with_system
 from trainer.dataio import normalize, read_records, validate_messages
-from trainer.dataset import Collator
 from trainer.errors import UserError, where
 
 IMAGE_TOKEN = "<image>"
@@ -170,6 +167,8 @@ class LlavaCollator:
     image, in batch order (LLaVA scatters image features into the placeholders in that order)."""
 
     def __init__(self, pad_id: int, image_processor):
+        from trainer.dataset import Collator
+
         self.text = Collator(pad_id, packed=False)
         self.image_processor = image_processor
 
@@ -185,7 +184,7 @@ class LlavaCollator:
         return out
 
 
-def pixel_values(image_processor, image_path, at: str | None = None) -> torch.Tensor:
+def pixel_values(image_processor, image_path, at: str | None = None):
     """One image file -> a (1, 3, H, W) tensor through the model's own image processor."""
     img = open_image(image_path, at or str(image_path))
     return image_processor(images=[img], return_tensors="pt")["pixel_values"]

@@ -71,6 +71,41 @@ def caption_text_chats(n: int, seed: int = 0) -> list[dict]:
             for _ in range(n)]
 
 
+def train_tiny_vision(captions_path, out_dir, steps: int = 200, seed: int = 0, feature_layer: int = -2,
+                      image_folder=None) -> Path:
+    """A stand-in for a pretrained CLIP: the tiny tower (TINY_VISION, built from config) trained for a
+    few seconds to tell the 9 colour x shape classes of the caption images apart, read from the hidden
+    layer LLaVA will use. A random tower keeps colour but hides shape deep in its features (a tiny
+    LLM with LoRA cannot dig it out in a few hundred steps); CLIP's features carry such concepts.
+    Saves a CLIPVisionModel dir with its image processor, usable as `visual_encoder`."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from trainer.multimodal.data import open_image, read_llava_records
+    from trainer.multimodal.model import TINY_VISION, make_image_processor
+
+    records = read_llava_records(captions_path, image_folder)
+    classes = [caption(c, s) for c in COLOURS for s in SHAPES]
+    labels = torch.tensor([classes.index(r["messages"][-1]["content"]) for r in records])
+    processor = make_image_processor(TINY_VISION["image_size"], pad_to_square=False)
+    pixels = processor(images=[open_image(r["image"], r["where"]) for r in records], return_tensors="pt")["pixel_values"]
+    torch.manual_seed(seed)
+    tower = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION))
+    head = torch.nn.Linear(tower.config.hidden_size, len(classes))
+    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=1e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(labels), (64,))
+        hidden = tower(pixels[idx], output_hidden_states=True).hidden_states[feature_layer][:, 1:]
+        loss = torch.nn.functional.cross_entropy(head(hidden.mean(1)), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out_dir = Path(out_dir)
+    tower.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
 def _record(rid: str, image: str, question: str, answer: str) -> dict:
     value = f"<image>\n{question}" if question else "<image>"
     return {"id": rid, "image": image, "conversations": [{"from": "human", "value": value},
