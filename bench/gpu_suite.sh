@@ -11,7 +11,7 @@
 #            decode (generate vs fast_decode), the tiny model on 2 GPUs (DDP LoRA, FSDP full)
 #   final:   baseline best vs ours best, a few hundred steps each (loss curves), and the course's job end
 #            to end (train + merge)
-#   multi:   ours on 2 GPUs (same global batch as final's 1-GPU run), FSDP full fine-tuning of a 14B shape
+#   multi:   ours on 1 and on 2 GPUs (same global batch, loss curves), FSDP full fine-tuning of a 14B shape
 set -u
 STAGE=${1:-explore}
 OUT=${OUT:-/tmp/out}
@@ -109,8 +109,11 @@ final)
   ;;
 multi)
   : "${OURS:?set OURS to the run flags of our best variant}"
-  S="--steps ${STEPS:-200} --warmup 10"
-  step ours_2gpu 360 $TS run --impl ours --root $R --name ours_2gpu --gpus 2 $OURS $S
+  S="--steps ${STEPS:-100} --warmup 10"
+  step ours_1gpu 300 env CUDA_VISIBLE_DEVICES=0 $TS run --impl ours --root $R --name ours_1gpu $OURS $S
+  step ours_2gpu 300 $TS run --impl ours --root $R --name ours_2gpu --gpus 2 $OURS $S
+  step scaling 60 $TS report $R --baseline ours_1gpu --ours ours_2gpu --budget 200
+  cat $L/scaling.log
   step big 420 python3 bench/multi_gpu.py big --root $R --shape qwen2.5-14b --steps 6
   ;;
 esac

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import shutil
 import sys
 
@@ -22,10 +21,10 @@ import torch
 
 from trainer.__main__ import main as cli
 from trainer.multimodal.data import read_llava_records
+from trainer.multimodal.demo import CAPTION, ask, build_caption_llm, describe, score
 
-PRETRAIN_STEPS, FINETUNE_STEPS = 100, 100
+PRETRAIN_STEPS, FINETUNE_STEPS = 150, 100
 SAVE = FINETUNE_STEPS // 2           # a mid-run checkpoint in both stages
-CAPTION = re.compile(r"^a (red|green|blue) (circle|square|triangle)$")
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +49,7 @@ def tower(shapes, mm_dir):
 @pytest.fixture(scope="module")
 def caption_llm(tiny_base, shapes, mm_dir):
     """The tiny base taught the caption words as plain text chats (full fine-tune, text engine)."""
-    from trainer.config import TrainConfig
-    from trainer.train import train
-
-    cfg = TrainConfig(model=str(tiny_base), data=[str(shapes["caption_text"])], work_dir=str(mm_dir / "llm"),
-                      method="full", max_steps=60, batch_size=16, lr=2e-3, max_length=64, packing=False,
-                      logging_steps=60)
-    return train(cfg, echo=lambda s: None)
+    return build_caption_llm(tiny_base, shapes["caption_text"], mm_dir / "llm")
 
 
 @pytest.fixture(scope="module")
@@ -83,46 +76,24 @@ def finetuned(caption_llm, tower, shapes, pretrained, mm_dir):
     return train_mm(cfg, echo=lambda s: None)
 
 
-def answers(caption_llm, tower, trained, records, question=None) -> list[tuple[str, str, str]]:
-    """(question, greedy answer, truth) for each held-out record, through the course-style loader:
-    the LLM rebuilt with the tiny tower, the run's projector (and adapter) on top."""
-    from trainer.multimodal.chat import load_llava
-
-    engine = load_llava(caption_llm, records[0]["image"], llava=trained, visual_encoder=tower, device="cpu").engine()
-    out = []
-    for rec in records:
-        q = question or rec["messages"][0]["content"].replace("<image>\n", "")
-        engine.set_image(rec["image"])
-        out.append((q, engine.chat([{"role": "user", "content": q}], max_new_tokens=12).strip(),
-                    rec["messages"][1]["content"]))
-    return out
-
-
 def test_before_finetune_it_only_captions(caption_llm, tower, pretrained, shapes):
     """The course's "before": the pretrained projector makes the LLM caption the image, whatever it is asked."""
-    held = read_llava_records(shapes["heldout"])
-    got = answers(caption_llm, tower, pretrained, held)
-    captions = [a for _, a, _ in got if CAPTION.match(a)]
+    got = ask(caption_llm, tower, pretrained, read_llava_records(shapes["heldout"]))
+    s = score(got)
     colour_ok = sum(bool(CAPTION.match(a)) and a.split()[1] in truth for q, a, truth in got if "colour" in q)
-    print(f"\npretrain only: {len(captions)}/{len(got)} answers are captions, e.g. {got[0][:2]}; caption colour "
-          f"right for {colour_ok}/{len(got) // 2} colour questions")
-    assert len(captions) >= 0.95 * len(got)
-    assert not any(a.startswith("It is") for _, a, _ in got)
-    assert colour_ok >= 0.8 * (len(got) // 2)      # the projector alone already grounds the colour words
+    print(f"\npretrain only, held-out: {describe(s)}; e.g. {got[1][:2]}; caption colour right for "
+          f"{colour_ok}/{s['colour'][1]} colour questions")
+    assert s["captions"] >= 0.95 * s["n"] and s["right"] == 0
+    assert colour_ok >= 0.8 * s["colour"][1]      # the projector alone already grounds the colour words
 
 
 def test_after_finetune_it_answers_held_out_questions(caption_llm, tower, finetuned, shapes):
-    held = read_llava_records(shapes["heldout"])
-    got = answers(caption_llm, tower, finetuned, held)
-    right = {kind: [a == truth for q, a, truth in got if (kind == "colour") == ("colour" in q)]
-             for kind in ("colour", "shape")}
-    total = sum(map(sum, right.values())) / len(got)
-    print(f"\nafter finetune, held-out images: colour {sum(right['colour'])}/{len(right['colour'])}, shape "
-          f"{sum(right['shape'])}/{len(right['shape'])}, overall {total:.0%} (chance 33%); e.g. {got[:2]}")
-    assert not any(CAPTION.match(a) for _, a, _ in got)
-    assert sum(right["colour"]) / len(right["colour"]) >= 0.9
-    assert sum(right["shape"]) / len(right["shape"]) >= 0.8
-    assert total >= 0.85
+    got = ask(caption_llm, tower, finetuned, read_llava_records(shapes["heldout"]))
+    s = score(got)
+    print(f"\nafter finetune, held-out: {describe(s)}; e.g. {got[:2]}")
+    assert s["captions"] == 0
+    assert s["colour"][0] >= 0.9 * s["colour"][1] and s["shape"][0] >= 0.8 * s["shape"][1]
+    assert s["right"] >= 0.85
 
 
 def test_run_files_sample_chats_and_checkpoints(finetuned, pretrained):

@@ -34,6 +34,7 @@ COMMANDS = {
     "mm-build": "trainer.multimodal.model",
     "mm-train": "trainer.multimodal.train",
     "mm-export": "trainer.multimodal.export",
+    "mm-demo": "trainer.multimodal.demo",
     "demo": "trainer.demo",
 }
 

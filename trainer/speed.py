@@ -32,7 +32,7 @@ log = logging.getLogger("trainer")
 IGNORE_INDEX = -100
 # Architectures whose logits are exactly `lm_head(last_hidden_state)` (no soft-capping, scaling or
 # bias), so the chunked loss is the same function as theirs.
-FUSED_LOSS_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "internlm2", "phi3", "olmo2", "smollm3"}
+FUSED_LOSS_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "phi3", "olmo2"}
 CHUNK_ELEMENTS = 2**28          # logits elements per chunk: 1 GiB in fp32
 
 

@@ -1,6 +1,7 @@
 """LLaVA-style multimodal fine-tuning on the standard stack: CLIP vision tower + 2-layer MLP projector
 + a chat LLM, as transformers' own `LlavaForConditionalGeneration`.
 
+    python -m trainer mm-demo                                # the whole thing on tiny models, offline
     python -m trainer mm-shapes data/shapes                  # a toy image dataset to try it on
     python -m trainer repeat data/unique.json data/repeated.json -n 200
     python -m trainer mm-build LLM_DIR --visual-encoder CLIP_DIR OUT   # the assembled (untrained) LLaVA
@@ -21,4 +22,5 @@ One job per file:
     callbacks.py  sample chats about an evaluation image; llava.json in every checkpoint
     export.py     `mm-export`: a checkpoint -> adapter + projector files, or a merged LLaVA dir
     chat.py       ImageChatEngine (the shared ChatEngine with an image) and the loader behind `chat --image`
+    demo.py       `mm-demo`: the course's before/after comparison on the tiny models, end to end
 """
