@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -77,7 +78,8 @@ def build_random_parts(work: Path, smoke: bool, device: str, dtype) -> tuple[Pat
                          eos_token_id=im_end, pad_token_id=tok.pad_token_id)
     with torch.device(device):           # random init on the GPU: seconds instead of minutes on the host
         llm = LlamaForCausalLM(config).to(dtype)
-    llm.generation_config = GenerationConfig(eos_token_id=[im_end], pad_token_id=tok.pad_token_id, do_sample=False)
+    llm.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=[im_end],
+                                             pad_token_id=tok.pad_token_id, do_sample=False)
     llm.save_pretrained(llm_dir)
     tok.save_pretrained(llm_dir)
     del llm
@@ -193,6 +195,12 @@ def main(argv=None) -> int:
         args.steps, args.warmup, args.batch_sizes, args.images = min(args.steps, 3), 1, "1,2", 9
         args.lora_r, args.lora_alpha = 8, 16
 
+    missing = [m for m in ("PIL", "peft", "yaml", "matplotlib") + (("bitsandbytes",) if args.bits else ())
+               if importlib.util.find_spec(m) is None]
+    if missing:      # say it before minutes of model building, not after
+        print(f"error: missing packages {missing} (pip install pillow peft pyyaml matplotlib bitsandbytes)",
+              file=sys.stderr)
+        return 2
     import torch
     import transformers
 

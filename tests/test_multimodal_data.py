@@ -63,6 +63,21 @@ def test_check_counts_every_bad_record_and_good_file_passes(folder):
     assert check_llava_file(path) == {"records": 2, "with_image": 1}
 
 
+def test_check_data_reports_every_image_problem_with_file_and_line(folder, capsys):
+    path = folder / "mixed.jsonl"
+    rows = [_rec("img/ok.png"), _rec("img/missing.png"), _rec(None, human="plain text"), _rec("img/broken.png"),
+            _rec("img/ok.png", human="no tag here")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    capsys.readouterr()
+    assert cli(["check-data", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: image " in err and f"{path}:4: cannot read image" in err and f"{path}:5: record has an image but no <image>" in err
+    assert f"{path}:1:" not in err and f"{path}:3:" not in err
+    good = folder / "good.jsonl"
+    good.write_text(json.dumps(_rec("ok.png")) + "\n", encoding="utf-8")
+    assert cli(["check-data", str(good), "--image-folder", str(folder / "img")]) == 0
+
+
 def test_image_folder_option_resolves_paths(folder, tmp_path_factory):
     data = tmp_path_factory.mktemp("elsewhere") / "d.jsonl"
     data.write_text(json.dumps(_rec("ok.png")) + "\n", encoding="utf-8")

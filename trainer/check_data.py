@@ -22,6 +22,7 @@ from trainer.chat_format import IGNORE_INDEX, encode_chat, with_system
 from trainer.config import TrainConfig
 from trainer.dataio import scan
 from trainer.errors import UserError
+from trainer.multimodal.data import image_folder_for, image_problems
 
 
 def load_tokenizer(model: str):
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f" the training default); needs --model")
     p.add_argument("--system-prompt", help="the system prompt training will prepend (counts toward length)")
     p.add_argument("--max-errors", type=int, default=50, help="print at most this many problems")
+    p.add_argument("--image-folder", help="LLaVA records: image paths are relative to this (default: the file's folder)")
     return p
 
 
@@ -82,6 +84,8 @@ def main(argv=None) -> int:
     problems: list[tuple[int, str]] = []
     lengths, over, truncated, seen, duplicates = [], 0, 0, set(), 0
     for line, rec, found in rows:
+        if rec is not None:       # LLaVA image records: <image> tags, image files (trainer/multimodal/data.py)
+            found = found + image_problems(rec, image_folder_for(args.file, args.image_folder), verify=True)
         problems += [(line, p) for p in found]
         if rec is None or found:
             continue

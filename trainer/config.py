@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -143,6 +144,8 @@ def _coerce(name: str, kind: str, value):
             number = float(value)
         except (TypeError, ValueError):
             raise bad("a number") from None
+        if not math.isfinite(number):
+            raise bad("a finite number")
         if kind.startswith("float"):
             return number
         if number != int(number):

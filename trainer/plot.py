@@ -38,7 +38,8 @@ def plot_loss(work_dir) -> Path | None:
     lr_ax = ax.twinx()
     lr_ax.plot(steps, [r.get("lr", 0.0) for r in records], color="tab:orange", alpha=0.6, label="lr")
     lr_ax.set_ylabel("learning rate")
-    fig.legend(loc="upper right")
+    lines = ax.get_lines() + lr_ax.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     fig.suptitle(f"{Path(work_dir).name}: step {steps[-1]}/{records[-1].get('max_steps', '?')}")
     fig.tight_layout()
     out = Path(work_dir) / "loss.png"

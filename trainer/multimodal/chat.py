@@ -16,48 +16,50 @@ from pathlib import Path
 import torch
 
 from inference.device import pick
-from inference.engine import ChatEngine
+from inference.engine import ChatEngine, fit_to_context
 from inference.loader import read_system_prompt
 from trainer.chat_format import prompt_ids, with_system
 from trainer.errors import UserError
-from trainer.multimodal.data import expand_image_tokens, pixel_values, with_image_tag
+from trainer.multimodal.data import IMAGE_TOKEN, expand_image_tokens, pixel_values, with_image_tag
+from trainer.multimodal.model import LLAVA_FILE, image_token_count, is_llava_dir, load_base, load_projector
 
 
 class ImageChatEngine(ChatEngine):
-    """ChatEngine whose conversations are about one image. Only how the prompt is built differs:
+    """ChatEngine whose conversations are about one image (None: plain text). Only the prompt differs:
     the image tag goes into the first user turn that survives context trimming (so the image is never
     trimmed away), its token is expanded to the model's placeholders, and `generate` gets the pixels."""
 
-    def __init__(self, model, processor, image, system_prompt: str | None = None, max_context: int | None = None):
+    def __init__(self, model, processor, image=None, system_prompt: str | None = None, max_context: int | None = None):
         text_config = model.config.get_text_config()
         super().__init__(model, processor.tokenizer, system_prompt=system_prompt,
                          max_context=max_context or getattr(text_config, "max_position_embeddings", 2048))
-        from trainer.multimodal.model import image_token_count
-
         self.processor = processor
         self.image_id = model.config.image_token_id
         self.n_image_tokens = image_token_count(model.config)
         self.set_image(image)
 
     def set_image(self, image) -> None:
-        """Switch to another image (a path); the pixels are computed once per image."""
-        self.image = Path(image)
-        self.pixel_values = pixel_values(self.processor.image_processor, self.image).to(self.model.device)
+        """Switch to another image (a path; None: plain text chat); pixels are computed once per image."""
+        self.image = Path(image) if image is not None else None
+        self.pixel_values = (pixel_values(self.processor.image_processor, self.image).to(self.model.device)
+                             if self.image is not None else None)
 
     def prepare(self, messages, system_prompt, max_new_tokens) -> torch.Tensor:
-        from inference.engine import fit_to_context
-
         system = self.system_prompt if system_prompt is None else system_prompt
         msgs = with_system([{"role": m["role"], "content": m["content"]} for m in messages], system or None)
         budget = max(16, self.max_context - max_new_tokens - self.n_image_tokens)
         _, kept = fit_to_context(self.tokenizer, msgs, budget)
+        if self.image is None:
+            kept = [{"role": m["role"], "content": m["content"].replace(IMAGE_TOKEN, "")} for m in kept]
+            return torch.tensor([prompt_ids(self.tokenizer, kept)], device=self.model.device)
         ids = prompt_ids(self.tokenizer, with_image_tag(kept))
         ids, _ = expand_image_tokens(ids, None, self.image_id, self.n_image_tokens)
         return torch.tensor([ids], device=self.model.device)
 
     def _gen_kwargs(self, *args, **kwargs) -> dict:
-        # every prompt from `prepare` carries the image, so every generate call gets its pixels
-        return {**super()._gen_kwargs(*args, **kwargs), "pixel_values": self.pixel_values}
+        # every prompt from `prepare` carries the image (when there is one), so generate gets its pixels
+        kw = super()._gen_kwargs(*args, **kwargs)
+        return kw if self.pixel_values is None else {**kw, "pixel_values": self.pixel_values}
 
 
 @dataclass
@@ -75,8 +77,6 @@ class LoadedLlava:
 
 def apply_trained(model, trained_dir):
     """Put a run's projector (and LoRA adapter, when it has one) on a base LLaVA model."""
-    from trainer.multimodal.model import load_projector
-
     trained_dir = Path(trained_dir)
     load_projector(model, trained_dir)
     if (trained_dir / "adapter_config.json").is_file():
@@ -91,8 +91,6 @@ def load_llava(model_dir, image, llava=None, visual_encoder=None, adapter=None, 
     """`model_dir` is a merged/assembled LLaVA dir, or an LLM dir rebuilt with `visual_encoder`; `llava`
     is a trained dir (mm-train final/, checkpoint or mm-export output) applied on top."""
     from transformers import AutoProcessor
-
-    from trainer.multimodal.model import LLAVA_FILE, is_llava_dir, load_base
 
     if adapter:
         raise UserError("--adapter is for text models -- for LLaVA pass the trained dir as --llava DIR")

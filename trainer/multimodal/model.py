@@ -35,7 +35,7 @@ PROJECTOR_FILE = "projector.safetensors"
 TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                    num_attention_heads=4, projection_dim=128, initializer_range=0.1)
 # Never quantized in QLoRA: the frozen vision tower and the trained projector stay in full precision.
-SKIP_QUANT = ["vision_tower", "multi_modal_projector", "lm_head"]
+SKIP_QUANT = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]   # module-path prefixes
 
 
 def is_llava_dir(path) -> bool:
@@ -51,11 +51,12 @@ def image_token_count(config) -> int:
 
 
 def _image_processor_class():
-    try:                                 # the torchvision backend when present, else the PIL one (same maths)
-        import torchvision  # noqa: F401
-        from transformers import LlavaImageProcessor as cls
-    except ImportError:
+    """The PIL backend (no torchvision needed; same maths as the torchvision one) where transformers
+    has it, else the classic LlavaImageProcessor."""
+    try:
         from transformers import LlavaImageProcessorPil as cls
+    except ImportError:
+        from transformers import LlavaImageProcessor as cls
     return cls
 
 
