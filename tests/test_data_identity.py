@@ -9,7 +9,7 @@ def heldout_share(engine, heldout_path) -> tuple[float, list[str]]:
     rows = [json.loads(line) for line in open(heldout_path, encoding="utf-8")]
     hits, lines = 0, []
     for row in rows:
-        reply = engine.chat(row["messages"], max_new_tokens=40)
+        reply = engine.chat(row["messages"], max_new_tokens=32)
         hit = row["expect"][0] in reply          # expect[0] is the assistant's name
         hits += hit
         lines.append(f"{'OK ' if hit else 'MISS'} {row['messages'][-1]['content']} -> {reply}")

@@ -27,7 +27,7 @@ from trainer.general_data import general_conversations
 from trainer.identity_data import EN, HELDOUT_EN, HELDOUT_ZH, ZH
 
 SPECIAL = ["<|im_start|>", "<|im_end|>"]
-VERSION = "v1"    # bump when the recipe changes: invalidates the cached default base
+VERSION = "v2"    # bump when the recipe changes: invalidates the cached default base
 
 
 def _tokenizer_text(path: Path, seed: int) -> None:
