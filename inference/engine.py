@@ -80,6 +80,9 @@ class ChatEngine:
         ids, _ = fit_to_context(self.tokenizer, msgs, max(16, self.max_context - max_new_tokens))
         return torch.tensor([ids], device=self.model.device)
 
+    # torch.no_grad, not inference_mode: the same model keeps training after a sample chat, and tensors
+    # created under inference_mode (e.g. FSDP's cached params) cannot be saved for backward later.
+
     def stream_chat(self, messages: list[dict], *, system_prompt: str | None = None, max_new_tokens: int = 256,
                     temperature: float = 0.0, top_p: float = 0.9, repetition_penalty: float = 1.0) -> Iterator[str]:
         """Yield the reply so far, growing, until an end token or `max_new_tokens`.
@@ -99,7 +102,7 @@ class ChatEngine:
 
         def run():
             try:
-                with self._lock, torch.inference_mode():
+                with self._lock, torch.no_grad():
                     self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                         streamer=streamer, **kwargs)
             except BaseException as exc:  # surfaced to the caller below
@@ -127,7 +130,7 @@ class ChatEngine:
     def greedy_ids(self, messages: list[dict], max_new_tokens: int = 32, system_prompt: str | None = None) -> list[int]:
         """Generated token ids, greedy: for exact comparisons (merge == base + adapter)."""
         input_ids = self.prepare(messages, system_prompt, max_new_tokens)
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                       **self._gen_kwargs(max_new_tokens, 0, None, 1.0))
         return out[0, input_ids.shape[1]:].tolist()

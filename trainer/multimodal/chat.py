@@ -67,7 +67,7 @@ class LoadedLlava:
     """Same shape as inference.Loaded, so the chat CLI loop runs unchanged."""
     model: object
     processor: object
-    image: Path
+    image: Path | None
     system_prompt: str | None
     note: str
 
@@ -89,14 +89,13 @@ def apply_trained(model, trained_dir):
 def load_llava(model_dir, image, llava=None, visual_encoder=None, adapter=None, device: str = "auto",
                dtype: str = "auto", bits: int | None = None) -> LoadedLlava:
     """`model_dir` is a merged/assembled LLaVA dir, or an LLM dir rebuilt with `visual_encoder`; `llava`
-    is a trained dir (mm-train final/, checkpoint or mm-export output) applied on top."""
+    is a trained dir (mm-train final/, checkpoint or mm-export output) applied on top. `image` may be
+    None (text chat; `engine.set_image` picks one later, e.g. per request in an app)."""
     from transformers import AutoProcessor
 
     if adapter:
         raise UserError("--adapter is for text models -- for LLaVA pass the trained dir as --llava DIR")
-    if image is None:
-        raise UserError("--image PATH is needed to chat with a LLaVA model")
-    if not Path(image).is_file():
+    if image is not None and not Path(image).is_file():
         raise UserError(f"{image}: image not found")
     placement = pick(device, dtype)
     if is_llava_dir(model_dir):
@@ -116,5 +115,6 @@ def load_llava(model_dir, image, llava=None, visual_encoder=None, adapter=None, 
             processor = AutoProcessor.from_pretrained(llava)
     model.eval()
     what = Path(model_dir).name + (f" + {Path(llava).name}" if llava else "") + (f", {bits}-bit" if bits else "")
-    return LoadedLlava(model, processor, Path(image), read_system_prompt(llava, model_dir),
-                       note=f"{what} on {placement.describe()}, image {Path(image).name}")
+    seen = f"image {Path(image).name}" if image else "no image"
+    return LoadedLlava(model, processor, Path(image) if image else None, read_system_prompt(llava, model_dir),
+                       note=f"{what} on {placement.describe()}, {seen}")

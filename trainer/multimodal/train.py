@@ -211,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", help="image paths in the data are relative to this")
     p.add_argument("--stage", choices=["pretrain", "finetune"])
     p.add_argument("--work-dir")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--bits", choices=["4", "8", "none"], help="finetune: 4 = QLoRA (nf4) on the LLM, none = off")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set lr=1e-4")
     p.add_argument("--resume", nargs="?", const="latest", help="continue from the latest (or given) checkpoint")
     return p
 
@@ -220,7 +222,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_mm_config(args.config, {"model": args.model, "visual_encoder": args.visual_encoder, "data": args.data,
                                        "image_folder": args.image_folder, "stage": args.stage,
-                                       "work_dir": args.work_dir}, args.sets)
+                                       "work_dir": args.work_dir},
+                         list(args.sets) + ([f"bits={args.bits}"] if args.bits else []))
     logging.basicConfig(level=logging.WARNING)
     train_mm(cfg, resume=args.resume, echo=lambda s: print(s, flush=True))
     return 0
