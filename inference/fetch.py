@@ -238,6 +238,9 @@ def fetch(spec: str, token: str | None = None, cache_dir=None) -> Path:
                 except subprocess.CalledProcessError as exc:
                     shutil.rmtree(target, ignore_errors=True)
                     raise UserError(f"MODEL_REPO {url}: git clone failed: {_reason(exc)}{_hint(url, token)}") from None
+            # Without git-lfs hooks installed for this repo (a fresh HOME, no global `git lfs install`),
+            # `git lfs pull` downloads the objects but skips the checkout: the weights stay pointer stubs.
+            _run_step(["lfs", "install", "--local"], env, token, url, target)
             log.info("model repo %s: git lfs pull (downloading the weights)", url)
             progress = target / ".git" / "lfs-progress.log"
             progress.unlink(missing_ok=True)
