@@ -41,36 +41,14 @@ SMOKE_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, n
                     patch_size=8, image_size=32, projection_dim=32)
 
 
-def build_tokenizer(texts: list[str], vocab: int):
-    """A small byte-level BPE with the ChatML template (the `tokenizers` library only: no sentencepiece
-    needed on the GPU image). Random weights make the vocabulary irrelevant beyond its ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from trainer.chat_format import chatml_template
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
-                                   pad_token="<pad>", additional_special_tokens=specials[4:])
-    fast.chat_template = chatml_template()
-    return fast
-
-
 def build_random_parts(work: Path, smoke: bool, device: str, dtype) -> tuple[Path, Path]:
     """Random-weight LLM (with tokenizer) and CLIP vision tower dirs, in the course's shapes."""
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from trainer.multimodal.synthetic import COLOUR_QUESTIONS, SHAPE_QUESTIONS, colour_answer, shape_answer
+    from trainer.multimodal.standins import build_tokenizer, domain_texts
 
-    texts = COLOUR_QUESTIONS + SHAPE_QUESTIONS + [colour_answer(c) for c in ("red", "green", "blue")] + \
-        [shape_answer(s) for s in ("circle", "square", "triangle")] + ["user", "assistant", "system"]
-    tok = build_tokenizer(texts * 20, vocab=300)
+    tok = build_tokenizer(domain_texts())        # random weights: only the ids matter (no sentencepiece needed)
     llm_dir, clip_dir = work / "llm", work / "clip"
     torch.manual_seed(0)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")

@@ -1,13 +1,11 @@
 """LLaVA end to end on tiny real models: pretrain the projector on captions, finetune on questions,
 answer held-out images, export, and load the export in plain transformers.
 
-The pieces, each a stand-in for what the course downloads: synthetic images drawn here
-(trainer/multimodal/synthetic.py: red/green/blue circle/square/triangle on plain backgrounds);
-a CLIP-style tower built from config (32x32 images, 8x8 patches -> 16 image tokens) and trained for
-a few seconds to tell the 9 classes apart, as CLIP's features already do; the session's tiny base LLM
-after a few full fine-tuning steps on caption *text* (no images), as its 2k vocabulary has never seen
-"circle" or "square" and a frozen LLM cannot learn new words through the projector -- a real chat
-LLM already knows how to write "a red circle". Held-out images come from another seed.
+The pieces, each a stand-in for what the course downloads (trainer/multimodal/standins.py says why):
+synthetic images drawn here (red/green/blue circle/square/triangle on plain backgrounds, held-out
+ones from another seed); a CLIP-style tower built from config (32x32 images, 8x8 patches -> 16 image
+tokens) trained a few seconds to tell the 9 classes apart, as CLIP's features already do; a tiny chat
+Llama with a whole-word tokenizer that has read caption requests and captions as text, nothing else.
 """
 from __future__ import annotations
 
@@ -21,7 +19,8 @@ import torch
 
 from trainer.__main__ import main as cli
 from trainer.multimodal.data import read_llava_records
-from trainer.multimodal.demo import CAPTION, ask, build_caption_llm, describe, score
+from trainer.multimodal.demo import CAPTION, ask, describe, score
+from trainer.multimodal.standins import build_shapes_llm, train_tiny_vision
 
 PRETRAIN_STEPS, FINETUNE_STEPS = 150, 100
 SAVE = FINETUNE_STEPS // 2           # a mid-run checkpoint in both stages
@@ -41,22 +40,19 @@ def shapes(mm_dir):
 
 @pytest.fixture(scope="module")
 def tower(shapes, mm_dir):
-    from trainer.multimodal.synthetic import train_tiny_vision
-
-    return str(train_tiny_vision(shapes["captions"], mm_dir / "tiny-clip", steps=150))
+    return str(train_tiny_vision(shapes["captions"], mm_dir / "tiny-clip"))
 
 
 @pytest.fixture(scope="module")
-def caption_llm(tiny_base, shapes, mm_dir):
-    """The tiny base taught the caption words as plain text chats (full fine-tune, text engine)."""
-    return build_caption_llm(tiny_base, shapes["caption_text"], mm_dir / "llm")
+def llm(shapes, mm_dir):
+    return build_shapes_llm(shapes["caption_text"], mm_dir / "llm")
 
 
 @pytest.fixture(scope="module")
-def pretrained(caption_llm, tower, shapes, mm_dir):
+def pretrained(llm, tower, shapes, mm_dir):
     """Stage pretrain through the CLI: only the projector learns, from image-caption pairs."""
     work = mm_dir / "pretrain"
-    assert cli(["mm-train", "llava_tiny_pretrain", "--model", str(caption_llm), "--visual-encoder", tower,
+    assert cli(["mm-train", "llava_tiny_pretrain", "--model", str(llm), "--visual-encoder", tower,
                 "--data", str(shapes["captions"]),
                 "--work-dir", str(work), "--set", f"max_steps={PRETRAIN_STEPS}", "--set", "evaluation_inputs=[]",
                 "--set", f"save_steps={SAVE}"]) == 0
@@ -64,21 +60,21 @@ def pretrained(caption_llm, tower, shapes, mm_dir):
 
 
 @pytest.fixture(scope="module")
-def finetuned(caption_llm, tower, shapes, pretrained, mm_dir):
+def finetuned(llm, tower, shapes, pretrained, mm_dir):
     """Stage finetune: LoRA on the LLM + the pretrained projector, on colour/shape questions."""
     from trainer.multimodal.config import load_mm_config
     from trainer.multimodal.train import train_mm
 
-    cfg = load_mm_config("llava_tiny_finetune", {"model": str(caption_llm), "visual_encoder": tower,
+    cfg = load_mm_config("llava_tiny_finetune", {"model": str(llm), "visual_encoder": tower,
                                                  "data": [str(shapes["questions"])], "work_dir": str(mm_dir / "finetune")},
                          [f"max_steps={FINETUNE_STEPS}", f"pretrained_projector={pretrained}", f"save_steps={SAVE}",
                           "evaluation_images=[images/heldout00000.png]"])
     return train_mm(cfg, echo=lambda s: None)
 
 
-def test_before_finetune_it_only_captions(caption_llm, tower, pretrained, shapes):
+def test_before_finetune_it_only_captions(llm, tower, pretrained, shapes):
     """The course's "before": the pretrained projector makes the LLM caption the image, whatever it is asked."""
-    got = ask(caption_llm, tower, pretrained, read_llava_records(shapes["heldout"]))
+    got = ask(llm, tower, pretrained, read_llava_records(shapes["heldout"]))
     s = score(got)
     colour_ok = sum(bool(CAPTION.match(a)) and a.split()[1] in truth for q, a, truth in got if "colour" in q)
     print(f"\npretrain only, held-out: {describe(s)}; e.g. {got[1][:2]}; caption colour right for "
@@ -87,8 +83,8 @@ def test_before_finetune_it_only_captions(caption_llm, tower, pretrained, shapes
     assert colour_ok >= 0.8 * s["colour"][1]      # the projector alone already grounds the colour words
 
 
-def test_after_finetune_it_answers_held_out_questions(caption_llm, tower, finetuned, shapes):
-    got = ask(caption_llm, tower, finetuned, read_llava_records(shapes["heldout"]))
+def test_after_finetune_it_answers_held_out_questions(llm, tower, finetuned, shapes):
+    got = ask(llm, tower, finetuned, read_llava_records(shapes["heldout"]))
     s = score(got)
     print(f"\nafter finetune, held-out: {describe(s)}; e.g. {got[:2]}")
     assert s["captions"] == 0
@@ -113,7 +109,7 @@ def test_run_files_sample_chats_and_checkpoints(finetuned, pretrained):
     assert (pretrained.parent / f"checkpoint-{SAVE}" / "projector.safetensors").is_file()
 
 
-def test_merged_export_runs_in_plain_transformers_with_the_same_answer(caption_llm, tower, finetuned, shapes, mm_dir):
+def test_merged_export_runs_in_plain_transformers_with_the_same_answer(llm, tower, finetuned, shapes, mm_dir):
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -133,7 +129,7 @@ def test_merged_export_runs_in_plain_transformers_with_the_same_answer(caption_l
         plain = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
 
     ours_merged = ImageChatEngine(model, processor, image).greedy_ids([{"role": "user", "content": question}], 12)
-    unmerged = load_llava(caption_llm, image, llava=finetuned, visual_encoder=tower, device="cpu").engine()
+    unmerged = load_llava(llm, image, llava=finetuned, visual_encoder=tower, device="cpu").engine()
     ours_adapter = unmerged.greedy_ids([{"role": "user", "content": question}], 12)
     text = processor.tokenizer.decode(plain, skip_special_tokens=True)
     print(f"\nplain transformers on the merged export: {text!r}")
@@ -141,7 +137,7 @@ def test_merged_export_runs_in_plain_transformers_with_the_same_answer(caption_l
     assert text.startswith("It is a ")
 
 
-def test_adapter_export_and_chat_cli_course_style(caption_llm, tower, finetuned, shapes, mm_dir, monkeypatch, capsys):
+def test_adapter_export_and_chat_cli_course_style(llm, tower, finetuned, shapes, mm_dir, monkeypatch, capsys):
     out = mm_dir / "adapter_export"
     ckpt = finetuned.parent / f"checkpoint-{SAVE}"
     assert cli(["mm-export", str(ckpt), str(out)]) == 0
@@ -152,7 +148,7 @@ def test_adapter_export_and_chat_cli_course_style(caption_llm, tower, finetuned,
     truth = read_llava_records(shapes["heldout"])[2]     # record 2 and 3 are about heldout00001.png
     monkeypatch.setattr(sys, "stdin", io.StringIO("what colour is the shape?\n\nEXIT\n"))
     capsys.readouterr()
-    assert cli(["chat", str(caption_llm), "--visual-encoder", tower, "--llava", str(out), "--image", str(image),
+    assert cli(["chat", str(llm), "--visual-encoder", tower, "--llava", str(out), "--image", str(image),
                 "--device", "cpu", "--max-new-tokens", "12"]) == 0
     reply = capsys.readouterr().out.strip()
     print(f"\nchat --llava (checkpoint-{SAVE} export): {reply!r}")
@@ -174,10 +170,10 @@ def test_chat_cli_bad_image_inputs(mm_dir, shapes, finetuned, capsys):
     assert not (mm_dir / "x").exists()
 
 
-def test_resume_continues_a_llava_run_and_refuses_another_stage(caption_llm, tower, finetuned, shapes, mm_dir, capsys):
+def test_resume_continues_a_llava_run_and_refuses_another_stage(llm, tower, finetuned, shapes, mm_dir, capsys):
     work = mm_dir / "resumed"
     shutil.copytree(finetuned.parent, work, ignore=shutil.ignore_patterns("final"))
-    common = ["--model", str(caption_llm), "--visual-encoder", tower, "--data", str(shapes["questions"]),
+    common = ["--model", str(llm), "--visual-encoder", tower, "--data", str(shapes["questions"]),
               "--work-dir", str(work)]
     capsys.readouterr()
     assert cli(["mm-train", "llava_tiny_finetune", *common, "--resume", "--set", f"max_steps={FINETUNE_STEPS + 3}",
@@ -191,7 +187,7 @@ def test_resume_continues_a_llava_run_and_refuses_another_stage(caption_llm, tow
     assert "stage finetune checkpoint cannot resume stage pretrain" in capsys.readouterr().err
 
 
-def test_qlora_finetune_quantizes_only_the_llm(caption_llm, tower, shapes, pretrained, mm_dir):
+def test_qlora_finetune_quantizes_only_the_llm(llm, tower, shapes, pretrained, mm_dir):
     """bits 4 (QLoRA) plus LoRA on the vision tower: the course's finetune configuration, on CPU."""
     import bitsandbytes as bnb
     from transformers import TrainerCallback
@@ -206,7 +202,7 @@ def test_qlora_finetune_quantizes_only_the_llm(caption_llm, tower, shapes, pretr
             seen["4bit"] = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
             seen["trainable"] = [n for n, p in model.named_parameters() if p.requires_grad]
 
-    cfg = load_mm_config("llava_tiny_finetune", {"model": str(caption_llm), "visual_encoder": tower,
+    cfg = load_mm_config("llava_tiny_finetune", {"model": str(llm), "visual_encoder": tower,
                                                  "data": [str(shapes["questions"])], "work_dir": str(mm_dir / "qlora")},
                          ["bits=4", "vision_lora=true", "max_steps=2", "batch_size=4", "evaluation_inputs=[]",
                           f"pretrained_projector={pretrained}"])
@@ -219,7 +215,7 @@ def test_qlora_finetune_quantizes_only_the_llm(caption_llm, tower, shapes, pretr
     assert not any(p.name.startswith(".llava-assembled-") for p in (mm_dir / "qlora").iterdir())
 
 
-def test_mm_build_is_deterministic_and_loads_in_transformers(caption_llm, tower, pretrained, shapes, mm_dir):
+def test_mm_build_is_deterministic_and_loads_in_transformers(llm, tower, pretrained, shapes, mm_dir):
     """`mm-build` + a pretrained projector equals the base rebuilt at chat time (same `<image>` row,
     same tower), so a run's llava.json always rebuilds the model it trained on."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -227,11 +223,11 @@ def test_mm_build_is_deterministic_and_loads_in_transformers(caption_llm, tower,
     from trainer.multimodal.chat import ImageChatEngine, load_llava
 
     out = mm_dir / "built"
-    assert cli(["mm-build", str(caption_llm), str(out), "--visual-encoder", tower, "--projector", str(pretrained)]) == 0
+    assert cli(["mm-build", str(llm), str(out), "--visual-encoder", tower, "--projector", str(pretrained)]) == 0
     image = shapes["image_folder"] / "images" / "heldout00002.png"
     built = ImageChatEngine(LlavaForConditionalGeneration.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out),
                             image)
-    rebuilt = load_llava(caption_llm, image, llava=pretrained, visual_encoder=tower, device="cpu").engine()
+    rebuilt = load_llava(llm, image, llava=pretrained, visual_encoder=tower, device="cpu").engine()
     msgs = [{"role": "user", "content": "Describe the image briefly."}]
     assert built.greedy_ids(msgs, 8) == rebuilt.greedy_ids(msgs, 8)
     assert CAPTION.match(built.chat(msgs, max_new_tokens=8).strip())

@@ -3,8 +3,8 @@
     python -m trainer mm-demo [WORK_DIR] [--pretrain-steps 150] [--finetune-steps 100]
 
 1. draws the toy data set (`mm-shapes`): coloured shapes, captions, questions, held-out images;
-2. stands in for the downloads: a tiny CLIP-style tower trained a few seconds to see the 9 classes
-   (as CLIP's features already do) and the tiny base LLM taught the caption words as text;
+2. builds stand-ins for the downloads (trainer/multimodal/standins.py): a tiny CLIP-style tower that
+   sees the 9 classes, as CLIP's features do, and a tiny chat LLM that has read captions as text;
 3. stage pretrain (`llava_tiny_pretrain`): only the projector learns, from captions;
 4. "before": asks the held-out questions -> it answers with captions, like the course's iter_2181;
 5. stage finetune (`llava_tiny_finetune`): LoRA + projector on the questions;
@@ -18,16 +18,6 @@ import re
 from pathlib import Path
 
 CAPTION = re.compile(r"^a (red|green|blue) (circle|square|triangle)$")
-
-
-def build_caption_llm(base, caption_text, work_dir, steps: int = 60, echo=None) -> Path:
-    """The tiny base after a short full fine-tune on caption text chats (the text engine, no images)."""
-    from trainer.config import TrainConfig
-    from trainer.train import train
-
-    cfg = TrainConfig(model=str(base), data=[str(caption_text)], work_dir=str(work_dir), method="full",
-                      max_steps=steps, batch_size=16, lr=2e-3, max_length=64, packing=False, logging_steps=steps)
-    return train(cfg, echo=echo or (lambda s: None))
 
 
 def ask(llm, tower, trained, records, max_new_tokens: int = 12) -> list[tuple[str, str, str]]:
@@ -64,15 +54,15 @@ def run_demo(work, pretrain_steps: int = 150, finetune_steps: int = 100, echo=pr
     from trainer.multimodal.config import load_mm_config
     from trainer.multimodal.data import read_llava_records
     from trainer.multimodal.export import export_merged
-    from trainer.multimodal.synthetic import train_tiny_vision, write_shapes
+    from trainer.multimodal.standins import build_shapes_llm, train_tiny_vision
+    from trainer.multimodal.synthetic import write_shapes
     from trainer.multimodal.train import train_mm
-    from trainer.tiny import default_base
 
     work = Path(work)
     data = write_shapes(work / "shapes", n=900, heldout=45)
     echo(f"1. toy data set in {work / 'shapes'}")
     tower = str(train_tiny_vision(data["captions"], work / "tiny-clip"))
-    llm = build_caption_llm(default_base(), data["caption_text"], work / "caption_llm")
+    llm = str(build_shapes_llm(data["caption_text"], work / "llm"))
     echo(f"2. stand-ins: vision tower {tower}, LLM {llm}")
     quiet = (lambda s: None)
     common = {"model": str(llm), "visual_encoder": tower}

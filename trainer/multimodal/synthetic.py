@@ -6,7 +6,7 @@ Writes LLaVA records (images relative to OUT_DIR, the image folder to train with
     captions.jsonl    pretrain pairs: "<image>\\n<caption request>" -> "a red circle"
     questions.jsonl   finetune: "what colour is the shape?" -> "It is red." / "what shape is it?" -> "It is a circle."
     heldout.jsonl     questions on images never trained on (other seed), to measure what was learned
-    caption_text.jsonl  text-only caption chats, to teach a tiny LLM the caption words first (see below)
+    caption_text.jsonl  text-only caption chats: what the stand-in LLM reads (trainer/multimodal/standins.py)
 It is what the offline test learns from, and a way to try `mm-train` end to end without downloads.
 """
 from __future__ import annotations
@@ -58,52 +58,23 @@ def draw(colour: str, shape: str, size: int, rng: random.Random):
     return img
 
 
+CONTEXT = "The picture shows {}."
+
+
 def caption_text_chats(n: int, seed: int = 0) -> list[dict]:
-    """Text-only chats "caption request -> a random caption": teach a tiny LLM the caption words before
-    stage pretrain. A real chat LLM can already write "a red circle"; the 2M-parameter demo base has
-    never seen "circle" or "square" (its tokenizer spells "square" with a byte token), and a frozen
-    LLM steered only through the projector cannot learn new words -- it can only pick among the
-    continuations it already knows, which is what stage pretrain is for."""
+    """Text-only chats "caption request -> caption": what the stand-in LLM reads before any image
+    (trainer/multimodal/standins.py), as a real chat LLM already knows how to write captions. Most
+    requests say what the picture shows, so the LLM learns to describe what its context holds (the
+    image features will be that context); the rest have no clue and get a random caption."""
     rng = random.Random(seed)
     prompts = [p for p in CAPTION_PROMPTS if p]
-    return [{"messages": [{"role": "user", "content": rng.choice(prompts)},
-                          {"role": "assistant", "content": caption(rng.choice(list(COLOURS)), rng.choice(SHAPES))}]}
-            for _ in range(n)]
-
-
-def train_tiny_vision(captions_path, out_dir, steps: int = 200, seed: int = 0, feature_layer: int = -2,
-                      image_folder=None) -> Path:
-    """A stand-in for a pretrained CLIP: the tiny tower (TINY_VISION, built from config) trained for a
-    few seconds to tell the 9 colour x shape classes of the caption images apart, read from the hidden
-    layer LLaVA will use. A random tower keeps colour but hides shape deep in its features (a tiny
-    LLM with LoRA cannot dig it out in a few hundred steps); CLIP's features carry such concepts.
-    Saves a CLIPVisionModel dir with its image processor, usable as `visual_encoder`."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    from trainer.multimodal.data import open_image, read_llava_records
-    from trainer.multimodal.model import TINY_VISION, make_image_processor
-
-    records = read_llava_records(captions_path, image_folder)
-    classes = [caption(c, s) for c in COLOURS for s in SHAPES]
-    labels = torch.tensor([classes.index(r["messages"][-1]["content"]) for r in records])
-    processor = make_image_processor(TINY_VISION["image_size"], pad_to_square=False)
-    pixels = processor(images=[open_image(r["image"], r["where"]) for r in records], return_tensors="pt")["pixel_values"]
-    torch.manual_seed(seed)
-    tower = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION))
-    head = torch.nn.Linear(tower.config.hidden_size, len(classes))
-    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=1e-3)
-    for _ in range(steps):
-        idx = torch.randint(0, len(labels), (64,))
-        hidden = tower(pixels[idx], output_hidden_states=True).hidden_states[feature_layer][:, 1:]
-        loss = torch.nn.functional.cross_entropy(head(hidden.mean(1)), labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out_dir = Path(out_dir)
-    tower.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    out = []
+    for _ in range(n):
+        cap = caption(rng.choice(list(COLOURS)), rng.choice(SHAPES))
+        prompt = rng.choice(prompts)
+        user = f"{CONTEXT.format(cap)} {prompt}" if rng.random() < 0.7 else prompt
+        out.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": cap}]})
+    return out
 
 
 def _record(rid: str, image: str, question: str, answer: str) -> dict:

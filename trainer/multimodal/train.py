@@ -138,10 +138,10 @@ def train_mm(cfg: MultimodalConfig, resume=None, echo=print, extra_callbacks=())
     placement = pick("auto", cfg.dtype)
     if cfg.bits and placement.device == "cpu" and cfg.dtype == "auto":
         placement = pick("cpu", "fp32")
-    spec = base_spec(cfg)
-    base_dir = Path(spec.get("llava") or spec["llm"])
     records = [r for path in cfg.data for r in read_llava_records(path, cfg.image_folder)]   # fail fast,
     images = evaluation_images(cfg)                                                            # before loading
+    spec = base_spec(cfg)
+    base_dir = Path(spec.get("llava") or spec["llm"])
     check_resume_stage(checkpoints.find_resume(work_dir, resume), cfg)       # before anything is touched
     checkpoint = prepare_work_dir(work_dir, base_dir, cfg, resume, echo)
     set_seed(cfg.seed)
