@@ -99,7 +99,8 @@ def find_resume(work_dir, resume) -> Path | None:
     if not path.is_dir():
         raise UserError(f"{path}: --resume checkpoint directory not found")
     if read_marker(path) is None:
-        hint = f" -- newest complete one: {complete_checkpoints(path.parent)[-1]}" if complete_checkpoints(path.parent) else ""
+        done = complete_checkpoints(path.parent)
+        hint = f" -- newest complete one: {done[-1]}" if done else ""
         raise UserError(f"{path}: not a complete checkpoint (no valid {MARKER}; killed while saving?){hint}")
     return path
 
