@@ -1,11 +1,18 @@
 """`python -m trainer COMMAND ...`: every step of making your own assistant.
 
-    tiny        build the tiny offline base chat model
-    data        generate identity conversations (held-out split, general-chat mixing)
-    train       fine-tune (LoRA / QLoRA / full) from a preset or YAML
-    merge       merge an adapter into its base -> a full model dir
-    chat        chat in the terminal (streaming; RESET clears, EXIT quits)
-    demo        the main job: tiny base -> data -> train -> merge -> serve the app
+    tiny               build the tiny offline base chat model
+    data               identity conversations (held-out split, general-chat mixing, any input format)
+    check-data         every problem in a data file as FILE:LINE (exit 2 if any)
+    show-data          the rendered chat text, loss-bearing tokens marked
+    list-cfg/copy-cfg  the shipped presets (like xtuner list-cfg / copy-cfg)
+    train              fine-tune (LoRA / QLoRA / full) from a preset or YAML; --resume; --gpus N
+    eval               identity / leakage / retention scores of a model or every checkpoint; best/
+    convert            a checkpoint -> a clean adapter dir (like xtuner convert pth_to_hf)
+    merge              an adapter + its base -> a full model dir
+    convert-internlm2  InternLM2 (remote code) -> the native Llama layout
+    chat               chat in the terminal (streaming; RESET clears, EXIT quits; --image for LLaVA)
+    repeat, mm-*       LLaVA-style multimodal: data, build, train, export, demo (trainer/multimodal/)
+    demo               the main job: tiny base -> data -> train -> merge -> serve the app
 
 Each command is a module with `main(argv) -> int`; `python -m trainer COMMAND -h` shows its flags.
 """
