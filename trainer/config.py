@@ -166,10 +166,19 @@ def _coerce(name: str, kind: str, value):
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+# What users coming from transformers' TrainingArguments or XTuner configs type; difflib can't guess these.
+ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "max_epochs": "epochs",
+           "per_device_train_batch_size": "batch_size", "batch_size_per_device": "batch_size",
+           "gradient_accumulation_steps": "grad_accum", "accumulative_counts": "grad_accum",
+           "pretrained_model_name_or_path": "model", "output_dir": "work_dir", "lora_rank": "lora_r",
+           "r": "lora_r", "target_modules": "lora_target", "evaluation_steps": "evaluation_freq",
+           "max_seq_length": "max_length", "pack_to_max_length": "packing", "torch_dtype": "dtype"}
+
+
 def _check_keys(keys, source) -> None:
     for key in keys:
         if key not in FIELDS:
-            close = difflib.get_close_matches(key, FIELDS, n=1)
+            close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, FIELDS, n=1)
             hint = f" -- did you mean {close[0]!r}?" if close else f" -- valid keys: {', '.join(FIELDS)}"
             raise UserError(f"{source}: unknown config key {key!r}{hint}")
 
