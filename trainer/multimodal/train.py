@@ -3,9 +3,9 @@
     python -m trainer mm-train llava_tiny_pretrain --data data/shapes/captions.jsonl
     python -m trainer mm-train llava_tiny_finetune --data data/shapes/questions.jsonl \
         --set pretrained_projector=work_dirs/llava_tiny_pretrain/final
-    python -m trainer mm-train llava_internlm2_1_8b_qlora_finetune --model /root/internlm2-chat-1_8b \
-        --visual-encoder /root/clip-vit-large-patch14-336 --data repeated_data.json --image-folder data/ \
-        --set pretrained_projector=iter_2181/projector.safetensors [--resume [CKPT]]
+    python -m trainer mm-train llava_internlm2_chat_1_8b_qlora_finetune --model models/internlm2-chat-1_8b \
+        --visual-encoder models/clip-vit-large-patch14-336 --data repeated_data.json --image-folder llava_data/ \
+        --set pretrained_projector=work_dirs/llava_pretrain/final [--resume [CKPT]]
 
 stage pretrain: the vision tower and the LLM are frozen; only the MLP projector learns (image-caption
 pairs). stage finetune: LoRA (QLoRA with bits 4) on the LLM's linear layers (optionally the vision
@@ -39,9 +39,6 @@ from trainer.multimodal.config import MultimodalConfig, load_mm_config, save_mm_
 from trainer.multimodal.data import LlavaCollator, encode_records, image_folder_for, open_image, read_llava_records
 from trainer.multimodal.model import LLAVA_FILE, base_spec, image_token_count, load_base, load_projector
 from trainer.train import prepare_work_dir, report_to
-
-log = logging.getLogger("trainer")
-
 
 def lora_target(model, cfg: MultimodalConfig) -> str:
     """A PEFT regex over the LLM's linear layers (all of them, or the names in `lora_target`), plus the
@@ -157,6 +154,10 @@ def train_mm(cfg: MultimodalConfig, resume=None, echo=print, extra_callbacks=())
                         f"image alone takes {n_image} tokens)")
     if cfg.pretrained_projector:
         echo(f"projector: loaded {load_projector(model, cfg.pretrained_projector)}")
+    digest = fingerprint(samples)
+    if checkpoint is not None and checkpoints.read_marker(checkpoint).get("data_digest") != digest:
+        echo(f"warning: the data differ from what {checkpoint.name} was trained on: the resumed run "
+             "will not follow the original data order")
     model = prepare_stage(model, cfg)
     work_dir.mkdir(parents=True, exist_ok=True)
     save_mm_config(cfg, work_dir / "config.yaml")
@@ -188,7 +189,7 @@ def train_mm(cfg: MultimodalConfig, resume=None, echo=print, extra_callbacks=())
         remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False)
     callbacks = [SampleImageChats(processor, cfg, images, echo), LogLine(collator, cfg, echo), LossPlot(),
                  LlavaFilesOnSave(processor, info),       # before the keeper: its marker lists these files too
-                 checkpoints.CheckpointKeeper(cfg, base_dir, fingerprint(samples))]
+                 checkpoints.CheckpointKeeper(cfg, base_dir, digest)]
     trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=collator,
                       processing_class=tokenizer, callbacks=callbacks + list(extra_callbacks) + ([bar] if bar else []))
     trainer.remove_callback(PrinterCallback)
