@@ -109,6 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--tolerance", type=float, default=0.1)
     p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; the tiny model's matmuls gain nothing from more, and on a busy "
+                        "machine extra threads spin against other processes (7x slower generation measured)")
     args = p.parse_args(argv)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     if not runs or any(r not in RUNS for r in runs):
@@ -117,6 +120,8 @@ def main(argv=None) -> int:
     import torch
 
     from trainer.tiny import default_base
+
+    torch.set_num_threads(args.threads)
 
     out = Path(args.out)
     base = Path(args.base) if args.base else default_base()

@@ -369,10 +369,13 @@ class _Handler(BaseHTTPRequestHandler):
 # --- helpers for the publish tests: an isolated git setup and a remote's on-disk state ---------------
 def isolated_git_env(home: Path) -> dict:
     """os.environ with a fresh HOME and no system git config: no stray credential helper, identity or
-    global git-lfs install of the machine leaks into a test; and no publish token set."""
+    global git-lfs install of the machine leaks into a test; and no publish token set. HF_HUB_OFFLINE and
+    TRANSFORMERS_OFFLINE (set for the whole test session; huggingface_hub honours both) are dropped too:
+    publishing is online by nature, and here the "hub" is the loopback fake above."""
     home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("GIT_", "HF_TOKEN", "OPENXLAB_")) and k not in ("HF_ENDPOINT", "SSH_ASKPASS")}
+           if not k.startswith(("GIT_", "HF_TOKEN", "OPENXLAB_"))
+           and k not in ("HF_ENDPOINT", "SSH_ASKPASS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     return {**env, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "GIT_CONFIG_NOSYSTEM": "1"}
 
 

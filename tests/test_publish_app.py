@@ -122,7 +122,6 @@ def test_publish_app_to_hf_space(tmp_path):
     hub = FakeHub(tmp_path / "hub", token="hf_space_test_token").start()
     try:
         env = isolated_git_env(tmp_path / "home")
-        env.pop("HF_HUB_OFFLINE", None)
         env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_space_test_token", HF_HUB_DISABLE_XET="1",
                    HF_HUB_DISABLE_PROGRESS_BARS="1")
         r = publish("app", "--to", "hf:alice/lumi-chat", "--model-repo", "openxlab:alice/lumi", env=env)

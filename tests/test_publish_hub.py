@@ -36,7 +36,6 @@ def hub(tmp_path):
 @pytest.fixture
 def env(tmp_path, hub):
     e = isolated_git_env(tmp_path / "home")
-    e.pop("HF_HUB_OFFLINE", None)          # conftest keeps the hub offline; this hub is local
     return {**e, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
             "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 

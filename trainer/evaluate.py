@@ -21,7 +21,8 @@
     changes (and the tiny base's many wrong answers drift freely), so it is reported, not chosen by;
   - `accuracy`: the share of the general prompts whose greedy answer contains the computed answer.
 
-General prompts come from a fixed seed that no data command uses, so they are the same for every run.
+General prompts come from a fixed seed, so every run is scored on the same ones. The task family is
+small, so some of them also occur in mixed training data: they measure skills, not held-out facts.
 A work dir's report (table, `eval_report.json`, `eval_report.png`) and `best/` are written by
 trainer/eval_report.py; `eval_identity: true` in a training config runs the same at every save.
 """
@@ -45,10 +46,10 @@ from trainer.dataio import read_records
 from trainer.errors import UserError, where
 from trainer.general_data import general_pair
 
-GENERAL_SEED = 7919      # held-out general prompts: the data commands never use this seed
+GENERAL_SEED = 7919      # fixed, so every run and checkpoint is scored on the same general prompts
 N_GENERAL = 40           # prompts answered (generation) for leakage, accuracy and the likelihood
 N_POOL = 200             # tasks checked teacher-forced (one forward pass each) for retention
-MIN_KNOWN = 5
+MIN_KNOWN = 5            # fewer base-known tasks than this: retention falls back to answer similarity
 MAX_NEW_TOKENS = 48
 END_PUNCT = ".。!！?？ "
 
@@ -90,7 +91,8 @@ class Scores:
 def read_identity_questions(path) -> list[dict]:
     out = []
     for line, rec in read_records(path):
-        msgs, expect = rec.get("messages") if isinstance(rec, dict) else None, rec.get("expect") if isinstance(rec, dict) else None
+        rec = rec if isinstance(rec, dict) else {}
+        msgs, expect = rec.get("messages"), rec.get("expect")
         if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs)
                 and msgs[-1].get("role") == "user" and isinstance(msgs[-1].get("content"), str)):
             raise UserError(f"{where(path, line)}: expected {{\"messages\": [... a last user turn], \"expect\": [...]}}"

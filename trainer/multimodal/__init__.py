@@ -13,6 +13,7 @@
 
 One job per file:
     synthetic.py  coloured shapes drawn with PIL: the offline demo/test data set (captions + questions)
+    standins.py   tiny stand-ins for the downloads: a CLIP-style tower and a chat LLM that know the shapes
     data.py       LLaVA/ShareGPT image records: <image> tag and image-file checks (FILE:LINE errors),
                   encoding with assistant-only labels, image-token expansion, the batch collator
     repeat.py     `python -m trainer repeat`: repeat a small data set N times (the course's repeat.py)

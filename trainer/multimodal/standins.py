@@ -17,6 +17,7 @@ context -- nothing about colour or shape questions, which stage finetune teaches
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -33,7 +34,7 @@ def build_tokenizer(texts: list[str], vocab: int = 400):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS,
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
                                    pad_token="<pad>", additional_special_tokens=SPECIALS[4:])
@@ -53,17 +54,22 @@ def domain_texts() -> list[str]:
 
 
 def build_shapes_llm(caption_text, out_dir, steps: int = 150, seed: int = 0, echo=None) -> Path:
-    """A ~1M-parameter chat Llama that answers caption requests with (random) captions, trained from
-    scratch by the text engine on `caption_text` (synthetic.caption_text_chats); returns its dir."""
+    """A ~1M-parameter chat Llama that answers caption requests with a caption (the one the request
+    describes, else a random one), trained from scratch by the text engine on `caption_text`
+    (synthetic.caption_text_chats). Written beside `out_dir` and moved into place; returns it."""
     import shutil
     import tempfile
 
     from trainer.config import TrainConfig
+    from trainer.errors import UserError
     from trainer.tiny import build_random_model
     from trainer.train import train
 
     out_dir = Path(out_dir)
-    work = Path(tempfile.mkdtemp(prefix=".shapes-llm-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir}: already exists and is not empty -- choose a new directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         build_random_model(build_tokenizer(domain_texts()), work / "random", seed, hidden=128, layers=4)
         cfg = TrainConfig(model=str(work / "random"), data=[str(caption_text)], work_dir=str(work / "run"),
@@ -71,9 +77,9 @@ def build_shapes_llm(caption_text, out_dir, steps: int = 150, seed: int = 0, ech
                           packing=False, logging_steps=max(1, steps // 3), seed=seed)
         final = train(cfg, echo=echo or (lambda s: None))
         (final / "assistant.json").unlink(missing_ok=True)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        shutil.move(str(final), str(out_dir))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(final, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out_dir
