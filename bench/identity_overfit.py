@@ -1,6 +1,6 @@
 """Reproduce the course's identity overfitting on the tiny model, and its fix. CPU, offline, minutes.
 
-    python bench/identity_overfit.py [--out work_dirs/bench_identity] [--steps 240] [--save-steps 40]
+    python bench/identity_overfit.py [--out work_dirs/bench_identity] [--steps 320] [--save-steps 40]
                                      [--ratio 0.2] [--runs course,identity,mixed] [--base BASE_DIR]
 
 The tiny base (trainer/tiny.py) already holds general chat and an identity of its own ("TinyChat").
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="work_dirs/bench_identity")
     p.add_argument("--base", help="tiny base dir (default: the cached embedded one, built on first use)")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
-    p.add_argument("--steps", type=int, default=240)
+    p.add_argument("--steps", type=int, default=320)
     p.add_argument("--save-steps", type=int, default=40)
     p.add_argument("--n", type=int, default=600, help="identity conversations (course: copies of its pairs)")
     p.add_argument("--ratio", type=float, default=0.2, help="identity share of the mixed data")
@@ -124,8 +124,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     out = Path(args.out)
-    base = Path(args.base) if args.base else default_base()
     t0 = time.time()
+    base = Path(args.base) if args.base else default_base()     # built and cached on first use
+    base_seconds = round(time.time() - t0, 1)
     paths = make_data(out / "data", args.n, args.ratio)
     reports = {name: run(name, paths[name], paths["heldout"], base, out, args) for name in runs}
     text = table(reports)
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
               "command": "python bench/identity_overfit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "seconds": round(time.time() - t0, 1), "cpu_seconds": round(cpu_seconds(), 1),
-              "load_average": os.getloadavg(), "settings": vars(args), "base": str(base),
+              "load_average": os.getloadavg(), "base_seconds": base_seconds, "settings": vars(args), "base": str(base),
               "table": text, "runs": reports}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer demo", description=__doc__.split("\n")[0])
     p.add_argument("--name", default="Lumi", help="the assistant's name")
     p.add_argument("--author", default="小菜鸡", help="who made it")
-    p.add_argument("--n", type=int, default=600, help="identity conversations (general chat is mixed in)")
+    p.add_argument("--n", type=int, default=1200, help="identity conversations (as many general ones are mixed in)")
     p.add_argument("--work-dir", default="work_dirs/demo")
     p.add_argument("--fresh", action="store_true", help="redo every step")
     p.add_argument("--no-serve", action="store_true", help="stop after merging")
