@@ -44,6 +44,13 @@ def cpu_seconds() -> float:
     return use.ru_utime + use.ru_stime
 
 
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+             if line.startswith("model name")] if info.is_file() else []
+    return names[0] if names else (platform.processor() or platform.machine())
+
+
 def course_data(path: Path, copies: int) -> None:
     from trainer.dataio import write_jsonl
 
@@ -130,11 +137,11 @@ def main(argv=None) -> int:
     paths = make_data(out / "data", args.n, args.ratio)
     reports = {name: run(name, paths[name], paths["heldout"], base, out, args) for name in runs}
     text = table(reports)
-    machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores, "
                f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
                + ("CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"))
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
-              "command": "python bench/identity_overfit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": " ".join(["python bench/identity_overfit.py", *(argv if argv is not None else sys.argv[1:])]),
               "seconds": round(time.time() - t0, 1), "cpu_seconds": round(cpu_seconds(), 1),
               "load_average": os.getloadavg(), "base_seconds": base_seconds, "settings": vars(args), "base": str(base),
               "table": text, "runs": reports}
