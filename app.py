@@ -12,6 +12,11 @@ Configuration is the environment (a Space sets variables and secrets, not flags)
 - `MODEL_PATH`: a local model dir instead. Setting both is an error.
 - `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`: where to listen (gradio's own; default 127.0.0.1:7860).
 
+A multimodal model (a merged LLaVA dir from `mm-export --merge`, or an mm-train final/ / mm-export adapter
+dir: see trainer/multimodal/chat.py `load_served`) gets an image input: the message box takes an image
+(📎), the chat is about the newest image of the conversation, and the API's `message` is
+`{"text": ..., "files": [handle_file(PATH)]}`. Text models keep the plain text box (`message` a string).
+
 The model runs on CUDA bf16/fp16, in 4-bit when the GPU is too small and bitsandbytes is there, else
 on the CPU (inference/loader.py); the page shows which. The default system prompt is the one saved
 with the model at training time. A model that cannot be loaded does not crash the app: the reason
@@ -48,6 +53,7 @@ class Backend:
     system_prompt: str
     note: str                     # markdown shown on the page: where the model came from, where it runs
     error: str | None = None
+    multimodal: bool = False      # a LLaVA model: the UI takes images, the engine is an ImageChatEngine
 
 
 def model_source(env) -> tuple[str, str]:
@@ -86,14 +92,20 @@ def start(env=None) -> Backend:
             model_dir = default_base()
             source = ("**the untuned tiny demo base** (it calls itself TinyChat) -- set `MODEL_REPO` or "
                       "`MODEL_PATH` to serve your own assistant")
-        loaded = load(model_dir)
+        from trainer.multimodal.chat import LoadedLlava, load_served
+
+        loaded = load_served(model_dir) or load(model_dir)
     except UserError as exc:
         return failed(str(exc))
     except Exception as exc:  # noqa: BLE001 -- a bad model must not take the page down; the log keeps the trace
         log.exception("loading the model failed")
         return failed(f"{type(exc).__name__}: {exc}".splitlines()[0])
     log.info("serving %s", loaded.note)
-    return Backend(loaded.engine(), loaded.system_prompt or "", f"**Model:** {source}  \n**Running on:** {loaded.note}")
+    multimodal = isinstance(loaded, LoadedLlava)
+    note = f"**Model:** {source}  \n**Running on:** {loaded.note}"
+    if multimodal:
+        note += "  \n**Images:** attach one with 📎; the chat is about the newest image"
+    return Backend(loaded.engine(), loaded.system_prompt or "", note, multimodal=multimodal)
 
 
 def failed(reason: str) -> Backend:
@@ -111,20 +123,69 @@ def text_of(content) -> str:
     return "".join(text_of(part) for part in content or [])
 
 
+def files_of(content) -> list[str]:
+    """Paths of the files in a message: a multimodal message ({"text", "files"}) or gradio 6 history
+    content, whose file parts are {"path"} (as ChatInterface stores them) or {"type": "file", "file"}."""
+    if isinstance(content, dict):
+        if "files" in content:
+            return [f if isinstance(f, str) else f.get("path") for f in content["files"] or []]
+        if "path" in content:
+            return [content["path"]]
+        if isinstance(content.get("file"), dict):
+            return [content["file"].get("path")]
+        return []
+    if isinstance(content, (list, tuple)):
+        return [p for part in content for p in files_of(part)]
+    return []
+
+
+def image_conversation(message, history) -> tuple[list[dict], str | None]:
+    """The text turns for the model and the newest image of the conversation (None: none yet). A turn
+    that was only an image gives no text turn of its own; its question comes with the next message."""
+    messages, image = [], None
+    for m in [*history, {"role": "user", "content": message}]:
+        if m.get("role") not in ("user", "assistant"):
+            continue
+        image = ([None] + files_of(m["content"]))[-1] or image
+        text = text_of(m["content"])
+        if messages and messages[-1]["role"] == m["role"]:       # an image turn, then its question
+            messages[-1]["content"] = "\n".join(t for t in (messages[-1]["content"], text) if t)
+        else:
+            messages.append({"role": m["role"], "content": text})
+    return messages, image
+
+
 def chat_fn(backend: Backend):
     def chat(message, history, system_prompt, temperature, top_p, max_new_tokens):
         if backend.engine is None:
             yield backend.error
             return
-        messages = [{"role": m["role"], "content": text_of(m["content"])} for m in history
-                    if m.get("role") in ("user", "assistant")]
-        messages.append({"role": "user", "content": text_of(message)})
-        yield from backend.engine.stream_chat(messages, system_prompt=system_prompt, temperature=float(temperature),
-                                              top_p=float(top_p), max_new_tokens=int(max_new_tokens))
+        engine = backend.engine
+        if backend.multimodal:
+            messages, image = image_conversation(message, history)
+            try:
+                engine = engine.with_image(image)       # this request's own image; the model is shared
+            except UserError:                          # the full reason names a server temp path: keep it in the log
+                log.warning("unreadable image %s", image)
+                yield f"⚠️ Cannot read the image {Path(image).name} -- attach a PNG, JPEG or WebP file."
+                return
+        else:
+            messages = [{"role": m["role"], "content": text_of(m["content"])} for m in history
+                        if m.get("role") in ("user", "assistant")]
+            messages.append({"role": "user", "content": text_of(message)})
+        yield from engine.stream_chat(messages, system_prompt=system_prompt, temperature=float(temperature),
+                                      top_p=float(top_p), max_new_tokens=int(max_new_tokens))
     return chat
 
 
 def build_demo(backend: Backend) -> gr.ChatInterface:
+    if backend.multimodal:        # the message box takes an image; text models keep the plain box below
+        extra = dict(multimodal=True, textbox=gr.MultimodalTextbox(
+            file_types=["image"], file_count="single", sources=["upload"],
+            placeholder="Attach an image (📎) and ask about it, e.g. what colour is the shape?"))
+        examples = None           # no image ships with the app; a text-only example would not show the point
+    else:
+        extra, examples = {}, [[q, None, None, None, None] for q in EXAMPLES]
     demo = gr.ChatInterface(
         chat_fn(backend),
         additional_inputs=[
@@ -136,9 +197,9 @@ def build_demo(backend: Backend) -> gr.ChatInterface:
         ],
         additional_inputs_accordion="Generation settings",
         # None for the extra inputs: the examples fill only the message and use the current settings.
-        examples=[[q, None, None, None, None] for q in EXAMPLES], cache_examples=False,
+        examples=examples, cache_examples=False,
         title="Your own assistant", description=backend.note, api_name="chat",
-        concurrency_limit=CONCURRENCY, fill_height=True,
+        concurrency_limit=CONCURRENCY, fill_height=True, **extra,
     )
     return demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
 

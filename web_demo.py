@@ -8,10 +8,17 @@ Chat with history, generation settings in the sidebar, a button that clears the 
 `--compare BASE` every question goes to the tuned model and to BASE at once, and both answers stream
 side by side (the course compares them by editing paths and restarting). Generation is the core's
 `ChatEngine.stream_chat`: the same template and saved system prompt as training and the Gradio app.
+
+A multimodal model (`--model` a merged LLaVA dir or an mm-train/mm-export dir, see
+trainer/multimodal/chat.py `load_served`) gets an image attachment in the chat box: the chat is about
+the newest image attached. Text models keep the plain chat box.
+
+    streamlit run web_demo.py -- --model out/llava_merged
 """
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -33,8 +40,30 @@ def parse_args(argv) -> argparse.Namespace:
 @st.cache_resource(show_spinner="Loading the model ...")
 def engine_for(model: str, adapter: str | None, device: str) -> tuple[Loaded, ChatEngine]:
     # One engine per model for the whole server: its lock serialises generation across sessions.
-    loaded = load(model, adapter=adapter, device=device)
+    from trainer.multimodal.chat import load_served
+
+    loaded = load_served(model, adapter, device) or load(model, adapter=adapter, device=device)
     return loaded, loaded.engine()
+
+
+IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif"]
+
+
+def is_multimodal(loaded) -> bool:
+    from trainer.multimodal.chat import LoadedLlava
+
+    return isinstance(loaded, LoadedLlava)
+
+
+def image_from_upload(name: str, data: bytes):
+    """An uploaded file's bytes -> the RGB PIL image the engine takes; a UserError when it is no image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise UserError(f"cannot read the image {name} -- attach a PNG, JPEG or WebP file") from None
 
 
 def stream_together(streams, boxes) -> list[str]:
@@ -48,6 +77,13 @@ def stream_together(streams, boxes) -> list[str]:
             except StopIteration:
                 live.remove(i)
     return texts
+
+
+def show(msg: dict) -> None:
+    with st.chat_message(msg["role"]):
+        if msg.get("image"):
+            st.image(msg["image"], width=160)
+        st.markdown(msg["content"])
 
 
 def main(argv=None) -> int:
@@ -70,6 +106,7 @@ def main(argv=None) -> int:
         max_new_tokens = st.slider("Max new tokens", 16, 2048, 256, 16)
         if st.button("Clear chat", width="stretch"):
             st.session_state.pop("history", None)
+            st.session_state.pop("image", None)
         for label, loaded, _ in panes:
             st.caption(f"**{label}**: {loaded.note}")
 
@@ -80,19 +117,40 @@ def main(argv=None) -> int:
             if args.compare:
                 st.subheader(label)
             for msg in history.setdefault(label, []):
-                with st.chat_message(msg["role"]):
-                    st.markdown(msg["content"])
+                show(msg)
 
-    if prompt := st.chat_input("Ask something, e.g. 你是谁？"):
+    multimodal = any(is_multimodal(loaded) for _, loaded, _ in panes)
+    if multimodal:
+        sent = st.chat_input("Attach an image and ask about it", accept_file=True, file_type=IMAGE_TYPES)
+        prompt, files = (sent.text, sent.files) if sent else (None, [])
+    else:
+        sent = prompt = st.chat_input("Ask something, e.g. 你是谁？")
+        files = []
+    if sent:
+        image = None
+        if files:                     # a new image: the conversation is about it from now on
+            try:
+                image = image_from_upload(files[-1].name, files[-1].getvalue())
+            except UserError as exc:
+                st.error(str(exc))
+                st.stop()
+            st.session_state["image"] = (files[-1].name, files[-1].getvalue())
+        elif "image" in st.session_state:
+            image = image_from_upload(*st.session_state["image"])
         boxes, streams = [], []
-        for col, (label, _, engine) in zip(cols, panes):
-            history[label].append({"role": "user", "content": prompt})
+        for col, (label, loaded, engine) in zip(cols, panes):
+            turn = {"role": "user", "content": prompt or ""}
+            if files and is_multimodal(loaded):
+                turn["image"] = files[-1].getvalue()
+            history[label].append(turn)
             with col:
-                with st.chat_message("user"):
-                    st.markdown(prompt)
+                show(turn)
                 with st.chat_message("assistant"):
                     boxes.append(st.empty())
-            streams.append(engine.stream_chat(history[label], system_prompt=system, temperature=temperature,
+            if is_multimodal(loaded):
+                engine = engine.with_image(image)      # this request's image; the model is shared
+            streams.append(engine.stream_chat([{"role": m["role"], "content": m["content"]} for m in history[label]],
+                                              system_prompt=system, temperature=temperature,
                                               top_p=top_p, max_new_tokens=max_new_tokens))
         for (label, *_), text in zip(panes, stream_together(streams, boxes)):
             history[label].append({"role": "assistant", "content": text})

@@ -1,20 +1,25 @@
-"""Batch-1 streaming decode through the inference core: `generate` (dynamic cache) vs fast_decode.
+"""Batch-1 streaming decode through the inference core: `generate` vs fast_decode "graph" / "compile".
 
-    python bench/decode_speed.py --model /tmp/bench/model-internlm2-1.8b --impl generate --out gen.json
-    python bench/decode_speed.py --model /tmp/bench/model-internlm2-1.8b --impl fast --out fast.json
-    python bench/decode_speed.py --smoke                      # tiny random model on CPU (no graph)
+    python bench/decode_speed.py --model /tmp/bench/model-internlm2-1.8b --impl generate --repeats 1 --out gen.json
+    python bench/decode_speed.py --model /tmp/bench/model-internlm2-1.8b --impl graph --out graph.json
+    python bench/decode_speed.py --model M --impl compile --cache-dir /tmp/ind-decode --out cold.json  # empty dir
+    python bench/decode_speed.py --model M --impl compile --cache-dir /tmp/ind-decode --out warm.json  # again
+    python bench/decode_speed.py --table gen.json graph.json cold.json warm.json    # markdown table
+    python bench/decode_speed.py --smoke            # tiny random model on CPU: all three, same greedy ids
 
-One implementation per process, so "first call" is what a freshly started app pays: model load,
-then the first reply (for `fast`, the CUDA-graph capture is inside it). Then `--repeats` timed
-replies of `--new-tokens` tokens each: time to first token, tokens/s over the whole reply, and the
-decode-only rate. `fast` runs through `ChatEngine(fast_decode=True).stream_chat`, the path the apps
-use; `generate` through `ChatEngine.stream_chat` as shipped (TextIteratorStreamer + generate).
-Both are greedy on the same prompt; the greedy token ids of both are written for comparison.
+One implementation per process, so "first call" is what a freshly started app pays after loading
+the model: the first reply, which for graph/compile includes building the cache, compiling (compile)
+and capturing the CUDA graph. `compile` records whether its inductor cache dir was empty at start
+(cold) or not (warm: a second process on the same machine). Then `--repeats` timed replies of
+`--new-tokens` tokens, each through `ChatEngine.stream_chat` (the path the apps use): tokens/s over
+the whole reply, the decode-only ms/token, time to first token. All are greedy on the same prompt;
+the first 64 greedy ids are written for comparison.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PROMPT = [{"role": "user", "content": "请你介绍一下你自己"}]
+IMPLS = ("generate", "graph", "compile")
 
 
 def sync():
@@ -33,116 +39,183 @@ def sync():
         torch.cuda.synchronize()
 
 
+def reply_s(engine, new_tokens: int) -> float:
+    """Wall time of one streamed reply through the core."""
+    sync()
+    t0 = time.perf_counter()
+    for _ in engine.stream_chat(PROMPT, max_new_tokens=new_tokens):
+        pass
+    sync()
+    return time.perf_counter() - t0
+
+
 def timed_generate(engine, new_tokens: int) -> dict:
-    """The shipped stream_chat path, counted in tokens (random weights make text of unknown ids)."""
+    """The shipped stream_chat (TextIteratorStreamer + generate); its token count and ids from a plain
+    greedy generate of the same prompt, and the time to first token from a 1-token generate."""
     import torch
 
     input_ids = engine.prepare(PROMPT, None, new_tokens)
     kw = engine._gen_kwargs(new_tokens, 0.0, None, 1.0)
-    kw.update(min_new_tokens=new_tokens)             # random weights: never stop early
+    mask = torch.ones_like(input_ids)
     sync()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        engine.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=1,
-                              **{k: v for k, v in kw.items() if k not in ("max_new_tokens", "min_new_tokens")})
+        engine.model.generate(input_ids=input_ids, attention_mask=mask, **{**kw, "max_new_tokens": 1})
     sync()
     ttft = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in engine.stream_chat(PROMPT, max_new_tokens=new_tokens):
-        pass
-    sync()
-    streamed = time.perf_counter() - t0
+    wall = reply_s(engine, new_tokens)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = engine.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
+        out = engine.model.generate(input_ids=input_ids, attention_mask=mask, **kw)
     sync()
-    elapsed = time.perf_counter() - t0
+    raw = time.perf_counter() - t0
     n = out.shape[1] - input_ids.shape[1]
-    return {"new_tokens": n, "ttft_s": ttft, "elapsed_s": elapsed, "tokens_per_s": n / elapsed,
-            "decode_tokens_per_s": (n - 1) / max(elapsed - ttft, 1e-9), "stream_chat_s": streamed,
+    return {"new_tokens": n, "ttft_s": ttft, "elapsed_s": wall, "tokens_per_s": n / wall,
+            "decode_tokens_per_s": (n - 1) / max(raw - ttft, 1e-9), "raw_generate_s": raw,
             "ids": out[0, input_ids.shape[1]:].tolist()[:64]}
 
 
 def timed_fast(engine, new_tokens: int) -> dict:
-    sync()
-    t0 = time.perf_counter()
-    for _ in engine.stream_chat(PROMPT, max_new_tokens=new_tokens):
-        pass
-    sync()
-    wall = time.perf_counter() - t0
+    wall = reply_s(engine, new_tokens)
     s = dict(engine.fast.stats)
     ids = list(engine.fast.tokens(engine.prepare(PROMPT, None, 64), 64, []))
     return {"new_tokens": s["new_tokens"], "ttft_s": s["ttft_s"], "elapsed_s": wall,
             "tokens_per_s": s["new_tokens"] / wall,
             "decode_tokens_per_s": (s["new_tokens"] - 1) / max(s["elapsed_s"] - s["ttft_s"], 1e-9),
-            "graph": s["graph"], "graph_error": s["graph_error"], "ids": ids}
+            **{k: s[k] for k in ("mode", "cache_len", "graph", "graph_error", "fallback")}, "ids": ids}
 
 
-def run(model_dir: Path, impl: str, new_tokens: int, repeats: int, force_fast: bool = False) -> dict:
+def profile(engine, new_tokens: int) -> dict:
+    """Where a reply's device time goes: the top kernels of one reply, and kernels per token."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        reply_s(engine, new_tokens)
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    print(events.table(sort_by="device_time_total", row_limit=15), flush=True)
+    n = engine.fast.stats["new_tokens"] if engine.fast else new_tokens
+    return {"tokens": n, "kernels_per_token": sum(e.count for e in kernels) / max(n, 1),
+            "device_ms_per_token": sum(e.self_device_time_total for e in kernels) / 1000 / max(n, 1)}
+
+
+def run(model_dir: Path, impl: str, new_tokens: int, repeats: int, backend: str = "inductor",
+        force_fast: bool = False, profile_tokens: int = 0) -> dict:
+    import torch
+
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    cold = impl == "compile" and not (cache and Path(cache).is_dir() and any(Path(cache).iterdir()))
     t_start = time.perf_counter()
     from inference.loader import load
 
     loaded = load(model_dir)
     sync()
     load_s = time.perf_counter() - t_start
-    engine = loaded.engine(fast_decode=impl == "fast")
-    if impl == "fast" and engine.fast is None and force_fast:      # the CPU smoke: same code, no graph
+    engine = loaded.engine(fast_decode=impl if impl != "generate" else False)
+    if impl != "generate" and (engine.fast is None or backend != "inductor") and force_fast:   # CPU smoke
         from inference.fast_decode import StaticDecoder
 
-        engine.fast = StaticDecoder(loaded.model, max_len=512)
-    measure = timed_fast if impl == "fast" else timed_generate
-    t0 = time.perf_counter()
-    first = measure(engine, new_tokens)
-    first_call_s = time.perf_counter() - t0
+        engine.fast = StaticDecoder(loaded.model, max_len=min(engine.max_context, 4096), mode=impl, backend=backend)
+    if impl != "generate" and engine.fast is None:
+        raise SystemExit(f"error: --impl {impl} needs a CUDA GPU (this is {loaded.note}); try --smoke")
+    measure = timed_fast if engine.fast is not None else timed_generate
+    first_call_s = reply_s(engine, new_tokens)
     runs = [measure(engine, new_tokens) for _ in range(repeats)]
     best = max(runs, key=lambda r: r["tokens_per_s"])
-    import torch
-
-    return {"impl": impl, "model": str(model_dir), "device": loaded.note, "load_s": round(load_s, 2),
-            "first_call_s": round(first_call_s, 2), "first_call": {k: v for k, v in first.items() if k != "ids"},
+    prof = None
+    if profile_tokens and torch.cuda.is_available():
+        try:
+            prof = profile(engine, profile_tokens)
+        except Exception as exc:          # the profiler's API moves between releases: keep the timings
+            prof = {"error": f"{type(exc).__name__}: {exc}"}
+    label = impl + (f" [{backend}]" if impl == "compile" and backend != "inductor" else "") \
+        + (f" ({'cold' if cold else 'warm'} cache)" if impl == "compile" else "")
+    return {"impl": impl, "label": label, "model": str(model_dir), "device": loaded.note,
+            "torch": torch.__version__, "load_s": round(load_s, 2), "first_call_s": round(first_call_s, 2),
+            "warmup_s": round(engine.fast.warmup_s, 2) if engine.fast else None,
+            "inductor_cache": cache if impl == "compile" else None,
+            "cache_was_empty": cold if impl == "compile" else None,
             "runs": [{k: v for k, v in r.items() if k != "ids"} for r in runs],
-            "tokens_per_s": best["tokens_per_s"], "decode_tokens_per_s": best["decode_tokens_per_s"],
-            "ttft_s": best["ttft_s"], "ms_per_token": 1000 / best["decode_tokens_per_s"], "ids": best["ids"],
-            "warmup_s": getattr(engine.fast, "warmup_s", None) if engine.fast else None,
+            "new_tokens": best["new_tokens"], "tokens_per_s": best["tokens_per_s"],
+            "decode_tokens_per_s": best["decode_tokens_per_s"], "ms_per_token": 1000 / best["decode_tokens_per_s"],
+            "ttft_s": best["ttft_s"], "ids": best["ids"], "profile": prof,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
 
 
-def smoke(tokenizer_dir: Path | None) -> int:
+def table(results: list[dict]) -> str:
+    rows = ["| | first call (after load) | load | tokens/s per reply | ms/token (decode) | time to first token "
+            "| cache slots | new tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        extra = r["runs"][0] if r["runs"] else {}
+        warm = f" (warm-up {r['warmup_s']:.2f} s)" if r.get("warmup_s") is not None else ""
+        note = f" [fell back: {extra['fallback']}]" if extra.get("fallback") else ""
+        note += " [no CUDA graph]" if extra.get("graph") is False and r.get("peak_gib") is not None else ""
+        rows.append(f"| {r['label']}{note} | {r['first_call_s']:.2f} s{warm} | {r['load_s']:.1f} s "
+                    f"| {r['tokens_per_s']:.0f} | {r['ms_per_token']:.2f} | {r['ttft_s'] * 1000:.0f} ms "
+                    f"| {extra.get('cache_len', '-')} | {r['new_tokens']} |")
+    return "\n".join(rows)
+
+
+def smoke(tokenizer_dir: Path | None, backend: str) -> int:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from trainer.tiny import default_base
 
     root = Path(tempfile.mkdtemp(prefix="decode-smoke-"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir or default_base())
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2,
-                                 max_position_embeddings=512)).save_pretrained(root)
-    tok.save_pretrained(root)
-    gen = run(root, "generate", 24, 1)
-    fast = run(root, "fast", 24, 1, force_fast=True)
-    same = gen["ids"][:24] == fast["ids"][:24]
-    print(json.dumps({"generate_tok_s": gen["tokens_per_s"], "fast_tok_s": fast["tokens_per_s"], "same_ids": same}))
-    return 0 if same else 1
+                                 max_position_embeddings=512)).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    results = [run(root / "model", impl, 24, 1, backend=backend, force_fast=True) for impl in IMPLS]
+    print(table(results))
+    same = all(r["ids"][:24] == results[0]["ids"][:24] for r in results)
+    modes = [r["runs"][0].get("mode") for r in results[1:]]
+    print(json.dumps({"same_ids": same, "modes": modes}))
+    return 0 if same and modes == ["graph", "compile"] else 1
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path)
-    p.add_argument("--impl", choices=["generate", "fast"], default="fast")
+    p.add_argument("--impl", choices=IMPLS, default="compile")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--cache-dir", type=Path, help="inductor cache dir for --impl compile (empty: a cold start)")
+    p.add_argument("--profile", type=int, default=0, metavar="TOKENS",
+                   help="after timing, profile one reply of TOKENS tokens (CUDA): top kernels, kernels per token")
+    p.add_argument("--out", type=Path, help="write the result as JSON")
+    p.add_argument("--table", type=Path, nargs="+", metavar="JSON", help="print result JSONs as a markdown table")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--smoke-tokenizer", type=Path, help="tokenizer dir for --smoke (default: the tiny base's)")
+    p.add_argument("--smoke-backend", default="inductor", help="torch.compile backend for --smoke (inductor, eager)")
     a = p.parse_args(argv)
+    if a.table:
+        print(table([json.loads(f.read_text()) for f in a.table]))
+        return 0
     if a.smoke:
-        return smoke(a.smoke_tokenizer)
+        return smoke(a.smoke_tokenizer, a.smoke_backend)
     if a.model is None:
         p.error("--model is required")
-    result = run(a.model, a.impl, a.new_tokens, a.repeats)
-    print(f"RESULT decode {a.impl}: first call {result['first_call_s']:.2f} s (load {result['load_s']:.1f} s), "
+    if a.cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(a.cache_dir)
+    from trainer.errors import UserError
+
+    try:
+        result = run(a.model, a.impl, a.new_tokens, a.repeats, profile_tokens=a.profile)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"RESULT decode {result['label']}: first call {result['first_call_s']:.2f} s "
+          f"(load {result['load_s']:.1f} s), "
           f"{result['tokens_per_s']:.0f} tok/s per reply, {result['ms_per_token']:.2f} ms/token decode, "
-          f"ttft {result['ttft_s'] * 1000:.0f} ms", flush=True)
+          f"ttft {result['ttft_s'] * 1000:.0f} ms, {result['new_tokens']} tokens", flush=True)
+    if result["profile"] and "error" not in result["profile"]:
+        print(f"PROFILE {result['label']}: {result['profile']['kernels_per_token']:.0f} kernels/token, "
+              f"{result['profile']['device_ms_per_token']:.2f} ms/token of kernel time", flush=True)
+    print(table([result]))
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))
     return 0

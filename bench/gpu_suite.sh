@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite: the one command run on the lent 2 x H200 machine (docs/BENCHMARKS.md).
 #
-#   bash bench/gpu_suite.sh explore|final|multi      # on the GPU machine, from the repo root
+#   bash bench/gpu_suite.sh speed|final2|explore|final|multi      # on the GPU machine, from the repo root
 #
 # Needs, carried beside the repo in .whl/ (no registry there): the wheels of transformers 5.24.0,
 # peft 0.21.2 and bitsandbytes 0.50.2 (its CUDA 13 build), and .whl/tiny-base (the tiny base, for its
@@ -11,6 +11,10 @@
 #            decode (generate vs fast_decode), the tiny model on 2 GPUs (DDP LoRA, FSDP full)
 #   final:   baseline best vs ours best, a few hundred steps each (loss curves), and the course's job end
 #            to end (train + merge)
+#   speed:   (session 2) flex attention, bf16 residual, micro-batch 16 vs the baseline at 32k tokens a step,
+#            with a profile of each; the course's LLaVA shape (bench/llava_gpu.py); decode ($DECODE)
+#   final2:  (session 2) ours' best to the end with a profile, decode graph vs compile (cold, warm cache),
+#            the course's job end to end without and with compile
 #   multi:   ours on 1 and on 2 GPUs (same global batch, loss curves), FSDP full fine-tuning of a 14B shape
 set -u
 STAGE=${1:-explore}
@@ -32,13 +36,17 @@ snap() {   # results + logs (never weights) into one tarball in $OUT
      -o -name 'config.yaml' \) -not -path '*/final/*' -not -path '*/checkpoint-*' -not -path '*/model-*' 2>/dev/null \
      | tar czf "$OUT/results-$STAGE.tgz" -T - 2>/dev/null)
 }
+DEADLINE=${DEADLINE:-560}   # seconds: every step ends by then, so the call returns inside its 600 s limit
 step() {   # step NAME TIMEOUT_S CMD... : logged, time-limited, never stops the suite
   local name=$1 limit=$2; shift 2
   local t=$(date +%s)
-  echo "=== $name ($(( t - T0 )) s into the suite)"
+  local left=$(( DEADLINE - (t - T0) ))
+  (( left < limit )) && limit=$left
+  (( limit < 20 )) && { echo "=== $name: skipped, ${left} s left"; return 0; }
+  echo "=== $name ($(( t - T0 )) s into the suite, limit $limit s)"
   timeout --kill-after=20 "$limit" "$@" > "$L/$name.log" 2>&1
   local rc=$?
-  grep -h "^RESULT\|^within\|Error\|error:" "$L/$name.log" | tail -5
+  grep -h "^RESULT\|^PROFILE\|^within\|Error\|error:" "$L/$name.log" | tail -16
   echo "=== $name: exit $rc after $(( $(date +%s) - t )) s"
   snap
   return 0
@@ -67,6 +75,55 @@ step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
 ls -la $R
 
 case "$STAGE" in
+speed)   # session 2: the new speed fields against the baseline at 32k tokens per optimizer step; LLaVA
+  S="--steps ${STEPS:-40} --warmup 8 --profile 2"
+  NU="--extra-set fp32_upcast=false"
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    step base_mb8x2 200 $TS run --impl baseline --root $R --name base_mb8x2 --batch 8 --accum 2 --ckpt $S
+    step llava 220 python3 bench/llava_gpu.py --steps 12 --warmup 3 --batch-sizes 1,4,16 --out $R/llava_gpu.json
+    ${DECODE:-true}
+  ) &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    F="--ckpt --fused-loss --compile"
+    step ours_flex_nu_mb16 240 $TS run --impl ours --root $R --name ours_flex_nu_mb16 --batch 16 $F --attn flex_attention $NU $S
+    step ours_sdpa_nu_mb16 150 $TS run --impl ours --root $R --name ours_sdpa_nu_mb16 --batch 16 $F $NU $S
+    step ours_flex_mb16 150 $TS run --impl ours --root $R --name ours_flex_mb16 --batch 16 $F --attn flex_attention $S
+    step ours_flex_nu_mb8x2 150 $TS run --impl ours --root $R --name ours_flex_nu_mb8x2 --batch 8 --accum 2 $F --attn flex_attention $NU $S
+  ) &
+  wait
+  DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline base_mb8x2 --budget 24
+  cat $L/report.log
+  ;;
+final2)  # session 2: ours' best (from `speed`) to the end with a profile; decode variants; the course's job
+  D="python3 bench/decode_speed.py --model $R/model-internlm2-1.8b"
+  NU="--extra-set fp32_upcast=false"
+  E2E_FAST="--set fused_loss=true --set batch_size=16 --set grad_accum=1 --set fp32_upcast=false"
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    step ours_final 240 $TS run --impl ours --root $R --name ours_final --batch 16 --ckpt --fused-loss --compile \
+      --attn flex_attention $NU --steps 22 --warmup 5 --profile 2
+    step course_e2e 200 python3 bench/course_e2e.py --model $R/model-internlm2-1.8b --data $R/data.jsonl \
+      --work $R/runs/course $E2E_FAST --set gradient_checkpointing=false
+  ) &
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    step decode_graph 90 $D --impl graph --profile 32 --out $R/decode_graph.json
+    rm -rf /tmp/ind-decode
+    step decode_compile_cold 200 $D --impl compile --cache-dir /tmp/ind-decode --profile 32 --out $R/decode_compile_cold.json
+    step decode_compile_warm 100 $D --impl compile --cache-dir /tmp/ind-decode --out $R/decode_compile_warm.json
+    python3 bench/decode_speed.py --table $R/decode_graph.json $R/decode_compile_cold.json $R/decode_compile_warm.json \
+      | tee $L/decode_table.txt
+    # the course's job again with compile + flex attention, on the inductor cache ours_final warmed
+    step course_e2e_compiled 200 python3 bench/course_e2e.py --model $R/model-internlm2-1.8b --data $R/data.jsonl \
+      --work $R/runs/course_c $E2E_FAST --set gradient_checkpointing=false --set compile=true \
+      --set attn_implementation=flex_attention
+  ) &
+  wait
+  DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline ours_final --budget 24
+  cat $L/report.log
+  ;;
 explore)
   S="--steps 25 --warmup 6"
   (
@@ -76,7 +133,7 @@ explore)
     step ours_fce_mb8_ckpt 200 $TS run --impl ours --root $R --name ours_fce_mb8_ckpt --batch 8 --ckpt --fused-loss $S
     step ours_cmp_mb2x4 300 $TS run --impl ours --root $R --name ours_cmp_mb2x4 --batch 2 --accum 4 --fused-loss --compile $S
     step decode_generate 150 python3 bench/decode_speed.py --model $R/model-internlm2-1.8b --impl generate --out $R/decode_generate.json
-    step decode_fast 150 python3 bench/decode_speed.py --model $R/model-internlm2-1.8b --impl fast --out $R/decode_fast.json
+    step decode_fast 150 python3 bench/decode_speed.py --model $R/model-internlm2-1.8b --impl graph --out $R/decode_graph.json
   ) &
   (
     export CUDA_VISIBLE_DEVICES=1

@@ -167,9 +167,58 @@ def run_baseline(a, work: Path, cfg) -> None:
         max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_strategy="no", seed=cfg.seed, data_seed=cfg.seed,
         bf16=on_gpu, use_cpu=not on_gpu, report_to=[], disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
-                      callbacks=[LogLine(collator, cfg, lambda s: print(s, flush=True))])
+    callbacks = [LogLine(collator, cfg, lambda s: print(s, flush=True))]
+    callbacks += [Profile(work, a.steps - a.profile, a.profile)] if a.profile else []
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=callbacks)
     trainer.train()
+
+
+def Profile(work: Path, start: int, steps: int):
+    """A TrainerCallback that runs torch.profiler over `steps` optimizer steps after step `start` and
+    writes where the time went: WORK/profile.txt (top kernels / ops) and WORK/profile.json (GPU busy
+    share of the wall time, top 25 kernels by device time)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class _Profile(TrainerCallback):
+        prof = None
+        t0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == start and self.prof is None:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                acts += [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is None or state.global_step != start + steps:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            # kernels only: an aten op and the kernels it launches both carry the same device time
+            dev = [e for e in events if getattr(e, "self_device_time_total", 0) > 0
+                   and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA] or \
+                  [e for e in events if getattr(e, "self_device_time_total", 0) > 0 and "::" not in e.key]
+            busy = sum(e.self_device_time_total for e in dev) / 1e6
+            top = sorted(dev, key=lambda e: -e.self_device_time_total)[:25]
+            sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            (work / "profile.txt").write_text(events.table(sort_by=sort, row_limit=40, max_name_column_width=90))
+            summary = {"steps": steps, "wall_s": wall, "device_busy_s": busy, "busy_share": busy / wall,
+                       "top": [{"name": e.key[:120], "s": e.self_device_time_total / 1e6, "calls": e.count}
+                               for e in top]}
+            (work / "profile.json").write_text(json.dumps(summary, indent=1))
+            print(f"PROFILE {steps} steps: wall {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%})", flush=True)
+            for e in top[:12]:
+                print(f"PROFILE {e.self_device_time_total / 1e6 / steps * 1e3:8.1f} ms/step {e.count // steps:6d}x "
+                      f"{e.key[:90]}", flush=True)
+            self.prof = None
+
+    return _Profile()
 
 
 def run_ours(a, work: Path) -> None:
@@ -179,7 +228,8 @@ def run_ours(a, work: Path) -> None:
     sets = [f"max_length={a.max_length}", f"batch_size={a.batch}", f"grad_accum={a.accum}", f"max_steps={a.steps}",
             "logging_steps=1", "evaluation_inputs=[]", "save_steps=0", "packing=true",
             f"gradient_checkpointing={str(a.ckpt).lower()}", f"checkpoint_fraction={a.ckpt_fraction}",
-            f"compile={str(a.compile).lower()}", f"fused_loss={str(a.fused_loss).lower()}"]
+            f"compile={str(a.compile).lower()}", f"fused_loss={str(a.fused_loss).lower()}",
+            f"attn_implementation={a.attn}"]
     if a.dtype:
         sets.append(f"dtype={a.dtype}")
     sets += a.extra_set
@@ -191,6 +241,14 @@ def run_ours(a, work: Path) -> None:
             raise SystemExit(f"{a.name}: the {a.gpus}-GPU run failed")
         return
     cfg = load_config(PRESET, {"model": str(a.model_dir), "data": [str(a.data)], "work_dir": str(work)}, sets)
+    if a.profile:
+        import trainer.train as engine
+
+        class ProfiledTrainer(engine.Trainer):     # the engine's own Trainer, plus the profiling callback
+            def __init__(self, *args, callbacks=None, **kwargs):
+                super().__init__(*args, callbacks=(callbacks or []) + [Profile(work, a.steps - a.profile, a.profile)], **kwargs)
+
+        engine.Trainer = ProfiledTrainer
     train(cfg, echo=lambda s: print(s, flush=True))
 
 
@@ -210,7 +268,8 @@ def run(a) -> int:
     (run_baseline(a, work, cfg) if a.impl == "baseline" else run_ours(a, work))
     wall = time.time() - t0
     scalars = [json.loads(x) for x in (work / "scalars.jsonl").read_text().splitlines()]
-    speed = steady(scalars, a.warmup)
+    timed = [r for r in scalars if r["step"] <= a.steps - a.profile]     # profiled steps run slower
+    speed = steady(timed, a.warmup)
     config = AutoConfig.from_pretrained(a.model_dir)
     _, rows = _rows(a.model_dir, a.data, a.max_length)
     fpt = flops_per_token(config, cfg.lora_r, mean_attended(rows))
@@ -218,7 +277,7 @@ def run(a) -> int:
     result = {
         "name": a.name, "impl": a.impl, "gpus": a.gpus, "shape": a.shape, "max_length": a.max_length, "batch": a.batch,
         "accum": a.accum, "ckpt": a.ckpt, "ckpt_fraction": a.ckpt_fraction, "compile": a.compile,
-        "fused_loss": a.fused_loss, "steps": a.steps, "wall_s": round(wall, 1), **{k: round(v, 4) for k, v in speed.items()},
+        "fused_loss": a.fused_loss, "attn": a.attn, "steps": a.steps, "wall_s": round(wall, 1), **{k: round(v, 4) for k, v in speed.items()},
         "peak_gib": max(r["peak_gib"] for r in scalars),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if on_gpu else None,
         "flops_per_token": fpt, "mfu": round(speed["tokens_per_s"] * fpt / (a.peak_tflops * 1e12), 4),
@@ -246,12 +305,13 @@ def versions() -> dict:
 
 def report(root: Path, base: str | None, ours: str | None, budget: float) -> dict:
     results = [json.loads(p.read_text()) for p in sorted((root / "runs").glob("*/result.json"))]
-    lines = [f"{'run':<22}{'impl':<9}{'mb x acc':>9}{'ckpt':>6}{'cmp':>5}{'fCE':>5}{'tok/s':>10}"
+    lines = [f"{'run':<22}{'impl':<9}{'mb x acc':>9}{'ckpt':>6}{'cmp':>5}{'fCE':>5}{'attn':>6}{'tok/s':>10}"
              f"{'s/step':>8}{'peak GiB':>10}{'MFU':>7}"]
     for r in results:
         ck = "no" if not r["ckpt"] else f"{r['ckpt_fraction']:.2g}"
         lines.append(f"{r['name']:<22}{r['impl']:<9}{r['batch']:>5} x {r['accum']:<2}{ck:>6}{'y' if r['compile'] else '-':>5}"
-                     f"{'y' if r['fused_loss'] else '-':>5}{r['tokens_per_s']:>10,.0f}{r['step_s']:>8.3f}"
+                     f"{'y' if r['fused_loss'] else '-':>5}{r.get('attn', 'sdpa')[:5]:>6}"
+                     f"{r['tokens_per_s']:>10,.0f}{r['step_s']:>8.3f}"
                      f"{r['peak_gib']:>10.2f}{r['mfu']:>7.1%}")
 
     def best(impl):
@@ -287,7 +347,7 @@ def smoke(tokenizer_from: Path | None) -> int:
     cmds = [me + ["prepare", "--shape", "smoke", "--out", str(root), "--n", "300", "--device", "cpu", *tok],
             me + ["run", "--impl", "baseline", "--batch", "2", "--accum", "2", "--ckpt", "--name", "base", *steps],
             me + ["run", "--impl", "ours", "--batch", "1", "--accum", "4", "--fused-loss", "--name", "ours",
-                  "--dtype", "fp32", *steps],
+                  "--dtype", "fp32", "--profile", "2", *steps],
             me + ["report", str(root), "--budget", "100"]]
     for cmd in cmds:
         print("+", " ".join(cmd[1:]), flush=True)
@@ -321,6 +381,10 @@ def main(argv=None) -> int:
     pr.add_argument("--ckpt-fraction", type=float, default=1.0)
     pr.add_argument("--compile", action="store_true")
     pr.add_argument("--fused-loss", action="store_true")
+    pr.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention", "eager"],
+                    help="ours only: attn_implementation (flex_attention: block-sparse over packed rows)")
+    pr.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile the last N optimizer steps, left out of the timing (WORK/profile.txt, .json)")
     pr.add_argument("--gpus", type=int, default=1, help="ours only: launch through `train --gpus N`")
     pr.add_argument("--extra-set", action="append", default=[], metavar="KEY=VALUE", help="ours only: more --set")
     pr.add_argument("--dtype", help="override the preset's dtype (the CPU smoke uses fp32)")

@@ -50,19 +50,23 @@ def fit_to_context(tokenizer, messages: list[dict], budget: int) -> tuple[list[i
 
 class ChatEngine:
     def __init__(self, model, tokenizer, system_prompt: str | None = None, max_context: int | None = None,
-                 fast_decode: bool = False):
+                 fast_decode: bool | str = False):
         self.model = model
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.max_context = max_context or context_limit(model)
         self.stop = stop_ids(model, tokenizer)
         self._lock = threading.Lock()
-        # opt-in, CUDA only: static cache + CUDA-graph decode (inference/fast_decode.py); CPU keeps generate
+        # opt-in, CUDA only: static cache + CUDA-graph decode (inference/fast_decode.py); CPU keeps generate.
+        # True is "compile" (the fused step; models it cannot handle fall back to "graph").
         self.fast = None
-        if fast_decode and self.model.device.type == "cuda":
+        mode = "compile" if fast_decode is True else fast_decode or None
+        if mode not in (None, "graph", "compile"):
+            raise ValueError(f"fast_decode={fast_decode!r}: expected True, False, 'graph' or 'compile'")
+        if mode and self.model.device.type == "cuda":
             from inference.fast_decode import StaticDecoder
 
-            self.fast = StaticDecoder(model, max_len=min(self.max_context, 4096))
+            self.fast = StaticDecoder(model, max_len=min(self.max_context, 4096), mode=mode)
 
     def _gen_kwargs(self, max_new_tokens, temperature, top_p, repetition_penalty) -> dict:
         kw = dict(max_new_tokens=max_new_tokens, eos_token_id=self.stop,

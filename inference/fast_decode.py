@@ -1,142 +1,273 @@
-"""Fast batch-1 decoding for the chat engine: a static KV cache, and on CUDA the one-token step
-captured once as a CUDA graph and replayed for every token.
+"""Fast batch-1 decoding for the chat engine: a static KV cache sized to the conversation, and on
+CUDA the one-token step captured once as a CUDA graph and replayed for every token.
 
-    engine = loaded.engine(fast_decode=True)     # CUDA: this path; CPU: plain `generate`, unchanged
+    engine = loaded.engine(fast_decode=True)        # CUDA: mode "compile" (falls back to "graph")
+    engine = loaded.engine(fast_decode="graph")     # CPU: plain `generate`, unchanged, in every mode
 
 Why: `generate` with the default dynamic cache is host-bound on a big GPU (about 27 ms a token for a
 1.8B model on an H200, where reading the weights takes about 1 ms): Python and thousands of kernel
-launches per token. A replayed graph launches the whole step at once. Capturing takes about a second
-and compiles nothing, so the first reply is quick too (torch.compile would take a minute).
+launches per token. A replayed graph launches the whole step at once. Two ways to build the step:
+- "graph": the model's own forward (any architecture, any PEFT adapter) on a `transformers.StaticCache`
+  with an explicit mask over the cache slots. Capture takes about a second and compiles nothing, but
+  the graph replays ~40 small eager kernels per layer.
+- "compile": Llama-family models only (inference/decode_step.py): the layer written out once and
+  torch.compile'd (one graph shared by all layers; inductor's cache on disk), so the norms, rotary,
+  cache writes and softmax fuse into a few kernels. Minutes of compile the first time on a machine,
+  seconds once the cache is warm. Anything it cannot handle falls back to "graph", and says why.
+Both pick the next token on the device inside the graph (argmax; sampling runs on the device too)
+and feed it to the next step there, so the host reads one token id per token and, when greedy, the
+GPU already computes the next token while the host streams the current one.
 
-The step is the model's own forward (any PEFT adapter included) on a `transformers.StaticCache`
-with an explicit attention mask over the cache slots, so the math is `generate`'s: greedy output is
-token-for-token the same (tests/test_speed.py checks it on CPU without the graph).
-`bench/decode_speed.py` measures it against `generate`.
+Cache length comes in buckets (512/1024/2048/4096, never above `max_len`): the smallest that holds
+prompt + max_new_tokens, each with its own cache and graph, so short chats do not attend over 4096
+slots. Greedy output is `generate`'s token for token (tests/test_speed.py checks it on CPU in fp32).
+`bench/decode_speed.py` measures the modes against `generate`.
 """
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from contextlib import nullcontext as _nothing
+from typing import Callable, Iterator
 
 import torch
 from transformers import StaticCache
 
+from inference import decode_step
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> int:
-    """Greedy when temperature is 0, else temperature + nucleus (top-p) sampling, as `generate` does."""
+BUCKETS = (512, 1024, 2048, 4096)
+MODES = ("graph", "compile")
+
+
+def sample_on_device(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Next token id as a 1-element device tensor: argmax when temperature is 0, else temperature +
+    nucleus (top-p) sampling as `generate` does. No host sync."""
     if not temperature or temperature <= 0:
-        return int(logits.argmax(-1))
+        return logits.argmax(-1).view(1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p          # keep the smallest set reaching top_p
         sorted_p[drop] = 0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return int(torch.multinomial(probs / probs.sum(), 1))
+    return torch.multinomial(probs / probs.sum(), 1).view(1)
 
 
-class StaticDecoder:
-    """Decode one conversation at a time into a preallocated cache of `max_len` tokens."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> int:
+    return int(sample_on_device(logits, temperature, top_p))
 
-    def __init__(self, model, max_len: int = 2048, use_graph: bool | None = None):
-        self.model = model
-        self.max_len = max_len
-        self.device = next(model.parameters()).device
-        self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
-        self.cache = StaticCache(config=self.cache_config(), max_cache_len=max_len)
-        self.slots = torch.arange(max_len, device=self.device)
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)   # the step's input
-        self.pos = torch.zeros((1, 1), dtype=torch.long, device=self.device)     # its position
-        self.logits = None
-        self.graph = None
-        self.graph_error: str | None = None
-        self.warmup_s = 0.0
-        self.stats: dict = {}
 
-    def fits(self, total_tokens: int) -> bool:
-        return total_tokens <= self.max_len
+def cache_config(model):
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+class ModelStep:
+    """Mode "graph": the model's own forward on a transformers StaticCache of `length` slots."""
+
+    def __init__(self, model, length: int):
+        self.model, self.length = model, length
+        self.cache = StaticCache(config=cache_config(model), max_cache_len=length)
+        self.slots = torch.arange(length, device=next(model.parameters()).device)
 
     def _forward(self, input_ids, position_ids, mask):
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                          cache=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
-    def _step(self):
-        """One token at `self.pos`: everything a replay does, on static buffers only."""
-        mask = (self.slots <= self.pos.view(1))[None, None, None, :]    # attend to slots 0..pos
-        logits = self._forward(self.token, self.pos, mask)
-        if self.logits is None:
-            self.logits = torch.empty_like(logits)
-        self.logits.copy_(logits)
+    def reset(self):
+        self.cache.reset()        # the cache's own write counter back to slot 0
 
-    def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         self.cache.reset()
-        n = input_ids.shape[1]
-        positions = self.slots[:n][None]
+        positions = self.slots[:input_ids.shape[1]][None]
         mask = (self.slots[None, :] <= positions[0, :, None])[None, None]   # causal over the slots
         return self._forward(input_ids, positions, mask)
 
-    def warm_up(self):
-        """Allocate the cache, and on CUDA capture the step graph (about a second, once)."""
-        if self.graph is not None or not self.use_graph or self.graph_error:
-            return
-        t0 = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                self._prefill(self.token)
-                self.pos.fill_(1)
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):                  # warm kernels and allocator outside the capture
-                        self._step()
-                torch.cuda.current_stream().wait_stream(stream)
+    def decode(self, token: torch.Tensor, pos: torch.Tensor):
+        mask = (self.slots <= pos.view(1))[None, None, None, :]            # attend to slots 0..pos
+        logits = self._forward(token, pos, mask)
+        return logits, logits.argmax(-1, keepdim=True)
+
+
+class Bucket:
+    """One cache length: its step (cache included) and, on CUDA, its captured graph."""
+
+    def __init__(self, step):
+        self.step, self.length = step, step.length
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+
+class StaticDecoder:
+    """Decode one conversation at a time into a preallocated cache of at most `max_len` tokens.
+
+    mode: "graph" or "compile" (see the module docstring); backend: torch.compile's ("inductor";
+    tests use others). use_graph: capture CUDA graphs (default: on CUDA)."""
+
+    def __init__(self, model, max_len: int = 2048, use_graph: bool | None = None, mode: str = "graph",
+                 backend: str = "inductor", buckets: tuple[int, ...] = BUCKETS):
+        if mode not in MODES:
+            raise ValueError(f"fast decode mode {mode!r}: expected one of {', '.join(MODES)}")
+        self.model, self.max_len, self.backend = model, max_len, backend
+        self.device = next(model.parameters()).device
+        self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
+        self.fallback = decode_step.unsupported(model, max_len) if mode == "compile" else None
+        self.mode = "graph" if self.fallback else mode
+        self.lengths = sorted({b for b in buckets if b < max_len} | {max_len})
+        self.buckets: dict[int, Bucket] = {}
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)   # the step's input...
+        self.pos = torch.zeros((1, 1), dtype=torch.long, device=self.device)     # ...and its slot
+        self.logits: torch.Tensor | None = None                                  # the step's output
+        pin = self.device.type == "cuda"
+        self.host = torch.zeros(2, dtype=torch.long, pin_memory=pin)             # token ids, read back
+        self.events = [torch.cuda.Event() for _ in range(2)] if pin else [None, None]
+        self.slot = 0
+        self.graph_error: str | None = None
+        self.warmup_s = 0.0                                                      # all buckets so far
+        self.stats: dict = {}
+
+    def fits(self, total_tokens: int) -> bool:
+        return total_tokens <= self.max_len
+
+    def bucket_length(self, total_tokens: int) -> int:
+        return next((n for n in self.lengths if n >= total_tokens), self.max_len)
+
+    # -- building a bucket ---------------------------------------------------------------------
+
+    def _new_step(self, length: int):
+        if self.mode == "compile":
+            try:
+                return decode_step.LayerStep(self.model, length, compile=True, backend=self.backend)
+            except Exception as exc:   # e.g. an unexpected layer: the model's own forward still works
+                self._fall_back(exc)
+        return ModelStep(self.model, length)
+
+    def _fall_back(self, exc: BaseException):
+        self.fallback = f"{type(exc).__name__}: {exc}"
+        self.mode = "graph"                               # for this bucket and those built later
+
+    def _advance(self, step):
+        """One token: logits, next token and slot of the step, all on the device (what a replay does)."""
+        logits, nxt = step.decode(self.token, self.pos)
+        self.logits.copy_(logits)
+        self.token.copy_(nxt)
+        self.pos.add_(1)
+
+    @torch.inference_mode()
+    def _warm(self, bucket: Bucket):
+        """Allocate the cache, compile (mode "compile") and capture the step graph (CUDA). An error
+        before the capture is the step's own (the caller falls back from "compile"); a capture the
+        driver refuses leaves the step running eagerly."""
+        step = bucket.step
+        logits = step.prefill(self.token)                  # a 1-token prompt allocates what a step needs
+        if self.logits is None:                            # one output buffer for every bucket's graph
+            self.logits = torch.empty_like(logits)
+        self.pos.fill_(1)
+        stream = torch.cuda.Stream() if self.use_graph else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else _nothing():
+            for _ in range(2 if self.use_graph else 1):   # compile, warm kernels and the allocator
+                self._advance(step)
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+            try:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    self._step()
-                self.graph = graph
-                self.cache.reset()
-        except Exception as exc:   # an op the capture refuses: keep the static cache, run eagerly
-            self.graph_error = f"{type(exc).__name__}: {exc}"
-            self.graph = None
-            self.cache = StaticCache(config=self.cache_config(), max_cache_len=self.max_len)
-        self.warmup_s = time.perf_counter() - t0
+                    self._advance(step)
+                bucket.graph = graph
+            except Exception as exc:
+                torch.cuda.synchronize()
+                self.graph_error = f"{type(exc).__name__}: {exc}"
+                if isinstance(step, ModelStep):            # its cache counter may be half-way: a fresh one
+                    bucket.step = step = ModelStep(self.model, bucket.length)
+        step.reset()
 
-    def cache_config(self):
-        config = self.model.config
-        return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    def bucket(self, total_tokens: int) -> Bucket:
+        """The bucket for a conversation of `total_tokens`, built and warmed on first use."""
+        length = self.bucket_length(total_tokens)
+        if length not in self.buckets:
+            t0 = time.perf_counter()
+            bucket = Bucket(self._new_step(length))
+            try:
+                self._warm(bucket)
+            except Exception as exc:
+                if self.mode != "compile":
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                self._fall_back(exc)                         # compile failed: the model's own forward
+                bucket = Bucket(ModelStep(self.model, length))
+                self._warm(bucket)
+            self.buckets[length] = bucket
+            self.warmup_s += time.perf_counter() - t0
+        return self.buckets[length]
+
+    def warm_up(self, total_tokens: int | None = None):
+        """Build the bucket a conversation of `total_tokens` (default: the largest) would use."""
+        self.bucket(total_tokens or self.max_len)
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def _fetch(self) -> Callable[[], int]:
+        """Start copying the current token id to the host; the returned call waits for it."""
+        self.slot = i = 1 - self.slot
+        self.host[i:i + 1].copy_(self.token.view(1), non_blocking=True)
+        event = self.events[i]
+        if event is not None:
+            event.record()
+
+        def read() -> int:
+            if event is not None:
+                event.synchronize()
+            return int(self.host[i])
+        return read
+
+    @torch.inference_mode()
+    def _start(self, bucket: Bucket, input_ids, temperature, top_p) -> Callable[[], int]:
+        logits = bucket.step.prefill(input_ids.to(self.device))
+        self.token.copy_(sample_on_device(logits[0], temperature, top_p).view(1, 1))
+        self.pos.fill_(input_ids.shape[1])
+        return self._fetch()
+
+    @torch.inference_mode()
+    def _next(self, bucket: Bucket, temperature, top_p) -> Callable[[], int]:
+        if bucket.graph is not None:
+            bucket.graph.replay()
+        else:
+            self._advance(bucket.step)
+        if temperature and temperature > 0:      # the graph chose argmax: sample instead, on the device
+            self.token.copy_(sample_on_device(self.logits[0], temperature, top_p).view(1, 1))
+        return self._fetch()
 
     def tokens(self, input_ids: torch.Tensor, max_new_tokens: int, stop_ids, temperature: float = 0.0,
                top_p: float = 1.0) -> Iterator[int]:
         """Yield generated token ids (stop token excluded) for one prompt of shape [1, n]."""
-        self.warm_up()
+        n = input_ids.shape[1]
+        bucket = self.bucket(n + max_new_tokens)
+        greedy = not temperature or temperature <= 0
         stop = set(stop_ids)
         t0 = time.perf_counter()
-        n = input_ids.shape[1]
+        first = None
         produced = 0
-        with torch.inference_mode():
-            logits = self._prefill(input_ids.to(self.device))
-            first = None
-            for i in range(max_new_tokens):
-                next_id = sample_next(logits[0], temperature, top_p)
-                if first is None:
-                    first = time.perf_counter() - t0
-                if next_id in stop:
-                    break
-                produced += 1
-                yield next_id
-                if n + i + 1 >= self.max_len or i + 1 == max_new_tokens:
-                    break
-                self.token.fill_(next_id)
-                self.pos.fill_(n + i)
-                if self.graph is not None:
-                    self.graph.replay()
-                else:
-                    self._step()
-                logits = self.logits
-        elapsed = time.perf_counter() - t0
-        self.stats = {"prompt_tokens": n, "new_tokens": produced, "ttft_s": first or 0.0, "elapsed_s": elapsed,
-                      "graph": self.graph is not None, "graph_error": self.graph_error}
+        pending = self._start(bucket, input_ids, temperature, top_p)
+        for i in range(max_new_tokens):
+            more = i + 1 < max_new_tokens and n + i < bucket.length      # room to decode token i
+            ahead = self._next(bucket, 0.0, 1.0) if more and greedy else None   # overlap with the host
+            next_id = pending()
+            if first is None:
+                first = time.perf_counter() - t0
+            if next_id in stop:
+                break
+            produced += 1
+            yield next_id
+            if not more:
+                break
+            pending = ahead or self._next(bucket, temperature, top_p)
+        self.stats = {"prompt_tokens": n, "new_tokens": produced, "ttft_s": first or 0.0,
+                      "elapsed_s": time.perf_counter() - t0, "cache_len": bucket.length,
+                      "mode": "compile" if isinstance(bucket.step, decode_step.LayerStep) else "graph",
+                      "graph": bucket.graph is not None, "graph_error": self.graph_error,
+                      "fallback": self.fallback, "warmup_s": self.warmup_s}
 
 
 def stream_text(tokenizer, token_ids: Iterator[int]) -> Iterator[str]:

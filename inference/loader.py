@@ -9,7 +9,6 @@ first, then model dir) and becomes the engine's default.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -18,12 +17,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from inference.assistant_file import (ASSISTANT_FILE, read_assistant_file, read_system_prompt,  # noqa: F401
+                                     write_assistant_file)
 from inference.device import Placement, fit_gpu, pick
 from inference.engine import ChatEngine
 from trainer.errors import UserError
 
 log = logging.getLogger("own_assistant.loader")
-ASSISTANT_FILE = "assistant.json"
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec"
 
 
@@ -77,18 +77,6 @@ def param_count(model_dir) -> int:
             for name in st.keys():
                 total += math.prod(st.get_slice(name).get_shape())
     return total
-
-
-def read_system_prompt(*dirs) -> str | None:
-    for d in dirs:
-        if d and (Path(d) / ASSISTANT_FILE).is_file():
-            return json.loads((Path(d) / ASSISTANT_FILE).read_text(encoding="utf-8")).get("system_prompt")
-    return None
-
-
-def write_assistant_file(out_dir, system_prompt: str | None, **extra) -> None:
-    data = {"system_prompt": system_prompt, **extra}
-    (Path(out_dir) / ASSISTANT_FILE).write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def quantization_config(bits: int | None, compute_dtype: torch.dtype):

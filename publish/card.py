@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from inference.assistant_file import local_paths
 from trainer.mix import manifest_path
 
 SCORE_KEYS = ("identity", "leakage", "retention", "accuracy")
@@ -142,7 +143,7 @@ def _fmt(v) -> str:
 
 
 def model_card(model_dir: Path, repo_name: str, clone_url: str, files: list[str]) -> str:
-    info = _read_json(model_dir / "assistant.json")
+    info = local_paths(_read_json(model_dir / "assistant.json"), model_dir)     # `~/...` back to a usable path
     config = _read_json(model_dir / "config.json")
     cfg = train_config(model_dir, info)
     base = _short(info.get("base_model") or config.get("_name_or_path"))

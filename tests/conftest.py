@@ -63,3 +63,91 @@ def merged_model(tiny_base, tuned_adapter, session_dir) -> Path:
     from trainer.merge import merge
 
     return merge(tiny_base, tuned_adapter, session_dir / "merged")
+
+
+# Multimodal (LLaVA) on tiny real parts, built once per session and shared by tests/test_multimodal.py,
+# tests/test_app.py and tests/test_web_demo.py: synthetic shape images, a CLIP-style tower and a chat LLM
+# that know them (trainer/multimodal/standins.py), stage pretrain through the CLI, stage finetune, and the
+# merged transformers LLaVA export (~70 s on 2 cores in all).
+MM_STEPS = {"pretrain": 150, "finetune": 100, "save": 50}      # save: a mid-run checkpoint in both stages
+# (test_multimodal.py imports MM_STEPS to find the checkpoints and sample-chat files by step)
+
+
+@pytest.fixture(scope="session")
+def mm_dir(session_dir) -> Path:
+    path = session_dir / "mm"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="session")
+def mm_shapes(mm_dir) -> dict:
+    from trainer.multimodal.synthetic import write_shapes
+
+    return write_shapes(mm_dir / "shapes", n=900, heldout=45, size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def mm_tower(mm_shapes, mm_dir) -> str:
+    from trainer.multimodal.standins import train_tiny_vision
+
+    return str(train_tiny_vision(mm_shapes["captions"], mm_dir / "tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def mm_llm(mm_shapes, mm_dir) -> Path:
+    from trainer.multimodal.standins import build_shapes_llm
+
+    return build_shapes_llm(mm_shapes["caption_text"], mm_dir / "llm")
+
+
+@pytest.fixture(scope="session")
+def mm_pretrained(mm_llm, mm_tower, mm_shapes, mm_dir) -> Path:
+    """Stage pretrain through the CLI: only the projector learns, from image-caption pairs."""
+    from trainer.__main__ import main as cli
+
+    work = mm_dir / "pretrain"
+    assert cli(["mm-train", "llava_tiny_pretrain", "--model", str(mm_llm), "--visual-encoder", mm_tower,
+                "--data", str(mm_shapes["captions"]), "--work-dir", str(work),
+                "--set", f"max_steps={MM_STEPS['pretrain']}", "--set", "evaluation_inputs=[]",
+                "--set", f"save_steps={MM_STEPS['save']}"]) == 0
+    return work / "final"
+
+
+@pytest.fixture(scope="session")
+def mm_finetuned(mm_llm, mm_tower, mm_shapes, mm_pretrained, mm_dir) -> Path:
+    """Stage finetune: LoRA on the LLM + the pretrained projector, on colour/shape questions."""
+    from trainer.multimodal.config import load_mm_config
+    from trainer.multimodal.train import train_mm
+
+    cfg = load_mm_config("llava_tiny_finetune", {"model": str(mm_llm), "visual_encoder": mm_tower,
+                                                 "data": [str(mm_shapes["questions"])],
+                                                 "work_dir": str(mm_dir / "finetune")},
+                         [f"max_steps={MM_STEPS['finetune']}", f"pretrained_projector={mm_pretrained}",
+                          f"save_steps={MM_STEPS['save']}", "evaluation_images=[images/heldout00000.png]"])
+    return train_mm(cfg, echo=lambda s: None)
+
+
+@pytest.fixture(scope="session")
+def mm_merged(mm_finetuned, mm_dir) -> Path:
+    """`mm-export --merge`: the finetuned run as one transformers LLaVA dir."""
+    from trainer.__main__ import main as cli
+
+    out = mm_dir / "merged"
+    assert cli(["mm-export", str(mm_finetuned), str(out), "--merge"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def mm_colour_images(mm_shapes) -> dict:
+    """One held-out image per colour (never trained on): {"red": path, "green": path, "blue": path}."""
+    from trainer.multimodal.data import read_llava_records
+
+    out = {}
+    for rec in read_llava_records(mm_shapes["heldout"]):
+        answer = rec["messages"][-1]["content"]              # "It is red." for the colour questions
+        colour = answer.removeprefix("It is ").rstrip(".")
+        if colour in ("red", "green", "blue"):
+            out.setdefault(colour, Path(rec["image"]))
+    assert len(out) == 3, out
+    return out

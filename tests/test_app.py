@@ -9,6 +9,10 @@ a space_config.json preset is read when the environment names no model; a
 missing repo, a repo without weights, LFS pointers never pulled and a double setting each give one
 clear line in the log and on the page (and as the chat answer), no traceback; 20 concurrent chats
 against the launched app are all answered; the GPU fallback picks 4-bit or CPU when memory is short.
+A multimodal model (the tiny LLaVA of tests/conftest.py, merged export) gets an image box: through
+gradio_client with handle_file, each held-out image's colour question gets the engine's own greedy
+answer, which is the right colour; a follow-up without a file stays about that image; a file that is
+no image is a one-line answer; a text model keeps the plain text box.
 """
 from __future__ import annotations
 
@@ -121,6 +125,7 @@ def test_model_path_and_the_default_demo_base(app, merged_model, tmp_path):
     import gradio as gr
 
     assert isinstance(app.demo, gr.ChatInterface)                 # module level, not launched on import
+    assert not app.demo.multimodal and type(app.demo.textbox) is gr.Textbox    # a text model: no image input
     assert str(merged_model) in app.demo.description and "CPU (float32)" in app.demo.description
     saved = tmp_path / "with-prompt"
     saved.mkdir()
@@ -212,3 +217,40 @@ def test_gpu_too_small_falls_back(merged_model):
     assert fit_gpu(big, gpu, free_bytes=2 * 2 ** 30, have_bnb=True)[0].device == "cpu"   # even 4-bit won't fit
     cpu = Placement("cpu", torch.float32)
     assert fit_gpu(big, cpu, free_bytes=0, have_bnb=True) == (cpu, None, "")
+
+
+def test_multimodal_model_takes_an_image_through_the_api(mm_merged, mm_colour_images, tmp_path):
+    import gradio as gr
+    from gradio_client import Client, handle_file
+
+    from trainer.multimodal.chat import load_llava
+
+    mm_app = import_app(mm_merged)                                # MODEL_PATH = the merged LLaVA export
+    assert mm_app.demo.multimodal and isinstance(mm_app.demo.textbox, gr.MultimodalTextbox)
+    assert "attach one" in mm_app.demo.description
+    own = load_llava(mm_merged, None, device="cpu").engine()      # the chat CLI's loader, apart from the app
+    q1, q2 = "what colour is the shape?", "what shape is it?"
+    settings = dict(system_prompt="", temperature=0, top_p=0.9, max_new_tokens=16, api_name="/chat")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    with serving(mm_app.demo) as url:
+        for colour, image in mm_colour_images.items():
+            client = Client(url, verbose=False)                   # one client = one conversation
+            partials = [str(p) for p in client.submit(message={"text": q1, "files": [handle_file(str(image))]},
+                                                      **settings)]
+            expected = own.with_image(image).chat([{"role": "user", "content": q1}], max_new_tokens=16,
+                                                  system_prompt="")
+            assert growing(partials) and partials[-1] == expected, (colour, partials, expected)
+            assert expected == f"It is {colour}."                 # the answer depends on the image
+            follow = str(client.predict(message={"text": q2, "files": []}, **settings))
+            history = [{"role": "user", "content": q1}, {"role": "assistant", "content": expected},
+                       {"role": "user", "content": q2}]
+            assert follow == own.with_image(image).chat(history, max_new_tokens=16, system_prompt="")
+            # still about the image: without it the same conversation gets another answer
+            assert follow != own.with_image(None).chat(history, max_new_tokens=16, system_prompt="")
+        text_only = str(Client(url, verbose=False).predict(message={"text": q1}, **settings))
+        assert text_only == own.with_image(None).chat([{"role": "user", "content": q1}], max_new_tokens=16,
+                                                      system_prompt="")
+        bad = str(Client(url, verbose=False).predict(message={"text": q1, "files": [handle_file(str(broken))]},
+                                                     **settings))
+        assert bad == "⚠️ Cannot read the image broken.png -- attach a PNG, JPEG or WebP file."

@@ -82,3 +82,31 @@ def test_adapter_of_another_base_is_a_one_line_error(tiny_base, qlora_adapter, t
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "does not fit the base model" in err
     assert not (tmp_path / "out").exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_assistant_file_is_portable_and_still_read(tiny_base, qlora_adapter, tmp_path, monkeypatch):
+    """A merged model is published: assistant.json must not carry the trainer's home path, and what
+    reads it (system prompt for chat, base model for eval) must keep working on this machine."""
+    from inference import load
+    from inference.assistant_file import portable_path, read_assistant_file
+    from trainer.evaluate import resolve_base
+
+    home = tmp_path / "home" / "alice"
+    base, adapter = home / "models" / "base", home / "runs" / "lumi" / "final"
+    shutil.copytree(tiny_base, base)
+    shutil.copytree(qlora_adapter, adapter)
+    monkeypatch.setenv("HOME", str(home))
+    out = merge(base, adapter, home / "merged")
+
+    stored = json.loads((out / "assistant.json").read_text(encoding="utf-8"))
+    assert stored["base_model"] == "~/models/base" and stored["adapter"] == "~/runs/lumi/final"
+    leaks = [f.name for f in out.iterdir() if f.suffix in (".json", ".jinja") and str(home) in f.read_text("utf-8")]
+    assert not leaks, leaks
+    info = read_assistant_file(out)
+    assert Path(info["base_model"]) == base and Path(info["adapter"]) == adapter
+    assert info["system_prompt"] == read_assistant_file(adapter)["system_prompt"] == load(out).system_prompt
+    assert resolve_base(None, out, required=False) == base
+    # inside the model dir -> relative; a hub id or an unrelated path -> as given
+    assert portable_path(out / "extra" / "x.bin", out) == "./extra/x.bin"
+    assert portable_path("Qwen/Qwen2-0.5B", out) == "Qwen/Qwen2-0.5B"
+    assert portable_path("/opt/models/base", out) == "/opt/models/base"

@@ -15,67 +15,21 @@ import re
 import shutil
 import sys
 
-import pytest
 import torch
 
 from trainer.__main__ import main as cli
 from trainer.multimodal.data import read_llava_records
 from trainer.multimodal.demo import CAPTION, ask, describe, score
-from trainer.multimodal.standins import build_shapes_llm, train_tiny_vision
+from conftest import MM_STEPS
 
-PRETRAIN_STEPS, FINETUNE_STEPS = 150, 100
-SAVE = FINETUNE_STEPS // 2           # a mid-run checkpoint in both stages
-
-
-@pytest.fixture(scope="module")
-def mm_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("mm")
+# The tiny parts and both stages are session fixtures in tests/conftest.py (mm_*): the app and web demo
+# tests serve the same merged model.
+FINETUNE_STEPS, SAVE = MM_STEPS["finetune"], MM_STEPS["save"]
 
 
-@pytest.fixture(scope="module")
-def shapes(mm_dir):
-    from trainer.multimodal.synthetic import write_shapes
-
-    return write_shapes(mm_dir / "shapes", n=900, heldout=45, size=32, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tower(shapes, mm_dir):
-    return str(train_tiny_vision(shapes["captions"], mm_dir / "tiny-clip"))
-
-
-@pytest.fixture(scope="module")
-def llm(shapes, mm_dir):
-    return build_shapes_llm(shapes["caption_text"], mm_dir / "llm")
-
-
-@pytest.fixture(scope="module")
-def pretrained(llm, tower, shapes, mm_dir):
-    """Stage pretrain through the CLI: only the projector learns, from image-caption pairs."""
-    work = mm_dir / "pretrain"
-    assert cli(["mm-train", "llava_tiny_pretrain", "--model", str(llm), "--visual-encoder", tower,
-                "--data", str(shapes["captions"]),
-                "--work-dir", str(work), "--set", f"max_steps={PRETRAIN_STEPS}", "--set", "evaluation_inputs=[]",
-                "--set", f"save_steps={SAVE}"]) == 0
-    return work / "final"
-
-
-@pytest.fixture(scope="module")
-def finetuned(llm, tower, shapes, pretrained, mm_dir):
-    """Stage finetune: LoRA on the LLM + the pretrained projector, on colour/shape questions."""
-    from trainer.multimodal.config import load_mm_config
-    from trainer.multimodal.train import train_mm
-
-    cfg = load_mm_config("llava_tiny_finetune", {"model": str(llm), "visual_encoder": tower,
-                                                 "data": [str(shapes["questions"])], "work_dir": str(mm_dir / "finetune")},
-                         [f"max_steps={FINETUNE_STEPS}", f"pretrained_projector={pretrained}", f"save_steps={SAVE}",
-                          "evaluation_images=[images/heldout00000.png]"])
-    return train_mm(cfg, echo=lambda s: None)
-
-
-def test_before_finetune_it_only_captions(llm, tower, pretrained, shapes):
+def test_before_finetune_it_only_captions(mm_llm, mm_tower, mm_pretrained, mm_shapes):
     """The course's "before": the pretrained projector makes the LLM caption the image, whatever it is asked."""
-    got = ask(llm, tower, pretrained, read_llava_records(shapes["heldout"]))
+    got = ask(mm_llm, mm_tower, mm_pretrained, read_llava_records(mm_shapes["heldout"]))
     s = score(got)
     colour_ok = sum(bool(CAPTION.match(a)) and a.split()[1] in truth for q, a, truth in got if "colour" in q)
     print(f"\npretrain only, held-out: {describe(s)}; e.g. {got[1][:2]}; caption colour right for "
@@ -84,8 +38,8 @@ def test_before_finetune_it_only_captions(llm, tower, pretrained, shapes):
     assert colour_ok >= 0.8 * s["colour"][1]      # the projector alone already grounds the colour words
 
 
-def test_after_finetune_it_answers_held_out_questions(llm, tower, finetuned, shapes):
-    got = ask(llm, tower, finetuned, read_llava_records(shapes["heldout"]))
+def test_after_finetune_it_answers_held_out_questions(mm_llm, mm_tower, mm_finetuned, mm_shapes):
+    got = ask(mm_llm, mm_tower, mm_finetuned, read_llava_records(mm_shapes["heldout"]))
     s = score(got)
     print(f"\nafter finetune, held-out: {describe(s)}; e.g. {got[:2]}")
     assert s["captions"] == 0
@@ -93,13 +47,13 @@ def test_after_finetune_it_answers_held_out_questions(llm, tower, finetuned, sha
     assert s["right"] >= 0.8
 
 
-def test_run_files_sample_chats_and_checkpoints(finetuned, pretrained):
+def test_run_files_sample_chats_and_checkpoints(mm_finetuned, mm_pretrained):
     for name in ("adapter_model.safetensors", "projector.safetensors", "llava.json", "assistant.json",
                  "processor_config.json", "chat_template.jinja"):
-        assert (finetuned / name).is_file(), name
-    info = json.loads((finetuned / "llava.json").read_text(encoding="utf-8"))
+        assert (mm_finetuned / name).is_file(), name
+    info = json.loads((mm_finetuned / "llava.json").read_text(encoding="utf-8"))
     assert info["stage"] == "finetune" and info["base"]["visual_encoder"].endswith("tiny-clip") and info["image_tokens"] == 16
-    work = finetuned.parent
+    work = mm_finetuned.parent
     before = (work / "eval_outputs_step_0.txt").read_text(encoding="utf-8")
     after = (work / f"eval_outputs_step_{FINETUNE_STEPS}.txt").read_text(encoding="utf-8")
     assert "heldout00000.png" in before and CAPTION.search(before.split("A: ")[1].splitlines()[0])
@@ -107,18 +61,19 @@ def test_run_files_sample_chats_and_checkpoints(finetuned, pretrained):
     ckpt = work / f"checkpoint-{SAVE}"
     for name in ("checkpoint.json", "llava.json", "projector.safetensors", "adapter_model.safetensors"):
         assert (ckpt / name).is_file(), name
-    assert (pretrained.parent / f"checkpoint-{SAVE}" / "projector.safetensors").is_file()
+    assert (mm_pretrained.parent / f"checkpoint-{SAVE}" / "projector.safetensors").is_file()
 
 
-def test_merged_export_runs_in_plain_transformers_with_the_same_answer(llm, tower, finetuned, shapes, mm_dir):
+def test_merged_export_runs_in_plain_transformers_with_the_same_answer(mm_llm, mm_tower, mm_finetuned, mm_shapes,
+                                                                        mm_merged):
+    """mm_merged is `mm-export --merge` through the CLI (tests/conftest.py)."""
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from trainer.multimodal.chat import ImageChatEngine, load_llava
 
-    out = mm_dir / "merged"
-    assert cli(["mm-export", str(finetuned), str(out), "--merge"]) == 0
-    image = shapes["image_folder"] / "images" / "heldout00003.png"
+    out = mm_merged
+    image = mm_shapes["image_folder"] / "images" / "heldout00003.png"
     question = "what shape is it?"
 
     model = LlavaForConditionalGeneration.from_pretrained(out).eval()     # plain transformers, nothing of ours
@@ -130,7 +85,7 @@ def test_merged_export_runs_in_plain_transformers_with_the_same_answer(llm, towe
         plain = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
 
     ours_merged = ImageChatEngine(model, processor, image).greedy_ids([{"role": "user", "content": question}], 12)
-    unmerged = load_llava(llm, image, llava=finetuned, visual_encoder=tower, device="cpu").engine()
+    unmerged = load_llava(mm_llm, image, llava=mm_finetuned, visual_encoder=mm_tower, device="cpu").engine()
     ours_adapter = unmerged.greedy_ids([{"role": "user", "content": question}], 12)
     text = processor.tokenizer.decode(plain, skip_special_tokens=True)
     print(f"\nplain transformers on the merged export: {text!r}")
@@ -138,27 +93,25 @@ def test_merged_export_runs_in_plain_transformers_with_the_same_answer(llm, towe
     assert text.startswith("It is a ")
 
 
-def test_adapter_export_and_chat_cli_course_style(llm, tower, finetuned, shapes, mm_dir, monkeypatch, capsys):
+def test_adapter_export_and_chat_cli_course_style(mm_llm, mm_tower, mm_finetuned, mm_shapes, mm_dir, monkeypatch, capsys):
     out = mm_dir / "adapter_export"
-    ckpt = finetuned.parent / f"checkpoint-{SAVE}"
+    ckpt = mm_finetuned.parent / f"checkpoint-{SAVE}"
     assert cli(["mm-export", str(ckpt), str(out)]) == 0
     names = {p.name for p in out.iterdir()}
     assert {"adapter_model.safetensors", "projector.safetensors", "llava.json", "processor_config.json"} <= names
     assert not names & {"optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth"}
-    image = shapes["image_folder"] / "images" / "heldout00001.png"
+    image = mm_shapes["image_folder"] / "images" / "heldout00001.png"
     monkeypatch.setattr(sys, "stdin", io.StringIO("what colour is the shape?\n\nEXIT\n"))
     capsys.readouterr()
-    assert cli(["chat", str(llm), "--visual-encoder", tower, "--llava", str(out), "--image", str(image),
+    assert cli(["chat", str(mm_llm), "--visual-encoder", mm_tower, "--llava", str(out), "--image", str(image),
                 "--device", "cpu", "--max-new-tokens", "12"]) == 0
     reply = capsys.readouterr().out.strip()
     print(f"\nchat --llava (checkpoint-{SAVE} export): {reply!r}")
     assert re.fullmatch(r"It is (red|green|blue)\.", reply)      # an answer to the question, not a caption
 
 
-def test_chat_cli_bad_image_inputs(mm_dir, shapes, finetuned, capsys):
-    merged = mm_dir / "merged"
-    if not merged.is_dir():
-        assert cli(["mm-export", str(finetuned), str(merged), "--merge"]) == 0
+def test_chat_cli_bad_image_inputs(mm_dir, mm_merged, capsys):
+    merged = mm_merged
     broken = mm_dir / "broken.jpg"
     broken.write_bytes(b"JFIF? no")
     for image, words in ((mm_dir / "nope.png", "not found"), (broken, "cannot read image")):
@@ -170,10 +123,10 @@ def test_chat_cli_bad_image_inputs(mm_dir, shapes, finetuned, capsys):
     assert not (mm_dir / "x").exists()
 
 
-def test_resume_continues_a_llava_run_and_refuses_another_stage(llm, tower, finetuned, shapes, mm_dir, capsys):
+def test_resume_continues_a_llava_run_and_refuses_another_stage(mm_llm, mm_tower, mm_finetuned, mm_shapes, mm_dir, capsys):
     work = mm_dir / "resumed"
-    shutil.copytree(finetuned.parent, work, ignore=shutil.ignore_patterns("final"))
-    common = ["--model", str(llm), "--visual-encoder", tower, "--data", str(shapes["questions"]),
+    shutil.copytree(mm_finetuned.parent, work, ignore=shutil.ignore_patterns("final"))
+    common = ["--model", str(mm_llm), "--visual-encoder", mm_tower, "--data", str(mm_shapes["questions"]),
               "--work-dir", str(work)]
     capsys.readouterr()
     assert cli(["mm-train", "llava_tiny_finetune", *common, "--resume", "--set", f"max_steps={FINETUNE_STEPS + 3}",
@@ -182,12 +135,12 @@ def test_resume_continues_a_llava_run_and_refuses_another_stage(llm, tower, fine
     state = json.loads((work / f"checkpoint-{FINETUNE_STEPS + 3}" / "trainer_state.json").read_text(encoding="utf-8"))
     assert state["global_step"] == FINETUNE_STEPS + 3 and (work / "final" / "adapter_model.safetensors").is_file()
     scalars = (work / "scalars.jsonl").read_text(encoding="utf-8")
-    assert scalars == (finetuned.parent / "scalars.jsonl").read_text(encoding="utf-8")   # nothing logged twice
+    assert scalars == (mm_finetuned.parent / "scalars.jsonl").read_text(encoding="utf-8")   # nothing logged twice
     assert cli(["mm-train", "llava_tiny_pretrain", *common, "--resume", str(work / f"checkpoint-{FINETUNE_STEPS}")]) == 2
     assert "stage finetune checkpoint cannot resume stage pretrain" in capsys.readouterr().err
 
 
-def test_qlora_finetune_quantizes_only_the_llm(llm, tower, shapes, pretrained, mm_dir):
+def test_qlora_finetune_quantizes_only_the_llm(mm_llm, mm_tower, mm_shapes, mm_pretrained, mm_dir):
     """bits 4 (QLoRA) plus LoRA on the vision tower: the course's finetune configuration, on CPU."""
     import bitsandbytes as bnb
     from transformers import TrainerCallback
@@ -202,10 +155,10 @@ def test_qlora_finetune_quantizes_only_the_llm(llm, tower, shapes, pretrained, m
             seen["4bit"] = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
             seen["trainable"] = [n for n, p in model.named_parameters() if p.requires_grad]
 
-    cfg = load_mm_config("llava_tiny_finetune", {"model": str(llm), "visual_encoder": tower,
-                                                 "data": [str(shapes["questions"])], "work_dir": str(mm_dir / "qlora")},
+    cfg = load_mm_config("llava_tiny_finetune", {"model": str(mm_llm), "visual_encoder": mm_tower,
+                                                 "data": [str(mm_shapes["questions"])], "work_dir": str(mm_dir / "qlora")},
                          ["bits=4", "vision_lora=true", "max_steps=2", "batch_size=4", "evaluation_inputs=[]",
-                          f"pretrained_projector={pretrained}"])
+                          f"pretrained_projector={mm_pretrained}"])
     final = train_mm(cfg, echo=lambda s: None, extra_callbacks=[Inspect()])
     assert (final / "adapter_model.safetensors").is_file()
     assert seen["4bit"] and all(".language_model." in n for n in seen["4bit"])
@@ -215,7 +168,7 @@ def test_qlora_finetune_quantizes_only_the_llm(llm, tower, shapes, pretrained, m
     assert not any(p.name.startswith(".llava-assembled-") for p in (mm_dir / "qlora").iterdir())
 
 
-def test_mm_build_is_deterministic_and_loads_in_transformers(llm, tower, pretrained, shapes, mm_dir):
+def test_mm_build_is_deterministic_and_loads_in_transformers(mm_llm, mm_tower, mm_pretrained, mm_shapes, mm_dir):
     """`mm-build` + a pretrained projector equals the base rebuilt at chat time (same `<image>` row,
     same tower), so a run's llava.json always rebuilds the model it trained on."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -223,11 +176,25 @@ def test_mm_build_is_deterministic_and_loads_in_transformers(llm, tower, pretrai
     from trainer.multimodal.chat import ImageChatEngine, load_llava
 
     out = mm_dir / "built"
-    assert cli(["mm-build", str(llm), str(out), "--visual-encoder", tower, "--projector", str(pretrained)]) == 0
-    image = shapes["image_folder"] / "images" / "heldout00002.png"
+    assert cli(["mm-build", str(mm_llm), str(out), "--visual-encoder", mm_tower, "--projector", str(mm_pretrained)]) == 0
+    image = mm_shapes["image_folder"] / "images" / "heldout00002.png"
     built = ImageChatEngine(LlavaForConditionalGeneration.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out),
                             image)
-    rebuilt = load_llava(llm, image, llava=pretrained, visual_encoder=tower, device="cpu").engine()
+    rebuilt = load_llava(mm_llm, image, llava=mm_pretrained, visual_encoder=mm_tower, device="cpu").engine()
     msgs = [{"role": "user", "content": "Describe the image briefly."}]
     assert built.greedy_ids(msgs, 8) == rebuilt.greedy_ids(msgs, 8)
     assert CAPTION.match(built.chat(msgs, max_new_tokens=8).strip())
+
+
+def test_apps_load_a_merged_export_a_run_dir_or_an_llm_with_a_run(mm_llm, mm_finetuned, mm_merged, mm_colour_images):
+    """`load_served` (app.py, web_demo.py): every multimodal form answers alike; a text LLM is not multimodal."""
+    from trainer.multimodal.chat import load_served
+
+    image = mm_colour_images["blue"]
+    msgs = [{"role": "user", "content": "what colour is the shape?"}]
+    got = {name: loaded.engine().with_image(image).greedy_ids(msgs, 8)
+           for name, loaded in [("merged", load_served(mm_merged, device="cpu")),
+                                ("run dir", load_served(mm_finetuned, device="cpu")),
+                                ("llm + run", load_served(mm_llm, adapter=mm_finetuned, device="cpu"))]}
+    assert got["merged"] == got["run dir"] == got["llm + run"], got
+    assert load_served(mm_llm, device="cpu") is None

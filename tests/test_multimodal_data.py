@@ -165,3 +165,61 @@ def test_llava_presets_load_and_bad_values_point_at_their_source(tmp_path):
     bad.write_text("model: tiny\nstage: pretrian\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"bad\.yaml:2: stage must be"):
         load_mm_config(str(bad))
+
+
+@pytest.fixture(scope="module")
+def small_llm(tmp_path_factory):
+    """A chat LLM dir small enough to write in a second: the stand-in tokenizer + a 1-layer random Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.multimodal.standins import build_tokenizer, domain_texts
+
+    out = tmp_path_factory.mktemp("small-llm")
+    tok = build_tokenizer(domain_texts())
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_check_data_counts_each_image_as_its_vision_tokens(folder, small_llm, capsys):
+    from transformers import AutoTokenizer
+
+    from trainer.multimodal.model import add_image_token
+
+    path = folder / "one.jsonl"
+    path.write_text(json.dumps(_rec("img/ok.png")) + "\n", encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(small_llm)
+    samples, _ = encode_records(read_llava_records(path), tok, add_image_token(tok), 16, 10_000, None)
+    trained_len = len(samples[0]["input_ids"])         # what mm-train feeds the model: 16 image placeholders
+    run = ["check-data", str(path), "--model", str(small_llm)]
+
+    capsys.readouterr()
+    assert cli(run) == 2                                # no tower named: never count the image as 1 token
+    assert "pass --visual-encoder" in capsys.readouterr().err
+    assert cli([*run, "--visual-encoder", "tiny", "--max-length", str(trained_len)]) == 0
+    out = capsys.readouterr().out
+    assert f"max {trained_len};" in out and "each image counted as 16 vision tokens" in out
+    # 3 short of the true length: the answer is cut (counting the image as 1 token, 15 tokens fewer, would pass)
+    assert cli([*run, "--visual-encoder", "tiny", "--max-length", str(trained_len - 3)]) == 2
+    assert f"{path}:1: {trained_len} tokens > max_length {trained_len - 3}: " in capsys.readouterr().err
+    assert cli([*run, "--visual-encoder", "tiny", "--max-length", "8"]) == 2
+    assert "the image's 16 vision tokens are cut, training drops it" in capsys.readouterr().err
+
+
+def test_vision_tokens_come_from_the_tower_config(tmp_path):
+    """CLIP ViT-L/14-336 (the course's tower) inserts (336/14)^2 = 576 tokens, whether the dir holds a
+    whole CLIP or only its vision half; only config.json is read."""
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    from trainer.multimodal.model import vision_token_count
+
+    shape = dict(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2)
+    CLIPVisionConfig(**shape).save_pretrained(tmp_path / "vision")
+    CLIPConfig(vision_config=shape, text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=2)).save_pretrained(tmp_path / "clip")
+    assert vision_token_count(None, str(tmp_path / "vision")) == vision_token_count(None, str(tmp_path / "clip")) == 576
+    assert vision_token_count(None, "tiny") == 16 and vision_token_count(tmp_path / "vision", None) is None
+    with pytest.raises(UserError, match="no config.json"):
+        vision_token_count(None, str(tmp_path / "nope"))

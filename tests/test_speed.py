@@ -1,17 +1,17 @@
-"""CPU correctness of the speed features (trainer/speed.py, inference/fast_decode.py) and of the
-multi-GPU launcher's logic (trainer/distributed.py). Speed itself is measured on a GPU by bench/,
+"""CPU correctness of the speed features (trainer/speed.py, inference/fast_decode.py) and the one-line
+error of `--gpus N` without GPUs (the launcher itself: tests/test_distributed.py). Speed itself is measured on a GPU by bench/,
 never here. torch.compile is not compiled here (minutes on a 2-core CPU): its train/eval routing is
 checked with a recording stand-in; compiled-vs-eager losses were compared on the H200 (BENCHMARKS.md).
+The decode step (inference/decode_step.py) is small enough to compile for real (inductor C++, ~40 s).
 """
 from __future__ import annotations
 
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import distributed, speed
+from trainer import speed
 
 
 def test_chunked_cross_entropy_equals_plain_in_loss_and_grads():
@@ -138,64 +138,90 @@ def test_train_with_speed_fields_reaches_the_same_loss(tiny_base, identity_files
     assert losses["fast"] == pytest.approx(losses["plain"], rel=1e-4)
 
 
-def test_fast_decode_gives_generate_greedy_tokens_and_text(tiny_base):
-    from inference.fast_decode import StaticDecoder, sample_next, stream_text
+def _greedy_case(tiny_base, max_new=24):
     from inference.loader import load
 
     loaded = load(tiny_base, device="cpu")
     engine = loaded.engine(fast_decode=True)
     assert engine.fast is None                                      # CPU: the shipped generate path, unchanged
     messages = [{"role": "user", "content": "What is 3 plus 4?"}]
-    want = engine.greedy_ids(messages, max_new_tokens=24)
-    decoder = StaticDecoder(loaded.model, max_len=256)
-    ids = engine.prepare(messages, None, 24)
+    want = engine.greedy_ids(messages, max_new_tokens=max_new)
+    return loaded, engine, messages, [t for t in want if t not in engine.stop], engine.prepare(messages, None, max_new)
+
+
+def test_fast_decode_gives_generate_greedy_tokens_and_text(tiny_base):
+    from inference.fast_decode import StaticDecoder, sample_next, stream_text
+
+    loaded, engine, messages, want, ids = _greedy_case(tiny_base)
+    decoder = StaticDecoder(loaded.model, max_len=256, buckets=(32, 64))
+    assert decoder.lengths == [32, 64, 256] and decoder.bucket_length(33) == 64 and decoder.bucket_length(300) == 256
     got = list(decoder.tokens(ids, 24, engine.stop))
-    assert got == [t for t in want if t not in engine.stop][:len(got)] and got
-    assert decoder.stats["new_tokens"] == len(got) and decoder.stats["graph"] is False
+    assert got == want[:len(got)] and got
+    s = decoder.stats
+    assert s["new_tokens"] == len(got) and s["graph"] is False and s["mode"] == "graph"
+    assert s["cache_len"] == decoder.bucket_length(ids.shape[1] + 24) < 256       # sized to the chat
     text = list(stream_text(loaded.tokenizer, iter(got)))
     assert text[-1] == engine.chat(messages, max_new_tokens=24)
+    # a longer reply takes the next bucket (its own cache); the first one still answers the same
+    want60 = [t for t in engine.greedy_ids(messages, max_new_tokens=60) if t not in engine.stop]
+    longer = list(decoder.tokens(engine.prepare(messages, None, 60), 60, engine.stop))
+    assert longer == want60[:len(longer)] and longer[:len(got)] == got
+    assert decoder.stats["cache_len"] > s["cache_len"]
+    assert sorted(decoder.buckets) == [s["cache_len"], decoder.stats["cache_len"]]
+    assert list(decoder.tokens(ids, 24, engine.stop)) == got
+    # sampling runs on the device after the step; near-zero temperature is greedy again
+    torch.manual_seed(0)
+    assert list(decoder.tokens(ids, 24, engine.stop, temperature=1e-4, top_p=0.9)) == got
     logits = torch.tensor([0.1, 3.0, 0.2])
     assert sample_next(logits, 0.0, 0.9) == 1 and sample_next(logits, 1.0, 1e-6) == 1
 
 
-def test_gpus_flag_strips_and_builds_the_launch():
-    argv = ["tiny", "--gpus", "2", "--fsdp", "--deepspeed=zero2", "--set", "lr=1e-4", "--gpus=4"]
-    assert distributed.strip_launch_flags(argv) == ["tiny", "--set", "lr=1e-4"]
-    cmd = distributed.launch_command(["tiny"], 2, fsdp=True, grad_accum=2, port=1234)
-    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--use_fsdp" in cmd and "--multi_gpu" not in cmd
-    assert cmd[-5:] == ["trainer", "train", "tiny", "--set", "grad_accum=2"]
-    ddp = distributed.launch_command(["tiny"], 2)
-    assert "--multi_gpu" in ddp and "--num_processes" in ddp and ddp[ddp.index("--num_processes") + 1] == "2"
-    zero3 = distributed.launch_command(["tiny"], 2, deepspeed="zero3_offload")
-    assert "--use_deepspeed" in zero3 and zero3[zero3.index("--zero_stage") + 1] == "3"
+def test_compiled_decode_step_gives_generate_greedy_tokens(tiny_base, tmp_path, monkeypatch):
+    """mode="compile" with inductor's C++ backend on CPU (what the GPU runs with Triton): the
+    layer written out in inference/decode_step.py, compiled once for all layers, equals `generate`."""
+    import torch._dynamo
+
+    from inference.fast_decode import StaticDecoder
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    loaded, engine, _, want, ids = _greedy_case(tiny_base)
+    decoder = StaticDecoder(loaded.model, max_len=256, mode="compile")
+    got = list(decoder.tokens(ids, 24, engine.stop))
+    assert got == want[:len(got)] and len(got) >= 8
+    assert decoder.stats["mode"] == "compile" and decoder.stats["fallback"] is None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3      # head, one layer for all, tail
+    assert any((tmp_path / "inductor").iterdir())                           # kept on disk for the next process
 
 
-def test_gpus_flag_checks_and_keeps_the_global_batch(monkeypatch):
-    from trainer.config import TrainConfig
-    from trainer.errors import UserError
+def test_compile_failure_falls_back_to_the_models_own_step(tiny_base):
+    from inference import decode_step
+    from inference.fast_decode import StaticDecoder
 
-    qlora, full = TrainConfig(bits=4, batch_size=4, grad_accum=4), TrainConfig(method="full", grad_accum=3)
-    assert distributed.global_batch_accum(qlora, 2)[0] == 2
-    assert distributed.global_batch_accum(full, 2)[0] == 3           # does not divide: kept, and said so
-    with pytest.raises(UserError, match="only 0 CUDA GPU"):
-        distributed.check_launch(full, 2, False, None, visible=0)
-    with pytest.raises(UserError, match="--fsdp with bits 4"):
-        distributed.check_launch(qlora, 2, True, None, visible=2)
-    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(UserError, match="deepspeed is not installed"):
-        distributed.check_launch(full, 2, False, "zero2", visible=2)
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+    loaded, engine, _, want, ids = _greedy_case(tiny_base)
+    decoder = StaticDecoder(loaded.model, max_len=256, mode="compile", backend=broken_backend)
+    got = list(decoder.tokens(ids, 24, engine.stop))
+    assert got == want[:len(got)] and got
+    assert decoder.stats["mode"] == "graph" and "no compiler here" in decoder.stats["fallback"]
 
-    ran = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    args = types.SimpleNamespace(gpus=2, fsdp=False, deepspeed=None)
-    rc = distributed.maybe_launch(qlora, args, ["p", "--gpus", "2"], echo=lambda s: None,
-                                  run=lambda cmd: ran.append(cmd) or 0)
-    assert rc == 0 and ran[0][-4:] == ["train", "p", "--set", "grad_accum=2"]
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert distributed.maybe_launch(qlora, args, ["p"], run=lambda cmd: 1 / 0) is None   # a worker trains
+    eager = StaticDecoder(loaded.model, max_len=256, mode="compile", backend="eager")   # same step, not fused
+    assert list(eager.tokens(ids, 24, engine.stop)) == got and eager.stats["mode"] == "compile"
+    config = loaded.model.config
+    old = config.model_type
+    try:
+        config.model_type = "gpt2"
+        assert "gpt2" in decode_step.unsupported(loaded.model, 256)
+        assert StaticDecoder(loaded.model, max_len=256, mode="compile").mode == "graph"
+    finally:
+        config.model_type = old
+    with pytest.raises(ValueError, match="fast_decode"):
+        loaded.engine(fast_decode="fastest")
+
+
+# the launcher's own tests (flags, commands, DeepSpeed config, 2 CPU processes): tests/test_distributed.py
 
 
 def test_train_cli_gpus_without_gpus_is_a_one_line_error(tiny_base, identity_files, capsys):

@@ -39,6 +39,26 @@ def test_tiny_base_loads_with_auto_classes(tiny_base):
     assert tok.tokenize("<|im_start|>") == ["<|im_start|>"]
 
 
+def test_tokenizer_keeps_chinese_punctuation_whole(tiny_base, tmp_path):
+    """The fast tokenizer applies no normalization, so sentencepiece must train without one too: under
+    its default (NFKC) it learns "？" as "?" and the fast tokenizer then spends 3 byte tokens on it."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from trainer.tiny import build_tokenizer
+
+    fast = build_tokenizer(tmp_path, vocab_size=2000, seed=0)
+    slow = spm.SentencePieceProcessor(model_file=str(tmp_path / "spm" / "tokenizer.model"))
+    shipped = AutoTokenizer.from_pretrained(tiny_base)
+    texts = ["你是谁？", "你好，请介绍一下你自己。", "我问：“你叫什么名字？”（你好）！", "Who are you?", "What is 3 plus 4?"]
+    for text in texts:
+        assert fast(text, add_special_tokens=False)["input_ids"] == slow.encode(text), text
+        pieces = shipped.tokenize(text)
+        assert not [p for p in pieces if p.startswith("<0x")], (text, pieces)
+        assert shipped.decode(shipped(text, add_special_tokens=False)["input_ids"]) == text
+    assert shipped.tokenize("你是谁？")[-1] == "？"
+
+
 def test_base_chats_but_does_not_know_the_new_name(tiny_base):
     from inference import load
 

@@ -14,7 +14,6 @@ different base model fails with one line instead of a tensor-shape traceback.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from inference.loader import write_assistant_file
+from trainer.atomic import write_text
 from trainer.errors import UserError
 
 MARKER = "checkpoint.json"
@@ -44,22 +44,13 @@ def base_fingerprint(model_dir) -> dict:
     return {key: text.get(key, config.get(key)) for key in _SHAPE_KEYS}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_marker(ckpt: Path, base_dir, cfg, data_digest: str) -> None:
     files = {p.relative_to(ckpt).as_posix(): p.stat().st_size
              for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MARKER}
     record = {"step": step_of(ckpt), "base_model": str(base_dir), "base": base_fingerprint(base_dir),
               "config": {k: getattr(cfg, k) for k in _METHOD_KEYS}, "data_digest": data_digest,
               "files": files}
-    _atomic_write(ckpt / MARKER, json.dumps(record, ensure_ascii=False, indent=1))
+    write_text(ckpt / MARKER, json.dumps(record, ensure_ascii=False, indent=1))
 
 
 def read_marker(ckpt: Path) -> dict | None:
@@ -148,7 +139,7 @@ def forget_after(work_dir, step: int) -> None:
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]
-    _atomic_write(path, "".join(line + "\n" for line in kept))
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 class CheckpointKeeper(TrainerCallback):

@@ -43,6 +43,9 @@ class TrainConfig:
     checkpoint_fraction: float = 1.0     # with gradient_checkpointing: recompute only this share of layers
     compile: bool = False                # torch.compile the decoder blocks (trainer/speed.py; pays on CUDA)
     fused_loss: bool = False             # chunked loss, no [tokens x vocab] logits in memory (trainer/speed.py)
+    fp32_upcast: bool = True             # QLoRA: PEFT's fp32 copies of embeddings, norms, lm_head (false: keep
+                                         # them bf16 -- half the activation memory and traffic, as torchtune)
+    attn_implementation: str = "sdpa"    # sdpa | flex_attention (block-sparse over packed rows; CUDA) | eager
     # --- data shaping ---
     max_length: int = 512                # tokens per conversation (and per packed row); longer is truncated
     packing: bool | str = "auto"         # concatenate short conversations into rows (attention kept per
@@ -94,6 +97,8 @@ class TrainConfig:
              "eval_identity needs eval_data (from `python -m trainer data --eval-out FILE`) and save_steps > 0"),
             ("retention_tolerance", 0 <= self.retention_tolerance <= 1, "retention_tolerance must be in [0, 1]"),
             ("checkpoint_fraction", 0 < self.checkpoint_fraction <= 1, "checkpoint_fraction must be in (0, 1]"),
+            ("attn_implementation", self.attn_implementation in ("sdpa", "flex_attention", "eager"),
+             "attn_implementation must be sdpa, flex_attention or eager"),
         ]
         for key, ok, msg in checks:
             if not ok:

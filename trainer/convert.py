@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
-from inference.loader import ASSISTANT_FILE, write_assistant_file
+from inference.loader import ASSISTANT_FILE, read_assistant_file, write_assistant_file
 from trainer import checkpoints
+from trainer.atomic import check_new_dir, new_dir
 from trainer.errors import UserError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -50,7 +49,7 @@ def training_facts(ckpt: Path) -> dict:
     """What the run that wrote the checkpoint recorded: system_prompt, base_model, method, bits."""
     facts: dict = {"system_prompt": None, "base_model": None}
     if (ckpt / ASSISTANT_FILE).is_file():
-        facts.update(json.loads((ckpt / ASSISTANT_FILE).read_text(encoding="utf-8")))
+        facts.update(read_assistant_file(ckpt))
     elif (ckpt.parent / "config.yaml").is_file():           # the run's own config, next to its checkpoints
         run = yaml.safe_load((ckpt.parent / "config.yaml").read_text(encoding="utf-8")) or {}
         facts.update({k: run.get(k) for k in ("system_prompt", "method", "bits")})
@@ -65,8 +64,7 @@ def training_facts(ckpt: Path) -> dict:
 
 def convert(src, out) -> Path:
     src, out = Path(src), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: already exists and is not empty -- choose a new directory")
+    check_new_dir(out)
     ckpt = pick_checkpoint(src)
     is_adapter = (ckpt / "adapter_config.json").is_file()
     weights = ADAPTER_FILES if is_adapter else MODEL_FILES
@@ -81,9 +79,7 @@ def convert(src, out) -> Path:
         raise UserError(f"{ckpt}: no tokenizer in the checkpoint and the base model ({base}) is not reachable "
                         "-- convert on the machine that trained it")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with new_dir(out) as tmp:
         for name in weights:
             if (ckpt / name).is_file():
                 shutil.copy2(ckpt / name, tmp / name)
@@ -99,12 +95,6 @@ def convert(src, out) -> Path:
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         extra = {k: v for k, v in facts.items() if k != "system_prompt"}
         write_assistant_file(tmp, facts["system_prompt"], **{**extra, "source_checkpoint": str(ckpt)})
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -3,12 +3,21 @@
     python -m trainer train PRESET --data D.jsonl --gpus 2                    # DDP (LoRA / QLoRA)
     python -m trainer train PRESET --data D.jsonl --gpus 2 --fsdp             # FSDP2, full shard (full FT)
     python -m trainer train PRESET --data D.jsonl --gpus 2 --deepspeed zero2  # needs `pip install deepspeed`
+    python -m trainer train tiny --data D.jsonl --cpu-procs 2                 # tests only: 2 CPU processes (gloo)
 
 `--gpus N` re-runs this same command once per GPU under `accelerate launch` (which sets RANK,
 LOCAL_RANK, WORLD_SIZE and, for --fsdp / --deepspeed, its ACCELERATE_* settings); transformers'
 Trainer then wraps the model in DDP, FSDP2 or DeepSpeed from that environment. Presets, logs, sample
 chats and checkpoints are the single-GPU ones; rank 0 writes the files. The global batch of the
 preset is kept: `grad_accum` is divided by N when it divides evenly.
+
+`--deepspeed STAGE` writes `WORK_DIR/deepspeed_STAGE.json` (`deepspeed_config`: ZeRO settings, with
+batch sizes, accumulation, clipping, precision and optimizer values "auto" so the Trainer fills them
+from the preset) and hands it to accelerate as `--deepspeed_config_file`. ZeRO-3 gathers 16-bit
+weights at save time, so `final/` is one ordinary checkpoint that loads on one GPU or the CPU.
+
+`--cpu-procs N` is for tests only: N processes on the CPU, talking over gloo, so CI (no GPU)
+exercises the same launch, rank-0 writing and checkpoint path. It is slower than one process.
 
 LoRA / QLoRA use DDP: the frozen base is replicated (1 GB for a 1.8B model in nf4) and only the
 adapter's gradients are all-reduced. FSDP shards weights, gradients and optimizer state, which is what
@@ -22,17 +31,17 @@ Several machines (not tested here): run accelerate's launcher on every node with
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from trainer.errors import UserError
 
-DEEPSPEED_STAGES = {"zero1": ["--zero_stage", "1"], "zero2": ["--zero_stage", "2"], "zero3": ["--zero_stage", "3"],
-                    "zero3_offload": ["--zero_stage", "3", "--offload_optimizer_device", "cpu",
-                                      "--offload_param_device", "cpu"]}
-LAUNCH_FLAGS = ("--gpus", "--fsdp", "--deepspeed")
+DEEPSPEED_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
+LAUNCH_FLAGS = ("--gpus", "--fsdp", "--deepspeed", "--cpu-procs")
 
 
 def add_arguments(parser) -> None:
@@ -41,6 +50,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fsdp", action="store_true", help="with --gpus N: shard with FSDP2 (full fine-tuning)")
     parser.add_argument("--deepspeed", choices=sorted(DEEPSPEED_STAGES),
                         help="with --gpus N: DeepSpeed ZeRO stage instead of DDP (needs deepspeed installed)")
+    parser.add_argument("--cpu-procs", type=int, default=0, metavar="N",
+                        help="tests only: N CPU processes over gloo instead of GPUs (no GPU needed; slow)")
 
 
 def is_worker() -> bool:
@@ -73,7 +84,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(train_argv: list[str], gpus: int, fsdp: bool = False, deepspeed: str | None = None,
+def deepspeed_config(stage: str) -> dict:
+    """The DeepSpeed config for a ZeRO stage. "auto" values are filled by transformers' Trainer from
+    its own arguments (batch size, accumulation, clipping, bf16/fp16, learning rate), so the preset
+    stays the one source of the hyperparameters."""
+    zero = {"stage": DEEPSPEED_STAGES[stage], "overlap_comm": True, "contiguous_gradients": True,
+            "reduce_bucket_size": "auto"}
+    if zero["stage"] == 3:
+        # the saved final/ must be one ordinary 16-bit checkpoint, not N shards only DeepSpeed reads
+        zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
+                    stage3_gather_16bit_weights_on_model_save=True)
+    config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+              "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "zero_optimization": zero,
+              "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    if stage == "zero3_offload":
+        zero.update(offload_optimizer={"device": "cpu", "pin_memory": True},
+                    offload_param={"device": "cpu", "pin_memory": True})
+        # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's own CPU Adam (compiled just in
+        # time with ninja), which it insists on; without offload the Trainer's torch AdamW is used.
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                           "weight_decay": "auto"}}
+    return config
+
+
+def write_deepspeed_config(work_dir, stage: str) -> Path:
+    path = Path(work_dir) / f"deepspeed_{stage}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(deepspeed_config(stage), indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def launch_command(train_argv: list[str], gpus: int, fsdp: bool = False, deepspeed_file: Path | None = None,
                    grad_accum: int | None = None, port: int | None = None) -> list[str]:
     """`accelerate launch ... -m trainer train ARGV` for `gpus` processes on this machine."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
@@ -83,29 +125,38 @@ def launch_command(train_argv: list[str], gpus: int, fsdp: bool = False, deepspe
         cmd += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                 "--fsdp_reshard_after_forward", "true", "--fsdp_state_dict_type", "FULL_STATE_DICT",
                 "--fsdp_cpu_ram_efficient_loading", "false"]
-    elif deepspeed:
-        cmd += ["--use_deepspeed", *DEEPSPEED_STAGES[deepspeed], "--gradient_accumulation_steps",
-                str(grad_accum or 1)]
+    elif deepspeed_file:
+        cmd += ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_file)]
     else:
-        cmd += ["--multi_gpu"]
+        cmd += ["--multi_gpu"]     # torchrun underneath; on CPU processes (--cpu-procs) it is DDP over gloo
     cmd += ["-m", "trainer", "train", *train_argv]
     if grad_accum is not None:
         cmd += ["--set", f"grad_accum={grad_accum}"]
     return cmd
 
 
-def check_launch(cfg, gpus: int, fsdp: bool, deepspeed: str | None, visible: int) -> None:
+def check_launch(cfg, gpus: int, fsdp: bool, deepspeed: str | None, visible: int, cpu_procs: int = 0) -> None:
     if gpus < 1:
         raise UserError(f"--gpus {gpus}: must be >= 1")
     if fsdp and deepspeed:
         raise UserError("--fsdp and --deepspeed: choose one")
-    if gpus > visible:
+    if cpu_procs:
+        if gpus > 1:
+            raise UserError("--cpu-procs and --gpus: choose one (--cpu-procs is the test stand-in for GPUs)")
+        if cpu_procs < 2:
+            raise UserError(f"--cpu-procs {cpu_procs}: must be >= 2 (one process is the plain command)")
+    elif gpus > visible:
         raise UserError(f"--gpus {gpus}: only {visible} CUDA GPU(s) visible -- lower --gpus "
                         "(or set CUDA_VISIBLE_DEVICES)")
     if fsdp and cfg.bits:
         raise UserError(f"--fsdp with bits {cfg.bits}: 4/8-bit weights are not sharded here -- drop --fsdp "
                         "(LoRA/QLoRA run as DDP: the quantized base is small, only the adapter is synced) "
                         "or use --set bits=none")
+    if deepspeed in ("zero3", "zero3_offload") and getattr(cfg, "fused_loss", False):
+        # the fused loss multiplies by lm_head's weight outside the module's forward, where ZeRO-3 has
+        # not gathered it (an empty shard: "size of tensor a (0) must match ...")
+        raise UserError(f"--deepspeed {deepspeed} with fused_loss: not supported -- add --set fused_loss=false "
+                        "(or use --fsdp, which works with it)")
     if deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise UserError(f"--deepspeed {deepspeed}: deepspeed is not installed -- `pip install deepspeed`, "
                         "or use --fsdp (built into PyTorch)")
@@ -130,14 +181,24 @@ def maybe_launch(cfg, args, argv: list[str], echo=print, run=subprocess.call) ->
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # device_map "cuda" = this rank's GPU
         return None
-    if args.gpus <= 1 and not (args.fsdp or args.deepspeed):
+    if args.gpus <= 1 and not (args.fsdp or args.deepspeed or args.cpu_procs):
         return None
     import torch
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    check_launch(cfg, args.gpus, args.fsdp, args.deepspeed, visible)
-    accum, note = global_batch_accum(cfg, args.gpus)
-    cmd = launch_command(strip_launch_flags(argv), args.gpus, args.fsdp, args.deepspeed, grad_accum=accum)
+    check_launch(cfg, args.gpus, args.fsdp, args.deepspeed, visible, args.cpu_procs)
+    procs = args.cpu_procs or args.gpus
+    if cfg.model == "tiny":      # build the embedded base here, once, not in N workers racing on one cache
+        from trainer.tiny import default_base
+
+        default_base()
+    accum, note = global_batch_accum(cfg, procs)
+    ds_file = write_deepspeed_config(cfg.work_dir, args.deepspeed) if args.deepspeed else None
+    cmd = launch_command(strip_launch_flags(argv), procs, args.fsdp, ds_file, grad_accum=accum)
     mode = "FSDP2" if args.fsdp else f"DeepSpeed {args.deepspeed}" if args.deepspeed else "DDP"
-    echo(f"launching {args.gpus} processes ({mode}); {note}")
-    return run(cmd)
+    env = None
+    if args.cpu_procs:    # hide any GPU: every worker then trains on the CPU and the Trainer picks gloo
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        mode += " on CPU processes, gloo"
+    echo(f"launching {procs} processes ({mode}); {note}")
+    return run(cmd, env=env) if env else run(cmd)

@@ -15,10 +15,10 @@ retention, then the earlier step. None qualifies -> no best/ (the table says why
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from trainer.atomic import new_dir, write_text
 
 SCORE_KEYS = ("identity", "leakage", "retention", "likelihood", "accuracy", "known")
 # Training state a checkpoint carries that a loadable model does not need.
@@ -69,16 +69,7 @@ def report_dict(rows, base, best, tolerance, es, base_path=None) -> dict:
 
 
 def write_json(path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, json.dumps(data, ensure_ascii=False, indent=2))
 
 
 def plot(rows: list[dict], path, tolerance: float, best: str | None = None, base=None, title: str = "") -> None:
@@ -114,22 +105,11 @@ def write_best(src, work_dir) -> Path:
     """Copy a checkpoint's loadable files (not its optimizer state) to WORK_DIR/best, atomically."""
     src, work_dir = Path(src), Path(work_dir)
     dst = work_dir / "best"
-    tmp = Path(tempfile.mkdtemp(prefix=".best-", dir=work_dir))
-    try:
+    with new_dir(dst, replace=True) as tmp:
         for f in src.iterdir():
             if f.is_file() and f.name not in TRAINING_ONLY and not f.name.startswith("rng_state"):
                 shutil.copy2(f, tmp / f.name)
         (tmp / "best_of.json").write_text(json.dumps({"source": str(src)}, ensure_ascii=False), encoding="utf-8")
-        old = None
-        if dst.exists():
-            old = work_dir / f".best-old-{os.getpid()}"
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from inference.engine import ChatEngine
-from inference.loader import check_model_dir, load, read_system_prompt
+from inference.loader import check_model_dir, load, read_assistant_file, read_system_prompt
 from trainer.chat_format import with_system
 from trainer.dataio import read_records
 from trainer.errors import UserError, where
@@ -290,9 +290,9 @@ def resolve_base(given: str | None, *dirs: Path, required: bool = True) -> Path 
     for d in dirs:
         if name:
             break
-        for file, key in (("adapter_config.json", "base_model_name_or_path"), ("assistant.json", "base_model")):
-            if (d / file).is_file():
-                name = name or json.loads((d / file).read_text(encoding="utf-8")).get(key)
+        if (d / "adapter_config.json").is_file():
+            name = json.loads((d / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        name = name or read_assistant_file(d).get("base_model")
         if not name and (d / "config.yaml").is_file():
             import yaml
 

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from trainer.atomic import check_new_dir, new_dir
 from trainer.errors import UserError
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -225,8 +223,7 @@ def convert(src, out, dtype: str = "auto", max_shard_size: str = "2GB") -> Path:
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise UserError(f"{src}: directory not found")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: already exists and is not empty -- choose a new directory")
+    check_new_dir(out)
     config = read_config(src)
     tokenizer = convert_tokenizer(src)
     state = convert_weights(load_state_dict(src), config)
@@ -235,21 +232,13 @@ def convert(src, out, dtype: str = "auto", max_shard_size: str = "2GB") -> Path:
         state = {k: v.to(target) for k, v in state.items()}
     llama = llama_config(config, next(iter(state.values())).dtype)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with new_dir(out) as tmp:
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
         llama.save_pretrained(tmp)
         stop = sorted({llama.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id})
         GenerationConfig(bos_token_id=llama.bos_token_id, eos_token_id=stop, pad_token_id=llama.pad_token_id,
                          do_sample=False).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inference.device import pick
-from inference.loader import check_model_dir, read_system_prompt, write_assistant_file
+from inference.loader import check_model_dir, read_assistant_file, read_system_prompt, write_assistant_file
+from trainer.atomic import check_new_dir, new_dir
 from trainer.errors import UserError
 
 
@@ -42,11 +41,10 @@ def merge(base, adapter, out, dtype: str = "fp32", device: str = "cpu", max_shar
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: no adapter_config.json -- pass the adapter dir (e.g. WORK_DIR/final)")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: already exists and is not empty -- choose a new directory")
+    check_new_dir(out)
     refuse_quantized(base)
     placement = pick(device, dtype)
-    trained = json.loads((adapter / "assistant.json").read_text(encoding="utf-8")) if (adapter / "assistant.json").is_file() else {}
+    trained = read_assistant_file(adapter)
     if trained.get("bits"):
         echo(f"adapter was trained on the {trained['bits']}-bit base (QLoRA): merging into the "
              f"{str(placement.dtype).replace('torch.', '')} base")
@@ -59,20 +57,12 @@ def merge(base, adapter, out, dtype: str = "fp32", device: str = "cpu", max_shar
         raise UserError(f"{adapter}: does not fit the base model {base} (tensor size mismatch) -- pass the base "
                         f"it was trained on ({trained.get('base_model', 'see adapter_config.json')})") from None
     tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").is_file() else base)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with new_dir(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         for code in base.glob("*.py"):        # remote-code models need their modeling/tokenizer files
             shutil.copy2(code, tmp / code.name)
         write_assistant_file(tmp, read_system_prompt(adapter, base), base_model=str(base), adapter=str(adapter))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -16,11 +16,10 @@ the seed, so a run can be traced back to its data.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
+from trainer.atomic import write_text
 from trainer.errors import UserError
 
 
@@ -58,13 +57,5 @@ def manifest_path(out) -> Path:
 def write_manifest(out, info: dict) -> Path:
     """Write `info` as JSON next to the data file `out` (atomically); returns its path."""
     path = manifest_path(out)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(info, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
     return path

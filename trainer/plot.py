@@ -7,9 +7,10 @@ Called by training at every checkpoint and at the end; safe to run on a live run
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
+
+from trainer.atomic import new_file
 
 
 def read_scalars(work_dir) -> list[dict]:
@@ -43,10 +44,9 @@ def plot_loss(work_dir) -> Path | None:
     fig.suptitle(f"{Path(work_dir).name}: step {steps[-1]}/{records[-1].get('max_steps', '?')}")
     fig.tight_layout()
     out = Path(work_dir) / "loss.png"
-    tmp = out.with_name(".loss.tmp.png")
-    fig.savefig(tmp)
+    with new_file(out, "wb") as f:        # a viewer polling loss.png never sees half a file
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

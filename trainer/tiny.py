@@ -6,8 +6,12 @@
    this repo writes (`trainer/general_data.py` plus the identity question bank);
 2. builds a ~2M-parameter Llama-architecture model from a config (random weights);
 3. pre-trains it briefly on general chat (arithmetic, unit conversion, facts, greetings, and its own
-   built-in identity "TinyChat") with the same training engine users run, so it holds a trivial
-   conversation -- and has an identity of its own for tuning to override, like a real chat model.
+   built-in identity "TinyChat"; some chained into long multi-turn chats) with the same training
+   engine users run, so it holds a trivial conversation -- and has an identity of its own for tuning
+   to override, like a real chat model.
+
+The tokenizer is trained without normalization (`identity`), as the fast tokenizer built from it
+applies none: full-width "，？" stay single tokens instead of NFKC-folded pieces the fast one lacks.
 
 The result is a standard Hugging Face dir: `AutoModelForCausalLM` / `AutoTokenizer` load it, and its
 tokenizer carries the ChatML template with `{% generation %}` markers.
@@ -16,18 +20,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import random
 import tempfile
 from pathlib import Path
 
+from trainer.atomic import check_new_dir, replace_dir
 from trainer.chat_format import chatml_template
 from trainer.dataio import write_jsonl
-from trainer.errors import UserError
 from trainer.general_data import general_conversations
 from trainer.identity_data import EN, HELDOUT_EN, HELDOUT_ZH, ZH
 
 SPECIAL = ["<|im_start|>", "<|im_end|>"]
-VERSION = "v2"    # bump when the recipe changes: invalidates the cached default base
+VERSION = "v3"    # bump when the recipe changes: invalidates the cached default base
 
 
 def _tokenizer_text(path: Path, seed: int) -> None:
@@ -41,6 +45,21 @@ def _tokenizer_text(path: Path, seed: int) -> None:
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
+def pretraining_chats(n: int, seed: int) -> list[dict]:
+    """The general chat corpus, a third of it chained into longer conversations (up to ~120 tokens).
+    Packing keeps conversations apart (positions restart), so with only one- or two-turn chats the base
+    never sees a late position and loses the thread in a long chat; chained, it learns to answer the
+    last question, whatever came before."""
+    convs = general_conversations(n, seed=seed, base_identity=True)
+    rng = random.Random(seed)
+    out, i = [], 0
+    while i < len(convs):
+        k = 1 if rng.random() < 2 / 3 else rng.randint(3, 6)
+        out.append({"messages": [m for c in convs[i:i + k] for m in c["messages"]]})
+        i += k
+    return out
+
+
 def build_tokenizer(work: Path, vocab_size: int, seed: int):
     import sentencepiece as spm
     from transformers import LlamaTokenizer
@@ -52,7 +71,8 @@ def build_tokenizer(work: Path, vocab_size: int, seed: int):
     spm.SentencePieceTrainer.train(
         input=str(text), model_prefix=str(spm_dir / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, user_defined_symbols=SPECIAL, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=3, num_threads=2, minloglevel=2, split_digits=True, hard_vocab_limit=False)
+        eos_id=2, pad_id=3, num_threads=2, minloglevel=2, split_digits=True, hard_vocab_limit=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False)
     tok = LlamaTokenizer.from_pretrained(spm_dir)     # converts the .model into a fast tokenizer
     tok.add_special_tokens({"additional_special_tokens": SPECIAL})
     tok.pad_token = "<pad>"
@@ -84,15 +104,13 @@ def build_tiny(out_dir, steps: int = 500, seed: int = 0, echo=print) -> Path:
     from trainer.config import TrainConfig
     from trainer.train import train
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: already exists and is not empty -- choose a new directory")
+    out = check_new_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
-    try:
+    with tempfile.TemporaryDirectory(prefix=".tiny-", dir=out.parent, ignore_cleanup_errors=True) as work:
+        work = Path(work)
         tok = build_tokenizer(work, vocab_size=2000, seed=seed)
         build_random_model(tok, work / "random", seed)
-        write_jsonl(work / "general.jsonl", general_conversations(6000, seed=seed, base_identity=True))
+        write_jsonl(work / "general.jsonl", pretraining_chats(6000, seed))
         if steps > 0:
             cfg = TrainConfig(model=str(work / "random"), data=[str(work / "general.jsonl")],
                               work_dir=str(work / "pretrain"), method="full", max_length=128, packing=True,
@@ -104,10 +122,7 @@ def build_tiny(out_dir, steps: int = 500, seed: int = 0, echo=print) -> Path:
                 (result / leftover).unlink(missing_ok=True)
         else:
             result = work / "random"
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(result, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        replace_dir(result, out)
     echo(f"tiny base model written to {out}")
     return out
 

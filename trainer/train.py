@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from inference.device import pick
 from inference.loader import check_model_dir, quantization_config, write_assistant_file
 from trainer import checkpoints, distributed
+from trainer.atomic import replace_dir
 from trainer.callbacks import LogLine, LossPlot, ProgressBar, SampleChats
 from trainer.config import TrainConfig, load_config, save_config
 from trainer.dataset import Collator, choose_packing, digest, encode_files
@@ -47,8 +47,13 @@ def resolve_model(name: str) -> Path:
 
 def load_model_for_training(cfg: TrainConfig, model_dir: Path, placement):
     qconf = quantization_config(cfg.bits, placement.dtype)
+    attn = cfg.attn_implementation
+    if attn == "flex_attention" and str(placement.device).startswith("cpu"):
+        # torch's FlexAttention has no backward on CPU; sdpa computes the same function there
+        log.warning("attn_implementation flex_attention trains on CUDA only -- using sdpa on the CPU")
+        attn = "sdpa"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype, quantization_config=qconf,
-                                                 device_map={"": placement.device})
+                                                 device_map={"": placement.device}, attn_implementation=attn)
     model.config.use_cache = False
     if cfg.method == "full":
         if cfg.gradient_checkpointing:
@@ -58,6 +63,12 @@ def load_model_for_training(cfg: TrainConfig, model_dir: Path, placement):
 
     if cfg.bits:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        if not cfg.fp32_upcast and placement.dtype != torch.float32:
+            # undo the library's upcast of the frozen non-quantized weights: the residual stream then
+            # stays in the compute dtype instead of fp32 (torchtune's and unsloth's QLoRA do the same)
+            for param in model.parameters():
+                if param.dtype == torch.float32 and param.__class__.__name__ != "Params4bit":
+                    param.data = param.data.to(placement.dtype)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -76,7 +87,7 @@ def prepare_work_dir(work_dir: Path, model_dir: Path, cfg: TrainConfig, resume, 
     elif checkpoints.complete_checkpoints(work_dir):
         raise UserError(f"{work_dir}: holds checkpoints of an earlier run -- add --resume to continue it, "
                         "or choose a new --work-dir")
-    if work_dir.is_dir():
+    if work_dir.is_dir() and distributed.is_main_process():     # several processes: one cleans up
         checkpoints.sweep_incomplete(work_dir, echo)
         checkpoints.forget_after(work_dir, checkpoints.step_of(checkpoint) if checkpoint else -1)
     return checkpoint
@@ -98,13 +109,7 @@ def save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path, work_dir: 
     tokenizer.save_pretrained(tmp)
     (tmp / "training_args.bin").unlink(missing_ok=True)      # a pickle nobody needs to load an adapter
     write_assistant_file(tmp, cfg.system_prompt, base_model=str(model_dir), method=cfg.method, bits=cfg.bits)
-    if final.exists():
-        old = work_dir / ".final.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
+    return replace_dir(tmp, final)
 
 
 def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print) -> Path:
@@ -128,7 +133,8 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print) -> Pat
         echo(f"warning: the data differ from what {checkpoint.name} was trained on: the resumed run "
              "will not follow the original data order")
     work_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, work_dir / "config.yaml")
+    if distributed.is_main_process():
+        save_config(cfg, work_dir / "config.yaml")
     echo(f"data: {stats['samples']} conversations ({stats['truncated']} truncated, {stats['dropped']} dropped)"
          + (f", packed into {len(rows)} rows of <= {cfg.max_length} tokens" if packed else ", not packed"))
     model = load_model_for_training(cfg, model_dir, placement)
@@ -153,7 +159,8 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print) -> Pat
         seed=cfg.seed, data_seed=cfg.seed,
         bf16=on_gpu and placement.dtype == torch.bfloat16, fp16=on_gpu and placement.dtype == torch.float16,
         use_cpu=not on_gpu, report_to=report_to(), disable_tqdm=True,
-        remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False)
+        remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False,
+        ddp_find_unused_parameters=False)   # every trainable weight gets a gradient: skip DDP's graph walk
     callbacks = [SampleChats(tokenizer, cfg, echo), LogLine(collator, cfg, echo), LossPlot(),
                  checkpoints.CheckpointKeeper(cfg, model_dir, data_digest)]
     callbacks += [IdentityEval(tokenizer, cfg, model_dir, echo)] if cfg.eval_identity else []   # trainer/evaluate.py

@@ -6,9 +6,13 @@ one image placed in the conversation, and the loader behind `python -m trainer c
 
 The second form is the course's `xtuner chat LLM --visual-encoder CLIP --llava ADAPTER --image IMG`:
 the base is rebuilt from the LLM and the tower, then the trained projector and LoRA go on top.
+`load_served` is what app.py and web_demo.py call: a LLaVA model dir (merged / assembled) or a trained
+dir (mm-train final/, checkpoint-N/, an mm-export adapter dir) becomes a LoadedLlava, anything else None
+(a text model); `engine.with_image(img)` then gives each request its own image on the shared model.
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +43,22 @@ class ImageChatEngine(ChatEngine):
         self.set_image(image)
 
     def set_image(self, image) -> None:
-        """Switch to another image (a path; None: plain text chat); pixels are computed once per image."""
-        self.image = Path(image) if image is not None else None
-        self.pixel_values = (pixel_values(self.processor.image_processor, self.image).to(self.model.device)
-                             if self.image is not None else None)
+        """Switch to another image (a path or a PIL image; None: plain text chat); pixels are computed
+        once per image. An unreadable file is a UserError naming it."""
+        if image is None or isinstance(image, (str, Path)):
+            self.image = Path(image) if image is not None else None
+            pixels = pixel_values(self.processor.image_processor, self.image) if self.image is not None else None
+        else:                                   # a PIL image (an upload in web_demo.py)
+            self.image = image
+            pixels = self.processor.image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
+        self.pixel_values = pixels.to(self.model.device) if pixels is not None else None
+
+    def with_image(self, image) -> "ImageChatEngine":
+        """An engine for one request about `image`: it shares this one's model and generation lock,
+        so concurrent chats about different images (the Gradio queue) never see each other's image."""
+        view = copy.copy(self)
+        view.set_image(image)
+        return view
 
     def prepare(self, messages, system_prompt, max_new_tokens) -> torch.Tensor:
         system = self.system_prompt if system_prompt is None else system_prompt
@@ -86,6 +102,34 @@ def apply_trained(model, trained_dir):
     return model
 
 
+def trained_base(trained_dir) -> dict | None:
+    """The base a trained dir (mm-train final/ or checkpoint, mm-export adapter) was built on, or None."""
+    from trainer.multimodal.model import PROJECTOR_FILE
+
+    trained_dir = Path(trained_dir)
+    if not ((trained_dir / LLAVA_FILE).is_file() and (trained_dir / PROJECTOR_FILE).is_file()):
+        return None
+    return json.loads((trained_dir / LLAVA_FILE).read_text(encoding="utf-8"))["base"]
+
+
+def load_served(model_dir, adapter=None, device: str = "auto", bits: int | None = None) -> LoadedLlava | None:
+    """What a UI serves when the model is multimodal, else None (a text model: use inference.load).
+
+    MODEL_DIR a LLaVA dir (merged export, mm-build), optionally with ADAPTER a trained dir on top; or
+    MODEL_DIR itself a trained dir, rebuilt from the base its llava.json records; or MODEL_DIR the LLM
+    and ADAPTER a trained dir, with the vision tower its llava.json records."""
+    if is_llava_dir(model_dir):
+        return load_llava(model_dir, None, llava=adapter, device=device, bits=bits)
+    trained = model_dir if adapter is None else adapter
+    base = trained_base(trained)
+    if base is None:
+        return None
+    if adapter is None and "llava" in base:
+        return load_llava(base["llava"], None, llava=trained, device=device, bits=bits)
+    llm = base["llm"] if adapter is None else model_dir
+    return load_llava(llm, None, llava=trained, visual_encoder=base.get("visual_encoder"), device=device, bits=bits)
+
+
 def load_llava(model_dir, image, llava=None, visual_encoder=None, adapter=None, device: str = "auto",
                dtype: str = "auto", bits: int | None = None) -> LoadedLlava:
     """`model_dir` is a merged/assembled LLaVA dir, or an LLM dir rebuilt with `visual_encoder`; `llava`
@@ -115,6 +159,6 @@ def load_llava(model_dir, image, llava=None, visual_encoder=None, adapter=None, 
             processor = AutoProcessor.from_pretrained(llava)
     model.eval()
     what = Path(model_dir).name + (f" + {Path(llava).name}" if llava else "") + (f", {bits}-bit" if bits else "")
-    seen = f"image {Path(image).name}" if image else "no image"
+    seen = f", image {Path(image).name}" if image else ""            # the UIs take images per request
     return LoadedLlava(model, processor, Path(image) if image else None, read_system_prompt(llava, model_dir),
-                       note=f"{what} on {placement.describe()}, {seen}")
+                       note=f"{what} on {placement.describe()}{seen}")

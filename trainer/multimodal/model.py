@@ -50,6 +50,28 @@ def image_token_count(config) -> int:
     return n + (1 if config.vision_feature_select_strategy == "full" else 0)
 
 
+def vision_token_count(model_dir=None, visual_encoder=None) -> int | None:
+    """Image tokens a LLaVA inserts per image, from config files only (no weights are read): a LLaVA
+    dir's own config, else the vision tower's ("tiny", or a CLIP / CLIP-vision dir). None: neither given
+    (or `model_dir` is a plain LLM and no tower was named)."""
+    from transformers import AutoConfig, CLIPVisionConfig
+
+    if model_dir is not None and is_llava_dir(model_dir):
+        return image_token_count(AutoConfig.from_pretrained(model_dir))
+    if visual_encoder is None:
+        return None
+    if visual_encoder == "tiny":
+        vision = CLIPVisionConfig(**TINY_VISION)
+    else:
+        if not (Path(visual_encoder) / "config.json").is_file():
+            raise UserError(f"{visual_encoder}: no config.json -- pass a CLIP model dir or 'tiny'")
+        cfg = AutoConfig.from_pretrained(visual_encoder)
+        vision = getattr(cfg, "vision_config", cfg)          # a whole CLIP, or its vision half
+        if not hasattr(vision, "patch_size"):
+            raise UserError(f"{visual_encoder}: not a CLIP vision tower (its config has no patch_size)")
+    return (vision.image_size // vision.patch_size) ** 2       # one per patch; CLS dropped ("default")
+
+
 def _image_processor_class():
     """The PIL backend (no torchvision needed; same maths as the torchvision one) where transformers
     has it, else the classic LlavaImageProcessor."""
