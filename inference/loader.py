@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,25 @@ class Loaded:
     system_prompt: str | None
     note: str                     # one line for logs and UIs: what runs where
 
-    def engine(self, **kwargs) -> ChatEngine:
-        return ChatEngine(self.model, self.tokenizer, system_prompt=self.system_prompt, **kwargs)
+    def engine(self, fast_decode: bool | str = "auto", **kwargs) -> ChatEngine:
+        """The chat engine every front end uses. fast_decode "auto": on a CUDA GPU with unquantized
+        weights, the compiled CUDA-graph decode (inference/fast_decode.py: 416 vs 58 tokens/s for a 1.8B
+        model on an H200, docs/BENCHMARKS.md); `generate` on CPU and for 4/8-bit models. The
+        FAST_DECODE environment variable (off | graph | compile) overrides "auto"."""
+        if fast_decode == "auto":
+            fast_decode = auto_fast_decode(self.model)
+        return ChatEngine(self.model, self.tokenizer, system_prompt=self.system_prompt, fast_decode=fast_decode,
+                          **kwargs)
+
+
+def auto_fast_decode(model) -> bool | str:
+    choice = os.environ.get("FAST_DECODE", "").strip().lower()
+    if choice in ("off", "0", "false", "no"):
+        return False
+    if choice in ("graph", "compile"):
+        return choice
+    on_gpu = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
+    return on_gpu and not getattr(model, "is_quantized", False)
 
 
 def lfs_pointers(model_dir) -> list[Path]:

@@ -232,3 +232,24 @@ def test_train_cli_gpus_without_gpus_is_a_one_line_error(tiny_base, identity_fil
     rc = main(["train", "tiny", "--model", str(tiny_base), "--data", str(identity_files["train"]), "--gpus", "2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: --gpus 2: only 0 CUDA GPU(s) visible")
+
+
+def test_front_ends_pick_fast_decode_by_device(tiny_base, monkeypatch):
+    """`Loaded.engine()` (CLI chat, app.py, web_demo.py) turns the compiled decode on for CUDA models
+    with unquantized weights only, and FAST_DECODE overrides it; on CPU the engine keeps `generate`."""
+    from types import SimpleNamespace
+
+    from inference.loader import auto_fast_decode, load
+
+    monkeypatch.delenv("FAST_DECODE", raising=False)
+    gpu = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    assert auto_fast_decode(gpu) is True
+    assert auto_fast_decode(SimpleNamespace(device=SimpleNamespace(type="cuda"), is_quantized=True)) is False
+    assert auto_fast_decode(SimpleNamespace(device=SimpleNamespace(type="cpu"))) is False
+    monkeypatch.setenv("FAST_DECODE", "graph")
+    assert auto_fast_decode(gpu) == "graph"
+    monkeypatch.setenv("FAST_DECODE", "off")
+    assert auto_fast_decode(gpu) is False
+    monkeypatch.delenv("FAST_DECODE")
+    engine = load(str(tiny_base), device="cpu").engine()
+    assert engine.fast is None and engine.chat([{"role": "user", "content": "hi"}], max_new_tokens=4)

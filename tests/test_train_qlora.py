@@ -31,12 +31,12 @@ def test_bits_4_loads_nf4_double_quant_bf16_compute_on_cpu(tiny_base):
 def qlora_final(tiny_base, identity_files, tmp_path_factory) -> Path:
     from trainer.__main__ import main as cli
 
-    data = tmp_path_factory.mktemp("qlora") / "identity96.jsonl"
-    data.write_text("\n".join(Path(identity_files["train"]).read_text(encoding="utf-8").splitlines()[:96]) + "\n",
+    data = tmp_path_factory.mktemp("qlora") / "identity192.jsonl"
+    data.write_text("\n".join(Path(identity_files["train"]).read_text(encoding="utf-8").splitlines()[:192]) + "\n",
                     encoding="utf-8")
     work = data.parent / "run"
     assert cli(["train", "tiny", "--model", str(tiny_base), "--data", str(data), "--work-dir", str(work),
-                "--bits", "4", "--set", "max_steps=60", "--set", "lr=5e-3", "--set", "batch_size=8",
+                "--bits", "4", "--set", "max_steps=100", "--set", "lr=5e-3", "--set", "batch_size=8",
                 "--set", "max_length=128", "--set", "warmup_ratio=0", "--set", "evaluation_inputs=[]"]) == 0
     return work / "final"
 
