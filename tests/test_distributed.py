@@ -178,7 +178,11 @@ def two_and_one(tiny_base, identity_files, tmp_path_factory) -> dict:
     """The same LoRA job on 2 processes (DDP over gloo) and on 1, same global batch."""
     root = tmp_path_factory.mktemp("dist")
     base = ["tiny", "--model", str(tiny_base), "--data", str(identity_files["train"])]
-    two = train_two_processes([*base, "--work-dir", str(root / "two"), *COMMON])
+    heldout = root / "heldout.jsonl"      # a few held-out questions: identity eval at every save, on 2 processes
+    heldout.write_text("\n".join(identity_files["heldout"].read_text(encoding="utf-8").splitlines()[::4]) + "\n",
+                       encoding="utf-8")
+    evals = ["--set", "eval_identity=true", "--set", f"eval_data={heldout}"]
+    two = train_two_processes([*base, "--work-dir", str(root / "two"), *COMMON, *evals])
     assert train_cli([*base, "--work-dir", str(root / "one"), *COMMON]) == 0
     return {"two": root / "two", "one": root / "one", "root": root, "base": base, "log": two.stdout}
 
@@ -201,6 +205,11 @@ def test_two_processes_write_once_and_match_one(two_and_one):
                                                                              "eval_outputs_step_4.txt"]
     assert [p.name for p in checkpoints.complete_checkpoints(two)] == ["checkpoint-2", "checkpoint-4"]
     assert not list(two.glob(".*tmp*")), "a half-written file was left behind"
+    # identity eval: every rank scores, rank 0 alone reports and keeps best/
+    report = json.loads((two / "eval_report.json").read_text(encoding="utf-8"))
+    assert [r["step"] for r in report["checkpoints"]] == [2, 4]
+    assert two_and_one["log"].count("identity eval at step") == 2
+    assert (two / "best" / "adapter_config.json").is_file()
 
 
 def test_two_process_adapter_is_a_plain_adapter_that_merges_and_chats(two_and_one, tiny_base, tmp_path):

@@ -71,6 +71,8 @@ class IdentityEval(TrainerCallback):
         self.rows.append(row)
         tolerance = self.cfg.retention_tolerance
         best = eval_report.choose_best(self.rows, tolerance)
+        if not state.is_world_process_zero:      # several processes all score (FSDP needs every rank); rank 0 writes
+            return
         if best is row and ckpt.is_dir():
             eval_report.write_best(ckpt, self.work_dir)
         eval_report.write_report(self.work_dir, self.rows, self.ref.scores, tolerance, self.es,
@@ -79,7 +81,7 @@ class IdentityEval(TrainerCallback):
                  f"retention {s.retention:.2f} | accuracy {s.accuracy:.2f}" + (" | best so far" if best is row else ""))
 
     def on_train_end(self, args, state, control, **kw):
-        if not self.rows:
+        if not self.rows or not state.is_world_process_zero:
             return
         best = eval_report.choose_best(self.rows, self.cfg.retention_tolerance)
         self.log(eval_report.format_table(self.rows, self.ref.scores, best["path"] if best else None))
