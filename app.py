@@ -105,7 +105,13 @@ def start(env=None) -> Backend:
     note = f"**Model:** {source}  \n**Running on:** {loaded.note}"
     if multimodal:
         note += "  \n**Images:** attach one with 📎; the chat is about the newest image"
-    return Backend(loaded.engine(), loaded.system_prompt or "", note, multimodal=multimodal)
+    engine = loaded.engine()
+    if getattr(engine, "fast", None) is not None:   # CUDA: compile + capture now, not on the first visitor's turn
+        try:
+            engine.fast.warm_up(1024)
+        except Exception:  # noqa: BLE001 -- the first request builds it again and falls back if it must
+            log.exception("warming up the fast decode failed")
+    return Backend(engine, loaded.system_prompt or "", note, multimodal=multimodal)
 
 
 def failed(reason: str) -> Backend:

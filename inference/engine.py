@@ -93,7 +93,11 @@ class ChatEngine:
 
         `system_prompt=None` uses the one saved with the model; "" means none."""
         input_ids = self.prepare(messages, system_prompt, max_new_tokens)
-        if self.fast is not None and repetition_penalty == 1.0 and self.fast.fits(input_ids.shape[1] + max_new_tokens):
+        # the fast path samples with temperature + top-p only: a model whose generation config adds top_k
+        # (Qwen2 ships 20) samples through generate, so CPU and GPU draw from the same distribution
+        top_k = getattr(getattr(self.model, "generation_config", None), "top_k", None)
+        if (self.fast is not None and repetition_penalty == 1.0 and not (temperature and top_k)
+                and self.fast.fits(input_ids.shape[1] + max_new_tokens)):
             from inference.fast_decode import stream_text
 
             with self._lock:

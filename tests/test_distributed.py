@@ -249,8 +249,13 @@ def test_fsdp_full_fine_tuning_on_two_processes_saves_one_model(tiny_base, ident
 
     base = ["tiny", "--model", str(tiny_base), "--data", str(identity_files["train"]), "--set", "method=full",
             *COMMON, "--set", "max_steps=2", "--set", "save_steps=0"]
-    log = train_two_processes([*base, "--work-dir", str(tmp_path / "two"), "--fsdp"]).stdout
+    heldout = tmp_path / "heldout.jsonl"   # identity eval at the end: generation and scoring inside FSDP2 training
+    heldout.write_text("\n".join(identity_files["heldout"].read_text(encoding="utf-8").splitlines()[::6]) + "\n",
+                       encoding="utf-8")
+    evals = ["--set", "save_steps=1", "--set", "eval_identity=true", "--set", f"eval_data={heldout}"]
+    log = train_two_processes([*base, "--work-dir", str(tmp_path / "two"), "--fsdp", *evals]).stdout
     assert "FSDP2 on CPU processes" in log and "sample chats at step 0" in log
+    assert log.count("identity eval at step") == 2      # scored after step 1, then trained on under FSDP2
     assert train_cli([*base, "--work-dir", str(tmp_path / "one")]) == 0
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-3)
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final").state_dict()

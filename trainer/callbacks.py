@@ -54,28 +54,34 @@ class SampleChats(TrainerCallback):
 
     def samples(self, model) -> list[str]:
         """One `Q: ...\nA: ...` block per question (the model is in eval mode)."""
+        fast = self.fast_decode(model)
         try:
-            engine = ChatEngine(model, self.tokenizer, system_prompt=self.cfg.system_prompt,
-                                fast_decode=self.fast_decode(model))
-            return [f"Q: {q}\nA: {self.ask(engine, q)}\n" for q in self.cfg.evaluation_inputs]
+            return self._ask_all(ChatEngine(model, self.tokenizer, system_prompt=self.cfg.system_prompt,
+                                            fast_decode=fast))
         except Exception as e:         # the fast path is an optimisation: never let it stop a training run
-            if not self.fast_decode(model):
+            if not fast:
                 raise
             self.log(f"sample chats: fast decode failed ({type(e).__name__}: {e}) -- using generate")
             self._fast_ok = False
-            engine = ChatEngine(model, self.tokenizer, system_prompt=self.cfg.system_prompt)
-            return [f"Q: {q}\nA: {self.ask(engine, q)}\n" for q in self.cfg.evaluation_inputs]
+            return self._ask_all(ChatEngine(model, self.tokenizer, system_prompt=self.cfg.system_prompt))
+
+    def _ask_all(self, engine) -> list[str]:
+        return [f"Q: {q}\nA: {self.ask(engine, q)}\n" for q in self.cfg.evaluation_inputs]
 
     _fast_ok = True
 
     def fast_decode(self, model):
         """On one CUDA GPU, sample chats replay a captured decode step (inference/fast_decode.py, no
-        compilation): a 1.8B model's 3 x 128-token samples take ~2 s instead of ~10 s with `generate`.
-        Several processes (FSDP gathers weights inside forward) keep `generate`."""
+        compilation; 252 vs 58 tokens/s for a 1.8B model on an H200, docs/BENCHMARKS.md). Several
+        processes (FSDP gathers weights inside forward) and flex_attention models (their generate runs
+        sdpa, trainer/speed.py; the captured step would call flex directly) keep `generate`."""
         import torch.distributed as dist
 
+        from trainer.speed import causal_lm
+
         single = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
-        return "graph" if self._fast_ok and single and model.device.type == "cuda" else False
+        flex = getattr(causal_lm(model).config, "_attn_implementation", None) == "flex_attention"
+        return "graph" if self._fast_ok and single and not flex and model.device.type == "cuda" else False
 
     def ask(self, engine, question: str) -> str:
         return engine.chat([{"role": "user", "content": question}], max_new_tokens=self.cfg.eval_max_new_tokens)

@@ -38,6 +38,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from trainer import atomic
 from trainer.errors import UserError
 
 DEEPSPEED_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
@@ -111,7 +112,7 @@ def deepspeed_config(stage: str) -> dict:
 def write_deepspeed_config(work_dir, stage: str) -> Path:
     path = Path(work_dir) / f"deepspeed_{stage}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(deepspeed_config(stage), indent=1) + "\n", encoding="utf-8")
+    atomic.write_text(path, json.dumps(deepspeed_config(stage), indent=1) + "\n")
     return path
 
 

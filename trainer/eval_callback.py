@@ -53,7 +53,7 @@ class IdentityEval(TrainerCallback):
             elif state.global_step == 0:               # full fine-tuning, not started yet: it *is* the base
                 self.ref = base_reference(self._engine(model, base_prompt), self.es, self.max_new_tokens)
             else:                                      # full fine-tuning resumed: load the base beside it
-                self.ref = base_reference(load(self.base_dir, device=model.device.type).engine(), self.es,
+                self.ref = base_reference(load(self.base_dir, device=model.device.type).engine(fast_decode=False), self.es,
                                           self.max_new_tokens)
         previous = self.work_dir / "eval_report.json"
         if state.global_step > 0 and previous.is_file():   # resumed: keep the rows already scored

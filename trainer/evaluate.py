@@ -185,7 +185,7 @@ def _answer_tokens(engine: ChatEngine, q: str, answer: str) -> tuple[torch.Tenso
     return prompt, (ids[:end + 1] if end is not None else ids + engine.stop[:1])
 
 
-@torch.inference_mode()
+@torch.no_grad()          # not inference_mode: run inside training, FSDP2 reuses the tensors in backward
 def _answer_logits(engine: ChatEngine, prompt: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     answer = torch.tensor([ids], device=prompt.device)
     logits = engine.model(input_ids=torch.cat([prompt, answer], 1)).logits[0, prompt.shape[1] - 1:-1]
@@ -343,10 +343,10 @@ def evaluate_dirs(dirs: list[Path], base: Path | None, es: EvalSet, device: str 
         return ref.scores, results
     ref = None
     if base is not None:
-        ref = base_reference(load(base, device=device).engine(), es, max_new_tokens)
+        ref = base_reference(load(base, device=device).engine(fast_decode=False), es, max_new_tokens)
     results = []
     for d in dirs:
-        results.append(score(load(d, device=device).engine(), es, ref, max_new_tokens))
+        results.append(score(load(d, device=device).engine(fast_decode=False), es, ref, max_new_tokens))
         echo(f"{d}: {_brief(results[-1])}")
     return (ref.scores if ref else None), results
 
