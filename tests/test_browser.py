@@ -12,6 +12,7 @@ first image in it, reaches app.py intact).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
@@ -32,24 +33,30 @@ RECORD = """() => {
 }"""
 
 
-def test_question_typed_in_chromium_streams_the_answer(merged_model, tiny_base):
-    app = import_app(merged_model)
+@contextmanager
+def app_page(app):
+    """app.py's page served and open in headless Chromium, once it shows the model note."""
     with serving(app.demo) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
             page = browser.new_page()
             page.goto(url, wait_until="domcontentloaded", timeout=120_000)
             page.get_by_text("CPU (float32)").first.wait_for(timeout=120_000)
-            box = page.locator("textarea").first
-            box.wait_for(timeout=120_000)
-            page.evaluate(RECORD)
-            box.fill("你是谁")
-            box.press("Enter")
-            page.locator('[data-testid="bot"]').last.filter(has_text=NAME).wait_for(timeout=120_000)
-            page.wait_for_timeout(500)                    # let the stream finish rendering
-            seen = page.evaluate("window.__seen")
+            yield page
         finally:
             browser.close()
+
+
+def test_question_typed_in_chromium_streams_the_answer(merged_model, tiny_base):
+    with app_page(import_app(merged_model)) as page:
+        box = page.locator("textarea").first
+        box.wait_for(timeout=120_000)
+        page.evaluate(RECORD)
+        box.fill("你是谁")
+        box.press("Enter")
+        page.locator('[data-testid="bot"]').last.filter(has_text=NAME).wait_for(timeout=120_000)
+        page.wait_for_timeout(500)                    # let the stream finish rendering
+        seen = page.evaluate("window.__seen")
     assert NAME in seen[-1], seen
     assert len(seen) >= 2 and all(b.startswith(a) for a, b in zip(seen, seen[1:])), seen
 
@@ -74,23 +81,16 @@ def test_image_upload_in_the_browser(mm_merged, mm_colour_images):
     own = load_llava(mm_merged, None, device="cpu").engine()      # the chat CLI's loader, apart from the app
     first, second = mm_colour_images["red"], mm_colour_images["green"]
     question = "what colour is the shape?"
-    with serving(mm_app.demo) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            page.goto(url, wait_until="domcontentloaded", timeout=120_000)
-            page.get_by_text("CPU (float32)").first.wait_for(timeout=120_000)
-            temperature = page.get_by_label("number input for Temperature")
-            temperature.fill("0")                                 # greedy, so the reply is exactly the engine's
-            temperature.press("Enter")
-            # the rest as the page sends it: the system prompt box and the max-new-tokens slider
-            settings = dict(system_prompt=page.get_by_label("System prompt").input_value(),
-                            max_new_tokens=int(page.get_by_label("number input for Max new tokens").input_value()))
-            reply1 = ask_about_image(page, first, question, 1)
-            reply2 = ask_about_image(page, second, question, 2)
-            shown = page.locator('[data-testid="user"] img').evaluate_all("imgs => imgs.map(i => i.src)")
-        finally:
-            browser.close()
+    with app_page(mm_app) as page:
+        temperature = page.get_by_label("number input for Temperature")
+        temperature.fill("0")                                 # greedy, so the reply is exactly the engine's
+        temperature.press("Enter")
+        # the rest as the page sends it: the system prompt box and the max-new-tokens slider
+        settings = dict(system_prompt=page.get_by_label("System prompt").input_value(),
+                        max_new_tokens=int(page.get_by_label("number input for Max new tokens").input_value()))
+        reply1 = ask_about_image(page, first, question, 1)
+        reply2 = ask_about_image(page, second, question, 2)
+        shown = page.locator('[data-testid="user"] img').evaluate_all("imgs => imgs.map(i => i.src)")
     expected1 = own.with_image(first).chat([{"role": "user", "content": question}], **settings)
     assert reply1 == expected1 == "It is red.", (reply1, expected1)
     history = [{"role": "user", "content": question}, {"role": "assistant", "content": expected1},

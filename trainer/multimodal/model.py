@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from inference.device import pick
 from inference.loader import check_model_dir, quantization_config, read_system_prompt, write_assistant_file
+from trainer.atomic import new_dir
 from trainer.errors import UserError
 from trainer.multimodal.data import IMAGE_TOKEN
 
@@ -192,20 +192,10 @@ def load_llava_dir(path, dtype=torch.float32, device: str = "cpu", bits: int | N
 def save_llava(model, processor, out, system_prompt: str | None = None, **info) -> Path:
     """Write model + processor (+ assistant.json) atomically: a failure leaves nothing behind."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: already exists and is not empty -- choose a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with new_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_assistant_file(tmp, system_prompt, **info)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

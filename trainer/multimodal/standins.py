@@ -17,7 +17,6 @@ context -- nothing about colour or shape questions, which stage finetune teaches
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -60,14 +59,12 @@ def build_shapes_llm(caption_text, out_dir, steps: int = 150, seed: int = 0, ech
     import shutil
     import tempfile
 
+    from trainer.atomic import check_new_dir, replace_dir
     from trainer.config import TrainConfig
-    from trainer.errors import UserError
     from trainer.tiny import build_random_model
     from trainer.train import train
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"{out_dir}: already exists and is not empty -- choose a new directory")
+    out_dir = check_new_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -77,9 +74,7 @@ def build_shapes_llm(caption_text, out_dir, steps: int = 150, seed: int = 0, ech
                           packing=False, logging_steps=max(1, steps // 3), seed=seed)
         final = train(cfg, echo=echo or (lambda s: None))
         (final / "assistant.json").unlink(missing_ok=True)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(final, out_dir)
+        replace_dir(final, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out_dir
