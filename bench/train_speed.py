@@ -119,7 +119,7 @@ def steady(scalars: list[dict], warmup: int) -> dict:
     first, last = steps[min(warmup, len(steps) - 2)], steps[-1]
 
     def tokens(step):
-        return sum(r["tokens_per_s"] * r["elapsed_s"] for r in by_step[step])
+        return sum(r.get("tokens", r["tokens_per_s"] * r["elapsed_s"]) for r in by_step[step])
 
     def at(step):
         return max(r["elapsed_s"] for r in by_step[step])

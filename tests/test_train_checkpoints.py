@@ -62,7 +62,7 @@ def test_run_writes_sample_chats_logs_plot_and_keeps_the_newest_checkpoints(refe
     assert evals == [0, 5, 10, 15]                                    # before, every 5 steps, end
     assert "Q: 你是谁\nA:" in (reference / "eval_outputs_step_10.txt").read_text(encoding="utf-8")
     assert [r["step"] for r in scalars(reference)] == list(range(1, 16))
-    assert all({"loss", "lr", "tokens_per_s", "peak_gib", "max_steps"} <= set(r) for r in scalars(reference))
+    assert all({"loss", "lr", "tokens_per_s", "tokens", "peak_gib", "max_steps"} <= set(r) for r in scalars(reference))
     assert (reference / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kept = checkpoints.all_checkpoints(reference)
     assert [checkpoints.step_of(c) for c in kept] == [12, 15]         # save_total_limit 2, latest kept
