@@ -16,6 +16,10 @@
 #   final2:  (session 2) ours' best to the end with a profile, decode graph vs compile (cold, warm cache),
 #            the course's job end to end without and with compile
 #   multi:   ours on 1 and on 2 GPUs (same global batch, loss curves), FSDP full fine-tuning of a 14B shape
+#   scale3:  (session 3) the 1.8B preset's micro-batch 16 on 1 vs 2 GPUs (bench/multi_gpu.py scaling), at
+#            2,048-token rows and at the preset's own 1,024
+#   big3:    (session 3) full fine-tuning of the 7B shape with fp32 master weights: one GPU (out of memory?)
+#            and FSDP2 on two, with each process's memory on each GPU
 set -u
 STAGE=${1:-explore}
 OUT=${OUT:-/tmp/out}
@@ -71,7 +75,7 @@ torch.cuda.synchronize(); print(f"CEILING copy {2 * 2**31 * 10 / (time.perf_coun
 EOF
 export PEAK_TFLOPS=$(grep -o 'matmul [0-9]*' "$L/ceilings.log" | grep -o '[0-9]*' || echo 780)
 python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
+[ "$STAGE" = big3 ] || step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
 ls -la $R
 
 case "$STAGE" in
@@ -172,6 +176,16 @@ multi)
   step scaling 60 $TS report $R --baseline ours_1gpu --ours ours_2gpu --budget 200
   cat $L/scaling.log
   step big 420 python3 bench/multi_gpu.py big --root $R --shape qwen2.5-14b --steps 6
+  ;;
+scale3)
+  P="--set gradient_checkpointing=true --set fused_loss=true --set fp32_upcast=false"   # the preset's switches
+  MG="python3 bench/multi_gpu.py scaling --root $R --batch 16 --accum 2 --steps 30 --warmup 6"
+  step scale_mb16_2048 300 $MG --max-length 2048 --limit-one 190 --limit-two 130 $P
+  step scale_mb16_1024 220 $MG --max-length 1024 --limit-one 120 --limit-two 100 $P
+  ;;
+big3)
+  step big_single 200 python3 bench/multi_gpu.py big --root $R --engine single --steps 3 --limit 190
+  step big_fsdp 260 python3 bench/multi_gpu.py big --root $R --engine fsdp --steps 5 --limit 250
   ;;
 esac
 snap

@@ -57,6 +57,24 @@ def gpu_memory_used() -> list[float] | None:
         return None
 
 
+def gpu_process_memory() -> dict[str, float]:
+    """GiB each process holds on each GPU ("gpu0:pid123"): shows a rank that also allocates on
+    another rank's GPU. Empty where nvidia-smi cannot see the processes (some containers)."""
+    try:
+        uuids = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=10).stdout
+        index = {u.strip(): i.strip() for i, u in (line.split(",") for line in uuids.splitlines() if "," in line)}
+        apps = subprocess.run(["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,used_memory",
+                               "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10).stdout
+        out = {}
+        for line in apps.splitlines():
+            uuid, pid, used = (x.strip() for x in line.split(","))
+            out[f"gpu{index.get(uuid, uuid)}:pid{pid}"] = float(used) / 1024
+        return out
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return {}
+
+
 def read_scalars(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -68,7 +86,7 @@ def run_until(cmd: list[str], work: Path, stop_step: int | None, limit: float, e
     (None: let it finish) or after `limit` seconds. Polls nvidia-smi for per-GPU peaks meanwhile."""
     work.mkdir(parents=True, exist_ok=True)
     print("+", " ".join(str(c) for c in cmd[1:]), flush=True)
-    peaks, t0, reached = None, time.time(), False
+    peaks, per_process, t0, reached = None, {}, time.time(), False
     with open(work / "train.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
                                 env=env)
@@ -77,6 +95,8 @@ def run_until(cmd: list[str], work: Path, stop_step: int | None, limit: float, e
             used = gpu_memory_used()
             if used:
                 peaks = [max(a, b) for a, b in zip(peaks or [0.0] * len(used), used)]
+            for key, gib in gpu_process_memory().items():
+                per_process[key] = max(per_process.get(key, 0.0), gib)
             if stop_step and any(r["step"] >= stop_step for r in read_scalars(work / "scalars.jsonl")):
                 reached = True
                 break
@@ -91,6 +111,8 @@ def run_until(cmd: list[str], work: Path, stop_step: int | None, limit: float, e
     tail = (work / "train.log").read_text(errors="replace")[-1500:]
     return {"returncode": None if stopped else proc.returncode, "stopped": stopped, "reached": reached,
             "wall_s": round(time.time() - t0, 1), "gpu_peak_gib_nvidia_smi": [round(p, 1) for p in peaks or []],
+            "gpu_process_peak_gib": {k: round(v, 1) for k, v in sorted(per_process.items())},
+            "out_of_memory": "OutOfMemoryError" in tail or "CUDA out of memory" in tail,
             "log_tail": tail}
 
 
@@ -173,7 +195,7 @@ def scaling(a) -> int:
             "logging_steps=1", "evaluation_inputs=[]", "save_steps=0", "packing=true", *a.set]
     runs = {}
     for procs, limit, share in ((1, a.limit_one, 0.55), (a.gpus, a.limit_two, 1.0)):
-        name = f"scale_{a.shape}_{procs}{'proc' if a.cpu else 'gpu'}"
+        name = f"scale_{a.shape}_L{a.max_length}_b{a.batch}_{procs}{'proc' if a.cpu else 'gpu'}"
         work = a.root / "runs" / name
         shutil.rmtree(work, ignore_errors=True)
         env = None if a.cpu or procs > 1 else {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
@@ -183,7 +205,7 @@ def scaling(a) -> int:
         print(f"RESULT {name}: exit {run['returncode']}, {len(runs[procs])} steps logged in {run['wall_s']} s", flush=True)
     result = {"shape": a.shape, "gpus": [1, a.gpus], "sets": sets, "warmup": a.warmup,
               **compare(runs[1], runs[a.gpus], a.warmup), "versions": train_speed.versions()}
-    (a.root / "runs" / "scaling.json").write_text(json.dumps(result, indent=1))
+    (a.root / "runs" / f"scaling_L{a.max_length}_b{a.batch}.json").write_text(json.dumps(result, indent=1))
     print(f"RESULT scaling {a.shape} 1 -> {a.gpus}: {json.dumps({k: v for k, v in result.items() if k != 'versions'})}",
           flush=True)
     return 0 if "speedup_step" in result else 1
@@ -192,7 +214,9 @@ def scaling(a) -> int:
 # ---- big: full fine-tuning that needs several GPUs ----
 
 def big(a) -> int:
-    engine_flags = {"fsdp": ["--fsdp"], "zero3": ["--deepspeed", "zero3"]}[a.engine]
+    engine_flags = {"fsdp": ["--fsdp"], "zero3": ["--deepspeed", "zero3"], "single": []}[a.engine]
+    if a.engine == "single":    # the same job on one GPU: the out-of-memory the engines are there to avoid
+        a.gpus = 1
     if a.engine == "zero3" and importlib.util.find_spec("deepspeed") is None:
         print("RESULT big zero3: skipped, deepspeed is not importable (carry .whl/deepspeed-*.whl)", flush=True)
         return 1
@@ -203,12 +227,13 @@ def big(a) -> int:
     model_dir = a.root / f"model-{a.shape}"
     sets = ["method=full", "bits=none", "lr=1e-5", f"max_length={a.max_length}", f"batch_size={a.batch}",
             "grad_accum=1", f"max_steps={a.steps + 1000}", "logging_steps=1", "save_steps=0", "packing=true",
-            "gradient_checkpointing=true", f"fused_loss={str(a.engine == 'fsdp').lower()}",   # ZeRO-3 refuses it
+            "gradient_checkpointing=true", f"fused_loss={str(a.engine != 'zero3').lower()}",   # ZeRO-3 refuses it
             "evaluation_freq=0", "eval_max_new_tokens=4",
             # one sample chat before step 1: generation between training steps under the engine
             "evaluation_inputs=[你是谁]", *a.set]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"} if a.engine == "single" and not a.cpu else None
     run = run_until(train_cmd(model_dir, a.root / "data.jsonl", work, a.gpus, a.cpu, sets, engine_flags),
-                    work, a.steps, limit_of(a, a.limit))
+                    work, a.steps, limit_of(a, a.limit), env=env)
     scalars = read_scalars(work / "scalars.jsonl")
     from transformers import AutoConfig
 
@@ -224,7 +249,8 @@ def big(a) -> int:
     speed = f"{result['step_s']:.2f} s/step, {result['tokens_per_s']:,.0f} tok/s" if "step_s" in result else "no timing"
     print(f"RESULT {name}: {result['params_b']}B params, {result['state_gib_16_bytes_a_param']} GiB of fp32 "
           f"weights+grads+AdamW; {len(scalars)} steps logged in {run['wall_s']} s; per-GPU peak (nvidia-smi) "
-          f"{result['gpu_peak_gib_nvidia_smi']} GiB, rank 0 allocated {result['rank0_peak_allocated_gib']} GiB; {speed}",
+          f"{result['gpu_peak_gib_nvidia_smi']} GiB, rank 0 allocated {result['rank0_peak_allocated_gib']} GiB; {speed}"
+          f"{'; OUT OF MEMORY' if run['out_of_memory'] else ''}; per process {result['gpu_process_peak_gib']}",
           flush=True)
     return 0 if run["reached"] else 1
 
@@ -318,7 +344,8 @@ def main(argv=None) -> int:
     s.add_argument("--limit-two", type=float, default=150)
     b = common(sub.add_parser("big"))
     b.add_argument("--shape", default="qwen2.5-7b", choices=sorted(train_speed.SHAPES))
-    b.add_argument("--engine", choices=["fsdp", "zero3"], default="fsdp")
+    b.add_argument("--engine", choices=["fsdp", "zero3", "single"], default="fsdp",
+                   help="single: the same job on one GPU, no engine (expected: out of memory)")
     b.add_argument("--steps", type=int, default=5)
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--max-length", type=int, default=2048)

@@ -45,6 +45,9 @@ class TrainConfig:
     fused_loss: bool = False             # chunked loss, no [tokens x vocab] logits in memory (trainer/speed.py)
     fp32_upcast: bool = True             # QLoRA: PEFT's fp32 copies of embeddings, norms, lm_head (false: keep
                                          # them bf16 -- half the activation memory and traffic, as torchtune)
+    master_fp32: bool = True             # full FT on a bf16/fp16 GPU: fp32 weights + AdamW state, compute in
+                                         # `dtype` (mixed precision, as DeepSpeed); false: all in `dtype` --
+                                         # half the memory, but updates under ~0.4% of a weight round away
     attn_implementation: str = "sdpa"    # sdpa | flex_attention (block-sparse over packed rows; CUDA) | eager
     # --- data shaping ---
     max_length: int = 512                # tokens per conversation (and per packed row); longer is truncated

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import shutil
 import sys
@@ -52,7 +53,12 @@ def load_model_for_training(cfg: TrainConfig, model_dir: Path, placement):
         # torch's FlexAttention has no backward on CPU; sdpa computes the same function there
         log.warning("attn_implementation flex_attention trains on CUDA only -- using sdpa on the CPU")
         attn = "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype, quantization_config=qconf,
+    dtype = placement.dtype
+    if cfg.method == "full" and cfg.master_fp32 and dtype != torch.float32:
+        # the trained weights are the fp32 master copy; the Trainer's bf16/fp16 autocast (FSDP2: its
+        # mixed-precision all-gather) computes in `dtype`. bf16 weights would drop most lr-1e-5 updates.
+        dtype = torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=qconf,
                                                  device_map={"": placement.device}, attn_implementation=attn)
     model.config.use_cache = False
     if cfg.method == "full":
@@ -98,7 +104,25 @@ def report_to() -> list[str]:
     return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
 
 
-def save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path, work_dir: Path) -> Path:
+def cast_weights(folder: Path, dtype: torch.dtype) -> None:
+    """Rewrite FOLDER's fp32 safetensors files in `dtype`, one file at a time: a full fine-tune with fp32
+    master weights ships in its compute dtype, as DeepSpeed's 16-bit gather does (half the size)."""
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(path)
+        if any(t.dtype == torch.float32 for t in tensors.values()):
+            save_file({k: t.to(dtype) if t.dtype == torch.float32 else t for k, t in tensors.items()},
+                      path, metadata={"format": "pt"})
+    config = folder / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data["dtype"] = str(dtype).replace("torch.", "")
+        config.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path, work_dir: Path,
+               dtype: torch.dtype = torch.float32) -> Path:
     """WORK_DIR/final, written beside and renamed into place: never half-written."""
     final, tmp = work_dir / "final", work_dir / ".final.tmp"
     if trainer.is_world_process_zero():
@@ -106,6 +130,8 @@ def save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path, work_dir: 
     trainer.save_model(str(tmp))           # every rank: FSDP gathers the full weights for rank 0
     if not trainer.is_world_process_zero():
         return final                       # several GPUs (trainer/distributed.py): rank 0 writes the rest
+    if cfg.method == "full" and dtype != torch.float32:
+        cast_weights(tmp, dtype)           # the fp32 master copy trained; the model ships in `dtype`
     tokenizer.save_pretrained(tmp)
     (tmp / "training_args.bin").unlink(missing_ok=True)      # a pickle nobody needs to load an adapter
     write_assistant_file(tmp, cfg.system_prompt, base_model=str(model_dir), method=cfg.method, bits=cfg.bits)
@@ -140,7 +166,9 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print) -> Pat
     model = load_model_for_training(cfg, model_dir, placement)
     model = apply_speedups(model, cfg, echo)     # trainer/speed.py: fused loss, compile, partial checkpointing
     echo(f"model: {model_dir} on {placement.describe()}, method {cfg.method}"
-         + (f", {cfg.bits}-bit" if cfg.bits else ""))
+         + (f", {cfg.bits}-bit" if cfg.bits else "")
+         + (", fp32 master weights" if cfg.method == "full" and next(model.parameters()).dtype == torch.float32
+            and placement.dtype != torch.float32 else ""))
 
     bar = ProgressBar() if ProgressBar.wanted() else None
     if bar is not None:
@@ -172,7 +200,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print) -> Pat
         echo(f"resuming from {checkpoint} (step {checkpoints.step_of(checkpoint)})")
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    final = save_final(trainer, tokenizer, cfg, model_dir, work_dir)
+    final = save_final(trainer, tokenizer, cfg, model_dir, work_dir, placement.dtype)
     echo(f"saved {'model' if cfg.method == 'full' else 'adapter'} to {final}")
     return final
 
