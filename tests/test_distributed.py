@@ -76,9 +76,12 @@ def test_launch_flags_are_stripped_and_the_command_built(tmp_path):
 
 
 def test_launch_checks_and_keeps_the_global_batch(monkeypatch):
-    qlora, full = TrainConfig(bits=4, batch_size=4, grad_accum=4), TrainConfig(method="full", grad_accum=3)
-    assert distributed.global_batch_accum(qlora, 2)[0] == 2
-    assert distributed.global_batch_accum(full, 2)[0] == 3           # does not divide: kept, and said so
+    qlora, full = TrainConfig(bits=4, batch_size=4, grad_accum=4), TrainConfig(method="full", batch_size=3, grad_accum=3)
+    assert distributed.per_gpu_batch(qlora, 2)[:2] == (4, 2)          # fewer accumulation steps
+    preset = TrainConfig(bits=4, batch_size=16, grad_accum=1)         # internlm2_chat_1_8b_qlora's 16 x 1
+    assert distributed.per_gpu_batch(preset, 2)[:2] == (8, 1)         # a smaller micro-batch: still 16 rows
+    batch, accum, note = distributed.per_gpu_batch(full, 2)
+    assert (batch, accum) == (3, 3) and "global batch is 18 rows, not 9" in note   # neither divides: said so
     with pytest.raises(UserError, match="only 0 CUDA GPU"):
         distributed.check_launch(full, 2, False, None, visible=0)
     with pytest.raises(UserError, match="--fsdp with bits 4"):
@@ -104,7 +107,7 @@ def test_maybe_launch_runs_workers_and_a_worker_trains(monkeypatch, tmp_path):
     gpus = types.SimpleNamespace(gpus=2, fsdp=False, deepspeed=None, cpu_procs=0)
     rc = distributed.maybe_launch(qlora, gpus, ["p", "--gpus", "2"], echo=lambda s: None,
                                   run=lambda cmd, **kw: ran.append((cmd, kw)) or 0)
-    assert rc == 0 and ran[0][0][-4:] == ["train", "p", "--set", "grad_accum=2"] and ran[0][1] == {}
+    assert rc == 0 and ran[0][0][-6:] == ["train", "p", "--set", "batch_size=4", "--set", "grad_accum=2"] and ran[0][1] == {}
     cpu = types.SimpleNamespace(gpus=1, fsdp=False, deepspeed=None, cpu_procs=2)
     distributed.maybe_launch(qlora, cpu, ["p", "--cpu-procs", "2"], echo=lambda s: None,
                              run=lambda cmd, **kw: ran.append((cmd, kw)) or 0)

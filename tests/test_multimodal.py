@@ -198,3 +198,28 @@ def test_apps_load_a_merged_export_a_run_dir_or_an_llm_with_a_run(mm_llm, mm_fin
                                 ("llm + run", load_served(mm_llm, adapter=mm_finetuned, device="cpu"))]}
     assert got["merged"] == got["run dir"] == got["llm + run"], got
     assert load_served(mm_llm, device="cpu") is None
+
+
+def test_served_llava_falls_back_when_the_gpu_is_too_small(mm_llm, mm_tower, mm_finetuned, mm_merged, monkeypatch):
+    """As text models do (inference.load): with device auto, the whole LLaVA's size (LLM + tower) decides
+    between the GPU as is, 4-bit, or the CPU, and the note says why."""
+    from inference.device import Placement
+    from inference.loader import param_count
+    from trainer.multimodal import chat
+
+    asked = []
+
+    def small_gpu(n_params, placement):
+        asked.append(n_params)
+        return Placement("cpu", torch.float32), None, "GPU too small (test): running on CPU"
+
+    monkeypatch.setattr(chat, "fit_gpu", small_gpu)
+    merged = chat.load_served(mm_merged)
+    rebuilt = chat.load_served(mm_finetuned)                  # LLM + tower, from the run's llava.json
+    assert asked == [param_count(mm_merged), param_count(mm_llm) + param_count(mm_tower)]
+    assert param_count(mm_merged) >= param_count(mm_llm) > 0
+    for loaded in (merged, rebuilt):
+        assert loaded.note.endswith("(GPU too small (test): running on CPU)")
+        assert next(loaded.model.parameters()).device.type == "cpu"
+    chat.load_served(mm_merged, device="cpu")                 # an explicit device is taken as asked
+    assert len(asked) == 2

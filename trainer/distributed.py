@@ -9,7 +9,7 @@
 LOCAL_RANK, WORLD_SIZE and, for --fsdp / --deepspeed, its ACCELERATE_* settings); transformers'
 Trainer then wraps the model in DDP, FSDP2 or DeepSpeed from that environment. Presets, logs, sample
 chats and checkpoints are the single-GPU ones; rank 0 writes the files. The global batch of the
-preset is kept: `grad_accum` is divided by N when it divides evenly.
+preset is kept: `grad_accum` is divided by N when it divides evenly, else `batch_size` when it does.
 
 `--deepspeed STAGE` writes `WORK_DIR/deepspeed_STAGE.json` (`deepspeed_config`: ZeRO settings, with
 batch sizes, accumulation, clipping, precision and optimizer values "auto" so the Trainer fills them
@@ -117,7 +117,7 @@ def write_deepspeed_config(work_dir, stage: str) -> Path:
 
 
 def launch_command(train_argv: list[str], gpus: int, fsdp: bool = False, deepspeed_file: Path | None = None,
-                   grad_accum: int | None = None, port: int | None = None) -> list[str]:
+                   batch_size: int | None = None, grad_accum: int | None = None, port: int | None = None) -> list[str]:
     """`accelerate launch ... -m trainer train ARGV` for `gpus` processes on this machine."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
            "--num_processes", str(gpus), "--main_process_port", str(port or free_port()),
@@ -131,6 +131,8 @@ def launch_command(train_argv: list[str], gpus: int, fsdp: bool = False, deepspe
     else:
         cmd += ["--multi_gpu"]     # torchrun underneath; on CPU processes (--cpu-procs) it is DDP over gloo
     cmd += ["-m", "trainer", "train", *train_argv]
+    if batch_size is not None:
+        cmd += ["--set", f"batch_size={batch_size}"]
     if grad_accum is not None:
         cmd += ["--set", f"grad_accum={grad_accum}"]
     return cmd
@@ -163,14 +165,20 @@ def check_launch(cfg, gpus: int, fsdp: bool, deepspeed: str | None, visible: int
                         "or use --fsdp (built into PyTorch)")
 
 
-def global_batch_accum(cfg, gpus: int) -> tuple[int, str]:
-    """grad_accum per GPU that keeps the preset's global batch, and a note saying what happened."""
+def per_gpu_batch(cfg, gpus: int) -> tuple[int, int, str]:
+    """(batch_size, grad_accum) per GPU that keep the preset's global batch -- fewer accumulation steps
+    when they divide by N, else a smaller micro-batch when it does -- and a note saying what happened.
+    The same global batch means the same optimizer steps and lr schedule as on one GPU."""
+    total = cfg.batch_size * cfg.grad_accum
     if cfg.grad_accum % gpus == 0:
-        per = cfg.grad_accum // gpus
-        return per, (f"global batch kept at {cfg.batch_size * cfg.grad_accum} rows "
-                     f"(batch_size {cfg.batch_size} x grad_accum {per} x {gpus} GPUs)")
-    return cfg.grad_accum, (f"global batch is {cfg.batch_size * cfg.grad_accum * gpus} rows "
-                            f"(grad_accum {cfg.grad_accum} does not divide by {gpus})")
+        batch, accum = cfg.batch_size, cfg.grad_accum // gpus
+    elif cfg.batch_size % gpus == 0:
+        batch, accum = cfg.batch_size // gpus, cfg.grad_accum
+    else:
+        return cfg.batch_size, cfg.grad_accum, (
+            f"global batch is {total * gpus} rows, not {total}: neither batch_size {cfg.batch_size} nor "
+            f"grad_accum {cfg.grad_accum} divides by {gpus}")
+    return batch, accum, f"global batch kept at {total} rows (batch_size {batch} x grad_accum {accum} x {gpus} GPUs)"
 
 
 def maybe_launch(cfg, args, argv: list[str], echo=print, run=subprocess.call) -> int | None:
@@ -193,9 +201,9 @@ def maybe_launch(cfg, args, argv: list[str], echo=print, run=subprocess.call) ->
         from trainer.tiny import default_base
 
         default_base()
-    accum, note = global_batch_accum(cfg, procs)
+    batch, accum, note = per_gpu_batch(cfg, procs)
     ds_file = write_deepspeed_config(cfg.work_dir, args.deepspeed) if args.deepspeed else None
-    cmd = launch_command(strip_launch_flags(argv), procs, args.fsdp, ds_file, grad_accum=accum)
+    cmd = launch_command(strip_launch_flags(argv), procs, args.fsdp, ds_file, batch_size=batch, grad_accum=accum)
     mode = "FSDP2" if args.fsdp else f"DeepSpeed {args.deepspeed}" if args.deepspeed else "DDP"
     env = None
     if args.cpu_procs:    # hide any GPU: every worker then trains on the CPU and the Trainer picks gloo

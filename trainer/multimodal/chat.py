@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from inference.device import pick
+from inference.device import fit_gpu, pick
 from inference.engine import ChatEngine, fit_to_context
-from inference.loader import read_system_prompt
+from inference.loader import log, param_count, read_system_prompt
 from trainer.chat_format import prompt_ids, with_system
 from trainer.errors import UserError
 from trainer.multimodal.data import IMAGE_TOKEN, expand_image_tokens, pixel_values, with_image_tag
@@ -152,6 +152,12 @@ def load_llava(model_dir, image, llava=None, visual_encoder=None, adapter=None, 
     else:
         raise UserError(f"{model_dir}: not a LLaVA model dir -- pass a merged LLaVA dir, or the LLM with "
                         f"--visual-encoder CLIP_DIR --llava TRAINED_DIR")
+    why = ""
+    if device == "auto" and bits is None:      # as inference.load: 4-bit, then CPU, rather than out of memory
+        parts = [spec["llava"]] if "llava" in spec else [spec["llm"], spec["visual_encoder"]]
+        placement, bits, why = fit_gpu(sum(param_count(p) for p in parts), placement)
+        if why:
+            log.warning("%s: %s", model_dir, why)
     model, processor = load_base(spec, placement.dtype, placement.device, bits)
     if llava:
         model = apply_trained(model, llava)
@@ -161,4 +167,4 @@ def load_llava(model_dir, image, llava=None, visual_encoder=None, adapter=None, 
     what = Path(model_dir).name + (f" + {Path(llava).name}" if llava else "") + (f", {bits}-bit" if bits else "")
     seen = f", image {Path(image).name}" if image else ""            # the UIs take images per request
     return LoadedLlava(model, processor, Path(image) if image else None, read_system_prompt(llava, model_dir),
-                       note=f"{what} on {placement.describe()}{seen}")
+                       note=f"{what} on {placement.describe()}{seen}" + (f" ({why})" if why else ""))
