@@ -264,3 +264,15 @@ def test_fsdp_full_fine_tuning_on_two_processes_saves_one_model(tiny_base, ident
     assert sorted(two) == sorted(one)
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-4)
+    # FSDP2's checkpoint (full state dict, optimizer included) resumes on one process: step 2 again
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "two" / "checkpoint-1", resumed / "checkpoint-1")
+    for name in ("scalars.jsonl", "config.yaml"):
+        shutil.copy(tmp_path / "two" / name, resumed / name)
+    assert train_cli([*base, "--work-dir", str(resumed), "--resume"]) == 0
+    assert [r["step"] for r in scalars(resumed)] == [1, 2]
+    assert losses(resumed) == pytest.approx(losses(tmp_path / "two"), rel=1e-3)
+    again = AutoModelForCausalLM.from_pretrained(resumed / "final").state_dict()
+    for key in two:
+        torch.testing.assert_close(again[key], two[key], rtol=1e-3, atol=1e-4)
