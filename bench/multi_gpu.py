@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -75,6 +76,33 @@ def gpu_process_memory() -> dict[str, float]:
         return {}
 
 
+def rank_rss_peaks(root_pid: int) -> dict[str, float]:
+    """Peak resident GiB (VmHWM) of each training process under `root_pid`, keyed "rank0"...: how the
+    CPU runs (`--cpu`) show per-rank memory, where nvidia-smi has nothing to say."""
+    parent = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue        # the process ended while being read
+    out = {}
+    for pid in parent:
+        up = pid
+        while up in parent and up != root_pid:
+            up = parent[up]
+        if up != root_pid:
+            continue
+        try:
+            rank = re.search(rb"(?:^|\0)RANK=(\d+)\0", Path(f"/proc/{pid}/environ").read_bytes())
+            hwm = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+        except OSError:
+            continue
+        if hwm and (rank or pid == root_pid):       # "main": the trainer on one process, the launcher on several
+            out[f"rank{rank.group(1).decode()}" if rank else "main"] = int(hwm.group(1)) / 2**20
+    return out
+
+
 def read_scalars(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -95,7 +123,7 @@ def run_until(cmd: list[str], work: Path, stop_step: int | None, limit: float, e
             used = gpu_memory_used()
             if used:
                 peaks = [max(a, b) for a, b in zip(peaks or [0.0] * len(used), used)]
-            for key, gib in gpu_process_memory().items():
+            for key, gib in [*gpu_process_memory().items(), *rank_rss_peaks(proc.pid).items()]:
                 per_process[key] = max(per_process.get(key, 0.0), gib)
             if stop_step and any(r["step"] >= stop_step for r in read_scalars(work / "scalars.jsonl")):
                 reached = True
@@ -111,7 +139,7 @@ def run_until(cmd: list[str], work: Path, stop_step: int | None, limit: float, e
     tail = (work / "train.log").read_text(errors="replace")[-1500:]
     return {"returncode": None if stopped else proc.returncode, "stopped": stopped, "reached": reached,
             "wall_s": round(time.time() - t0, 1), "gpu_peak_gib_nvidia_smi": [round(p, 1) for p in peaks or []],
-            "gpu_process_peak_gib": {k: round(v, 1) for k, v in sorted(per_process.items())},
+            "process_peak_gib": {k: round(v, 2) for k, v in sorted(per_process.items())},
             "out_of_memory": "OutOfMemoryError" in tail or "CUDA out of memory" in tail,
             "log_tail": tail}
 
@@ -250,7 +278,7 @@ def big(a) -> int:
     print(f"RESULT {name}: {result['params_b']}B params, {result['state_gib_16_bytes_a_param']} GiB of fp32 "
           f"weights+grads+AdamW; {len(scalars)} steps logged in {run['wall_s']} s; per-GPU peak (nvidia-smi) "
           f"{result['gpu_peak_gib_nvidia_smi']} GiB, rank 0 allocated {result['rank0_peak_allocated_gib']} GiB; {speed}"
-          f"{'; OUT OF MEMORY' if run['out_of_memory'] else ''}; per process {result['gpu_process_peak_gib']}",
+          f"{'; OUT OF MEMORY' if run['out_of_memory'] else ''}; per process {result['process_peak_gib']}",
           flush=True)
     return 0 if run["reached"] else 1
 

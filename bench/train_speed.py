@@ -45,6 +45,8 @@ SHAPES = {   # LlamaConfig fields; InternLM2 maps onto Llama (trainer/convert.py
                        intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6),
     "qwen2.5-14b": dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
                         intermediate_size=13824, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6),
+    "cpu-132m": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8,
+                     intermediate_size=4096, vocab_size=3000, max_position_embeddings=4096),   # per-rank memory on CPU
     "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=128, vocab_size=3000, max_position_embeddings=4096),
 }
