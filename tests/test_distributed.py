@@ -82,8 +82,14 @@ def test_launch_checks_and_keeps_the_global_batch(monkeypatch):
     assert distributed.per_gpu_batch(preset, 2)[:2] == (8, 1)         # a smaller micro-batch: still 16 rows
     batch, accum, note = distributed.per_gpu_batch(full, 2)
     assert (batch, accum) == (3, 3) and "global batch is 18 rows, not 9" in note   # neither divides: said so
-    with pytest.raises(UserError, match="only 0 CUDA GPU"):
+    with pytest.raises(UserError, match="--gpus 2: no CUDA GPU is visible"):
         distributed.check_launch(full, 2, False, None, visible=0)
+    with pytest.raises(UserError, match="only 1 CUDA GPU"):
+        distributed.check_launch(full, 2, False, None, visible=1)
+    with pytest.raises(UserError, match="--fsdp with bits 4"):        # what was typed wrong comes first
+        distributed.check_launch(qlora, 1, True, None, visible=0)
+    with pytest.raises(UserError, match="add --gpus N"):
+        distributed.check_launch(full, 1, True, None, visible=2)
     with pytest.raises(UserError, match="--fsdp with bits 4"):
         distributed.check_launch(qlora, 2, True, None, visible=2)
     with pytest.raises(UserError, match="choose one"):
@@ -108,6 +114,8 @@ def test_maybe_launch_runs_workers_and_a_worker_trains(monkeypatch, tmp_path):
     rc = distributed.maybe_launch(qlora, gpus, ["p", "--gpus", "2"], echo=lambda s: None,
                                   run=lambda cmd, **kw: ran.append((cmd, kw)) or 0)
     assert rc == 0 and ran[0][0][-6:] == ["train", "p", "--set", "batch_size=4", "--set", "grad_accum=2"] and ran[0][1] == {}
+    with pytest.raises(UserError, match="--gpus 0: must be >= 1"):
+        distributed.maybe_launch(qlora, types.SimpleNamespace(gpus=0, fsdp=False, deepspeed=None, cpu_procs=0), ["p"])
     cpu = types.SimpleNamespace(gpus=1, fsdp=False, deepspeed=None, cpu_procs=2)
     distributed.maybe_launch(qlora, cpu, ["p", "--cpu-procs", "2"], echo=lambda s: None,
                              run=lambda cmd, **kw: ran.append((cmd, kw)) or 0)

@@ -148,6 +148,11 @@ def test_resume_bad_inputs(tiny_base, small_data, reference, tmp_path, capsys):
                                       "--set", "lora_r=8"))
     assert "lora_r=16" in err
 
+    # another lr: the checkpoint's optimizer and scheduler state would keep the old one, silently
+    err = error_of(capsys, train_args(tiny_base, small_data, tmp_path / "z", "--resume", str(reference / "checkpoint-12"),
+                                      "--set", "lr=1e-3"))
+    assert "lr=" in err and "keeps the checkpoint's optimizer and lr schedule" in err
+
     # a fresh run into a work dir with checkpoints is a forgotten --resume, not a new run
     work = tmp_path / "again"
     shutil.copytree(reference / "checkpoint-12", work / "checkpoint-12")

@@ -27,6 +27,38 @@ def test_bits_4_loads_nf4_double_quant_bf16_compute_on_cpu(tiny_base):
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_generating_between_steps_leaves_the_4bit_backward_intact(tiny_base):
+    """Sample chats run the model in eval mode without grad between training steps. On a CPU with
+    AVX512-BF16, bitsandbytes would then repack the 4-bit weights for inference and every later
+    backward through them would be wrong (the lower layers' adapter gradients shrank ~300x)."""
+    from inference.device import pick
+    from trainer.config import load_config
+    from trainer.train import load_model_for_training
+
+    cfg = load_config("tiny", {"model": str(tiny_base)}, ["bits=4", "lora_dropout=0"])
+    torch.manual_seed(0)
+    model = load_model_for_training(cfg, tiny_base, pick("cpu", "fp32"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:         # non-zero, so gradients reach layer 0 through the frozen 4-bit layers
+            torch.nn.init.normal_(param, std=0.02)
+    ids = torch.randint(5, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def layer0_grads():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "layers.0." in n and "lora_A" in n}
+
+    before = layer0_grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids[:, :5])             # what a sample chat does
+    after = layer0_grads()
+    assert before and before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def qlora_final(tiny_base, identity_files, tmp_path_factory) -> Path:
     from trainer.__main__ import main as cli

@@ -31,6 +31,9 @@ _SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "
                "num_attention_heads", "num_key_value_heads")
 # config keys a resumed run must share with the checkpoint, or the saved state cannot load
 _METHOD_KEYS = ("method", "bits", "lora_r", "lora_alpha", "lora_target")
+# restored from the checkpoint's optimizer/scheduler state whatever the config says: a change would be
+# written to config.yaml and the model card while training went on with the old values
+_SCHEDULE_KEYS = ("lr", "lr_scheduler", "warmup_ratio")
 
 
 def step_of(path: Path) -> int:
@@ -48,7 +51,8 @@ def write_marker(ckpt: Path, base_dir, cfg, data_digest: str) -> None:
     files = {p.relative_to(ckpt).as_posix(): p.stat().st_size
              for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MARKER}
     record = {"step": step_of(ckpt), "base_model": str(base_dir), "base": base_fingerprint(base_dir),
-              "config": {k: getattr(cfg, k) for k in _METHOD_KEYS}, "data_digest": data_digest,
+              "config": {k: getattr(cfg, k) for k in (*_METHOD_KEYS, *_SCHEDULE_KEYS) if hasattr(cfg, k)},
+              "data_digest": data_digest,
               "files": files}
     write_text(ckpt / MARKER, json.dumps(record, ensure_ascii=False, indent=1))
 
@@ -108,6 +112,11 @@ def check_compatible(ckpt: Path, base_dir, cfg) -> dict:
         if record["config"].get(key) != getattr(cfg, key):
             raise UserError(f"{ckpt}: checkpoint has {key}={record['config'].get(key)!r} but the config says "
                             f"{getattr(cfg, key)!r} -- resume with the run's own config ({Path(ckpt).parent}/config.yaml)")
+    for key in _SCHEDULE_KEYS:
+        if key in record["config"] and hasattr(cfg, key) and record["config"][key] != getattr(cfg, key):
+            raise UserError(f"{ckpt}: checkpoint has {key}={record['config'][key]!r} but the config says "
+                            f"{getattr(cfg, key)!r} -- a resumed run keeps the checkpoint's optimizer and lr "
+                            "schedule: drop the change, or start a new --work-dir with it")
     return record
 
 

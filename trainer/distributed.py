@@ -139,18 +139,12 @@ def launch_command(train_argv: list[str], gpus: int, fsdp: bool = False, deepspe
 
 
 def check_launch(cfg, gpus: int, fsdp: bool, deepspeed: str | None, visible: int, cpu_procs: int = 0) -> None:
+    """What the flags ask for must make sense together (checked first: it is what the user typed),
+    then fit this machine."""
     if gpus < 1:
         raise UserError(f"--gpus {gpus}: must be >= 1")
     if fsdp and deepspeed:
         raise UserError("--fsdp and --deepspeed: choose one")
-    if cpu_procs:
-        if gpus > 1:
-            raise UserError("--cpu-procs and --gpus: choose one (--cpu-procs is the test stand-in for GPUs)")
-        if cpu_procs < 2:
-            raise UserError(f"--cpu-procs {cpu_procs}: must be >= 2 (one process is the plain command)")
-    elif gpus > visible:
-        raise UserError(f"--gpus {gpus}: only {visible} CUDA GPU(s) visible -- lower --gpus "
-                        "(or set CUDA_VISIBLE_DEVICES)")
     if fsdp and cfg.bits:
         raise UserError(f"--fsdp with bits {cfg.bits}: 4/8-bit weights are not sharded here -- drop --fsdp "
                         "(LoRA/QLoRA run as DDP: the quantized base is small, only the adapter is synced) "
@@ -160,6 +154,20 @@ def check_launch(cfg, gpus: int, fsdp: bool, deepspeed: str | None, visible: int
         # not gathered it (an empty shard: "size of tensor a (0) must match ...")
         raise UserError(f"--deepspeed {deepspeed} with fused_loss: not supported -- add --set fused_loss=false "
                         "(or use --fsdp, which works with it)")
+    if cpu_procs:
+        if gpus > 1:
+            raise UserError("--cpu-procs and --gpus: choose one (--cpu-procs is the test stand-in for GPUs)")
+        if cpu_procs < 2:
+            raise UserError(f"--cpu-procs {cpu_procs}: must be >= 2 (one process is the plain command)")
+    elif visible == 0:
+        flag = "--fsdp" if fsdp else f"--deepspeed {deepspeed}" if deepspeed else f"--gpus {gpus}"
+        raise UserError(f"{flag}: no CUDA GPU is visible -- train without it on this machine "
+                        "(or set CUDA_VISIBLE_DEVICES)")
+    elif gpus > visible:
+        raise UserError(f"--gpus {gpus}: only {visible} CUDA GPU(s) visible -- lower --gpus "
+                        "(or set CUDA_VISIBLE_DEVICES)")
+    elif fsdp and gpus == 1:
+        raise UserError("--fsdp shards over several GPUs -- add --gpus N (N >= 2), or drop --fsdp on one GPU")
     if deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise UserError(f"--deepspeed {deepspeed}: deepspeed is not installed -- `pip install deepspeed`, "
                         "or use --fsdp (built into PyTorch)")
@@ -190,7 +198,9 @@ def maybe_launch(cfg, args, argv: list[str], echo=print, run=subprocess.call) ->
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # device_map "cuda" = this rank's GPU
         return None
-    if args.gpus <= 1 and not (args.fsdp or args.deepspeed or args.cpu_procs):
+    if args.gpus < 1:
+        raise UserError(f"--gpus {args.gpus}: must be >= 1")
+    if args.gpus == 1 and not (args.fsdp or args.deepspeed or args.cpu_procs):
         return None
     import torch
 

@@ -46,6 +46,15 @@ def resolve_model(name: str) -> Path:
     return check_model_dir(name)
 
 
+def keep_4bit_training_layout(model) -> None:
+    """bitsandbytes 0.50 repacks 4-bit weights into an inference-only layout the first time a CPU with
+    AVX512-BF16 runs them in eval mode without grad (sample chats, identity eval, between steps) and
+    never unpacks them: every later backward through them is silently wrong. Training keeps its layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_model_for_training(cfg: TrainConfig, model_dir: Path, placement):
     qconf = quantization_config(cfg.bits, placement.dtype)
     attn = cfg.attn_implementation
@@ -61,6 +70,8 @@ def load_model_for_training(cfg: TrainConfig, model_dir: Path, placement):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=qconf,
                                                  device_map={"": placement.device}, attn_implementation=attn)
     model.config.use_cache = False
+    if qconf is not None:
+        keep_4bit_training_layout(model)
     if cfg.method == "full":
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()

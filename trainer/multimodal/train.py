@@ -38,7 +38,7 @@ from trainer.multimodal.callbacks import LlavaFilesOnSave, SampleImageChats, wri
 from trainer.multimodal.config import MultimodalConfig, load_mm_config, save_mm_config
 from trainer.multimodal.data import LlavaCollator, encode_records, image_folder_for, open_image, read_llava_records
 from trainer.multimodal.model import LLAVA_FILE, base_spec, image_token_count, load_base, load_projector
-from trainer.train import prepare_work_dir, report_to
+from trainer.train import keep_4bit_training_layout, prepare_work_dir, report_to
 
 def lora_target(model, cfg: MultimodalConfig) -> str:
     """A PEFT regex over the LLM's linear layers (all of them, or the names in `lora_target`), plus the
@@ -143,6 +143,8 @@ def train_mm(cfg: MultimodalConfig, resume=None, echo=print, extra_callbacks=())
     checkpoint = prepare_work_dir(work_dir, base_dir, cfg, resume, echo)
     set_seed(cfg.seed)
     model, processor = load_base(spec, placement.dtype, placement.device, cfg.bits, scratch=work_dir)
+    if cfg.bits:
+        keep_4bit_training_layout(model)        # sample image chats run between steps (trainer/train.py)
     tokenizer = processor.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
