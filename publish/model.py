@@ -7,18 +7,22 @@
 The dir is validated first (config, weights, tokenizer, chat template, no LFS pointer stubs), a
 model card README.md is added unless the dir has one, and the repo is made to mirror the dir:
 weights go through git-lfs, re-publishing an unchanged dir makes no commit, a changed dir makes
-exactly one. `--dry-run` lists what would change and writes nothing remote.
+exactly one. `--dry-run` lists what would change and writes nothing remote. The pushed
+`assistant.json` leaves out the local paths it recorded (the dir's own copy is not touched).
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import json
+from pathlib import Path, PurePosixPath
 
+from inference.assistant_file import ASSISTANT_FILE, PATH_KEYS
 from publish.bundle import Bundle
-from publish.card import model_card
+from publish.card import HUB_ID, model_card
 from publish.deliver import deliver, report
 from publish.targets import parse_target
 from publish.validate import validate_model_dir
+from trainer.errors import UserError
 
 
 def repo_name(target) -> str:
@@ -26,9 +30,39 @@ def repo_name(target) -> str:
     return last.removesuffix(".git") or "model"
 
 
+def _public_ref(value, model_dir: Path) -> bool:
+    """Whether a recorded source means the same thing on anyone's machine: a hub id, or a path inside
+    the published dir (`./rel`). Anything else (/abs, ~/rel, ../x) is this machine's business."""
+    if not isinstance(value, str):
+        return True                                        # null: nothing to leak
+    if value == "." or value.startswith("./"):
+        return ".." not in PurePosixPath(value).parts
+    return bool(HUB_ID.match(value)) and not (model_dir / value).exists() and not Path(value).exists()
+
+
+def public_assistant_file(model_dir: Path) -> Path | bytes:
+    """The assistant.json to publish: the local file itself when it names no local path, else bytes with
+    those keys left out. Left out, not cut to a last part: a bare `final` or `tiny-base` would read as a
+    hub id or a relative path to whatever loads it, and the card already names the base model."""
+    path = model_dir / ASSISTANT_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not readable JSON ({exc}) -- fix it or delete it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object -- fix it or delete it")
+    local = [k for k in PATH_KEYS if k in data and not _public_ref(data[k], model_dir)]
+    if not local:
+        return path
+    public = {k: v for k, v in data.items() if k not in local}
+    return (json.dumps(public, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+
+
 def model_bundle(model_dir: Path, target) -> Bundle:
     files = validate_model_dir(model_dir)
     bundle: Bundle = {f.as_posix(): model_dir / f for f in files}
+    if ASSISTANT_FILE in bundle:
+        bundle[ASSISTANT_FILE] = public_assistant_file(model_dir)
     if "README.md" not in bundle:
         clone = target.web_url if target.scheme == "hf" else target.url
         bundle["README.md"] = model_card(model_dir, repo_name(target), clone, sorted(bundle)).encode("utf-8")

@@ -1,6 +1,11 @@
 """trainer/atomic.py: outputs appear whole or not at all, and nothing is left beside them."""
 from __future__ import annotations
 
+import os
+import stat
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from trainer.atomic import new_dir, new_file, replace_dir
@@ -48,3 +53,44 @@ def test_replace_dir_swaps_a_finished_dir_in(tmp_path):
     (new / "b").write_text("new")
     replace_dir(new, old)
     assert [p.name for p in tmp_path.iterdir()] == ["final"] and [p.name for p in old.iterdir()] == ["b"]
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_what_is_put_in_place_gets_umask_permissions(tmp_path, umask_022):
+    # safetensors writes through a private 0600 temp file: the saved model must still be readable by others
+    import torch
+    from safetensors.torch import save_file
+
+    out = tmp_path / "model"
+    with new_dir(out) as tmp:
+        save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")
+        Path(tempfile.mkdtemp(dir=tmp)).rename(tmp / "sub")          # a 0700 dir inside
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((out / "sub").stat().st_mode) == stat.S_IMODE(out.stat().st_mode) == 0o755
+    finished = Path(tempfile.mkdtemp(dir=tmp_path))                   # replace_dir of a mkdtemp dir
+    (finished / "run.sh").write_text("")
+    os.chmod(finished / "run.sh", 0o700)
+    replace_dir(finished, out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "run.sh").stat().st_mode) == 0o755     # executable stays executable
+    os.umask(0o077)                                                   # a private umask is honoured too
+    with new_dir(tmp_path / "private") as tmp:
+        save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")
+    assert stat.S_IMODE((tmp_path / "private" / "model.safetensors").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "private").stat().st_mode) == 0o700
+
+
+def test_tiny_base_files_are_readable_by_others(tmp_path, umask_022):
+    from trainer.tiny import build_tiny
+
+    out = build_tiny(tmp_path / "tiny", steps=0, echo=lambda s: None)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]

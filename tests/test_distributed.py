@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -284,3 +285,28 @@ def test_fsdp_full_fine_tuning_on_two_processes_saves_one_model(tiny_base, ident
     again = AutoModelForCausalLM.from_pretrained(resumed / "final").state_dict()
     for key in two:
         torch.testing.assert_close(again[key], two[key], rtol=1e-3, atol=1e-4)
+
+
+def test_an_interrupted_launch_passes_sigterm_on(tmp_path):
+    """Ctrl-C / SIGTERM in `train --gpus N` reaches the launcher as SIGTERM (its workers clean up),
+    not as SIGKILL, which would orphan the workers on the GPUs."""
+    import signal
+    import threading
+
+    ready, got = tmp_path / "ready", tmp_path / "got"
+    child = ("import pathlib, signal, sys, time\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(got)!r}).write_text('TERM'), sys.exit(0)))\n"
+             f"pathlib.Path({str(ready)!r}).write_text('1')\n"
+             "time.sleep(60)\n")
+
+    def interrupt_when_ready():
+        for _ in range(600):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)      # a real signal: it interrupts the launcher's wait()
+
+    threading.Thread(target=interrupt_when_ready, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        distributed.run_launcher([sys.executable, "-c", child], grace=30)
+    assert got.read_text() == "TERM"

@@ -9,6 +9,7 @@ over authenticated git + git-lfs.
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 import uuid
@@ -50,6 +51,17 @@ def dir_files(d: Path) -> dict[str, bytes]:
             if p.is_file() and ".git" not in p.relative_to(d).parts}
 
 
+def without_info(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in files.items() if k != "assistant.json"}
+
+
+def assert_public_info(pushed: bytes, local: bytes) -> None:
+    """The pushed assistant.json is the local one without the machine's paths (base model, adapter)."""
+    local_info = json.loads(local)
+    assert local_info["base_model"].startswith("/") and local_info["adapter"].startswith("/")
+    assert json.loads(pushed) == {k: v for k, v in local_info.items() if k not in ("base_model", "adapter")}
+
+
 def calls(hub) -> list[str]:
     return [f"{m} {p}" for m, p in hub.requests]
 
@@ -59,7 +71,9 @@ def test_hf_api_route(merged_model, tmp_path, hub, env):
     assert r.returncode == 0, r.stderr
     stored = hub.files("alice/lumi")
     want = dir_files(merged_model)
-    assert {k: v for k, v in stored.items() if k in want} == want and set(want) <= set(stored)
+    assert {k: v for k, v in stored.items() if k in want and k != "assistant.json"} == without_info(want)
+    assert set(want) <= set(stored)
+    assert_public_info(stored["assistant.json"], want["assistant.json"])
     assert "README.md" in stored and b"sdk:" not in stored["README.md"]
     tree = hub.tree("alice/lumi")
     assert tree["model.safetensors"]["lfs"] is not None and tree["config.json"]["lfs"] is None
@@ -104,5 +118,6 @@ def test_hf_git_fallback(merged_model, tmp_path, hub, env):
         subprocess.run(["git", "lfs", "install", "--local"], cwd=clone, env=genv, check=True, capture_output=True)
         subprocess.run(["git", "lfs", "pull"], cwd=clone, env=genv, check=True, capture_output=True)
     got, want = dir_files(clone), dir_files(merged_model)
-    assert {k: v for k, v in got.items() if k in want} == want
+    assert {k: v for k, v in got.items() if k in want and k != "assistant.json"} == without_info(want)
+    assert_public_info(got["assistant.json"], want["assistant.json"])
     assert ".gitattributes" in got and "README.md" in got

@@ -65,7 +65,17 @@ def test_publish_roundtrip_card_and_idempotence(merged_model, tmp_path, env):
     git("lfs", "pull", cwd=clone, env=env)
     got = model_files(clone)
     want = model_files(merged_model)
-    assert {k: v for k, v in got.items() if k not in ("README.md", ".gitattributes")} == want
+    assert {k: v for k, v in got.items() if k not in ("README.md", ".gitattributes", "assistant.json")} == \
+        {k: v for k, v in want.items() if k != "assistant.json"}
+    # assistant.json: the local one records where the base and adapter were on this machine; the pushed
+    # one keeps the system prompt and drops those paths, and the local file is left as it was
+    local_info = json.loads(want["assistant.json"])
+    assert local_info["base_model"].startswith("/") and local_info["adapter"].startswith("/")
+    pushed = json.loads(got["assistant.json"])
+    assert pushed == {k: v for k, v in local_info.items() if k not in ("base_model", "adapter")}
+    assert not any(isinstance(v, str) and v.startswith(("/", "~")) for v in pushed.values())
+    assert str(merged_model.parent) not in got["assistant.json"].decode()
+    assert model_files(merged_model)["assistant.json"] == want["assistant.json"]
     assert "*.safetensors filter=lfs" in got[".gitattributes"].decode()
 
     card = got["README.md"].decode()
@@ -109,6 +119,22 @@ def test_publish_roundtrip_card_and_idempotence(merged_model, tmp_path, env):
     assert "You are Lumi." in card
     assert "| checkpoint-80 (best) | 80 | 0.950 | 0.020 | 0.970 |" in card and "| base model | 0 |" in card
     assert git("cat-file", "-p", "main:vocab_extra.txt", cwd=remote).startswith("version https://git-lfs")
+
+
+def test_pushed_assistant_file_names_no_local_path(tmp_path):
+    from publish.model import public_assistant_file
+
+    (tmp_path / "sub").mkdir()
+    local = {"system_prompt": "You are Lumi.", "base_model": "~/models/tiny-base", "adapter": "/srv/alice/final",
+             "source_checkpoint": "../work/checkpoint-80", "trained_from": "./sub", "method": "lora", "bits": None}
+    text = json.dumps(local, ensure_ascii=False, indent=2)
+    (tmp_path / "assistant.json").write_text(text, encoding="utf-8")
+    public = json.loads(public_assistant_file(tmp_path))
+    assert public == {"system_prompt": "You are Lumi.", "trained_from": "./sub", "method": "lora", "bits": None}
+    assert (tmp_path / "assistant.json").read_text(encoding="utf-8") == text
+    # a hub id is public: the file goes out as it is (same bytes: republishing makes no commit)
+    (tmp_path / "assistant.json").write_text(json.dumps({"system_prompt": None, "base_model": "Qwen/Qwen2.5-1.5B"}))
+    assert public_assistant_file(tmp_path) == tmp_path / "assistant.json"
 
 
 def test_dry_run_writes_nothing(merged_model, tmp_path, env):

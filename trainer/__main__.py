@@ -15,11 +15,16 @@
     demo               the main job: tiny base -> data -> train -> merge -> serve the app
 
 Each command is a module with `main(argv) -> int`; `python -m trainer COMMAND -h` shows its flags.
+Ctrl-C (exit 130) and SIGTERM (`kill`, a job scheduler, torchrun stopping its workers; exit 143) both
+stop a command through its cleanup, so no half-written output or temp dir is left behind.
 """
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
+import warnings
 
 from trainer.errors import run_cli
 
@@ -46,6 +51,30 @@ COMMANDS = {
 }
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt (not an Exception, so no `except Exception` swallows it):
+    `finally` blocks and context managers (trainer.atomic, temp dirs) clean up on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def run_until_signal(fn, argv) -> int:
+    """`run_cli(fn, argv)`, with SIGTERM turned into `Terminated` (one line, exit 143 = 128 + 15).
+    Python's default for SIGTERM is to die on the spot, skipping every cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        return run_cli(fn, argv)                  # only the main thread may set handlers (and receives them)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return run_cli(fn, argv)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)   # main() may be called in-process (tests)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -58,8 +87,12 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()      # per-shard "Loading weights" bars drown the useful lines
+    # transformers 5 deprecated the `is_gradient_checkpointing` property, and peft (get_peft_model,
+    # PeftModel) still reads it, so train / merge / eval / chat each ended with this FutureWarning
+    # that nothing here can act on
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     module = importlib.import_module(COMMANDS[name])
-    return run_cli(module.main, rest)
+    return run_until_signal(module.main, rest)
 
 
 if __name__ == "__main__":

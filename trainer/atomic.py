@@ -7,14 +7,18 @@
     with new_file(path) as f:          # a text file written beside `path` and renamed over it
         f.write(text)
     replace_dir(finished, dst)         # move a finished dir over an older one
+    usual_modes(path)                  # umask permissions for a tree a library wrote in place
 
 Everything is written next to its destination (same filesystem), so the final `os.replace` is a rename.
+What is put in place gets the permissions a plain write would give (0o666 / 0o777 minus the umask),
+whatever the library that wrote it did.
 """
 from __future__ import annotations
 
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +31,41 @@ def _beside(path: Path) -> Path:
     # not tempfile.mkstemp/mkdtemp: those create 0600/0700, and a model dir or data file written here
     # should get the usual permissions (umask), like one written directly
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it, which races with other threads creating files: read it
+    # from /proc where there is one (the fallback sets a strict mask meanwhile, so a racer is only private)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def usual_modes(root) -> None:
+    """Give `root` and everything under it the mode a plain `open`/`mkdir` would have: safetensors 0.8
+    (and tempfile) write through private 0600/0700 temp files, which would make a saved model unreadable
+    to anyone else (a shared server, a web server serving the dir). Owner-executable files stay so."""
+    root, mask = Path(root), _umask()
+
+    def fix(path: str) -> None:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            return                        # a link's target is not ours to change
+        want = (0o777 if stat.S_ISDIR(st.st_mode) or st.st_mode & stat.S_IXUSR else 0o666) & ~mask
+        if stat.S_IMODE(st.st_mode) != want:
+            os.chmod(path, want)
+
+    fix(str(root))
+    if root.is_dir() and not root.is_symlink():
+        for parent, dirs, files in os.walk(root):
+            for name in dirs + files:
+                fix(os.path.join(parent, name))
 
 
 def check_new_dir(out) -> Path:
@@ -83,6 +122,7 @@ def replace_dir(src, dst) -> Path:
     """Move the finished dir `src` to `dst`, replacing whatever `dst` held. The old one is renamed aside
     and deleted only after, so `dst` is never a half-deleted old dir or a half-written new one."""
     src, dst = Path(src), Path(dst)
+    usual_modes(src)
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")

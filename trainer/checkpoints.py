@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from inference.loader import write_assistant_file
-from trainer.atomic import write_text
+from trainer.atomic import usual_modes, write_text
 from trainer.errors import UserError
 
 MARKER = "checkpoint.json"
@@ -164,5 +164,6 @@ class CheckpointKeeper(TrainerCallback):
             return
         write_assistant_file(ckpt, self.cfg.system_prompt, base_model=str(self.base_dir), method=self.cfg.method,
                              bits=self.cfg.bits)
+        usual_modes(ckpt)      # the Trainer wrote it in place through safetensors' private 0600 temp files
         write_marker(ckpt, self.base_dir, self.cfg, self.data_digest)
         rotate(args.output_dir, self.cfg.save_total_limit)

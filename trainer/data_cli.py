@@ -29,7 +29,8 @@ DEFAULT_RATIO = 0.2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer data", description=__doc__.split("\n")[0])
+    # the whole first paragraph: its first line stops mid-sentence
+    p = argparse.ArgumentParser(prog="python -m trainer data", description=__doc__.split("\n\n")[0])
     p.add_argument("--name", help="the assistant's name, e.g. 小菜鸡助手")
     p.add_argument("--author", help="who made it, e.g. 小菜鸡 (required with --name)")
     p.add_argument("--base-model", help="what it runs on, e.g. 书生·浦语 1.8B (mentioned in some answers)")

@@ -189,7 +189,24 @@ def per_gpu_batch(cfg, gpus: int) -> tuple[int, int, str]:
     return batch, accum, f"global batch kept at {total} rows (batch_size {batch} x grad_accum {accum} x {gpus} GPUs)"
 
 
-def maybe_launch(cfg, args, argv: list[str], echo=print, run=subprocess.call) -> int | None:
+def run_launcher(cmd: list[str], env=None, grace: float = 60.0) -> int:
+    """Run the accelerate launcher and wait. Interrupted (Ctrl-C, or SIGTERM raised as an exception by
+    trainer/__main__.py), pass it on as SIGTERM and give the workers `grace` seconds to clean up:
+    subprocess.call would SIGKILL the launcher and orphan the workers on the GPUs."""
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.terminate()           # torchrun forwards it to every worker
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+
+
+def maybe_launch(cfg, args, argv: list[str], echo=print, run=run_launcher) -> int | None:
     """Launch N workers when `--gpus N` (N > 1) was asked for and return their exit code; in a
     worker, pin this process to its GPU (before any model loads) and return None."""
     if is_worker():

@@ -272,7 +272,7 @@ def load_projector(model, path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer mm-build", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m trainer mm-build", description=__doc__.split("\n\n")[0])
     p.add_argument("llm", help="chat LLM dir (HF format) or 'tiny'")
     p.add_argument("out")
     p.add_argument("--visual-encoder", required=True, help="CLIP dir (e.g. clip-vit-large-patch14-336) or 'tiny'")

@@ -42,7 +42,7 @@ def repeat(src, out, n: int) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer repeat", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m trainer repeat", description=__doc__.split("\n\n")[0])
     p.add_argument("input", help="JSON array or JSONL data file")
     p.add_argument("output", help="output file (.json: JSON array, otherwise JSONL)")
     p.add_argument("-n", type=int, required=True, help="how many times to repeat the data set")
