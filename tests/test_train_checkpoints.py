@@ -66,6 +66,10 @@ def test_run_writes_sample_chats_logs_plot_and_keeps_the_newest_checkpoints(refe
     assert (reference / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kept = checkpoints.all_checkpoints(reference)
     assert [checkpoints.step_of(c) for c in kept] == [12, 15]         # save_total_limit 2, latest kept
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in [*kept[-1].iterdir(), *(reference / "final").iterdir()]:  # no private 0600 weights
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
     for ckpt in kept:
         marker = checkpoints.read_marker(ckpt)
         assert marker and {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
