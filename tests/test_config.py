@@ -117,8 +117,14 @@ def test_bad_config_is_one_line_error(capsys, argv, pattern):
 def test_bad_yaml_file_names_file_and_line(tmp_path, capsys):
     path = tmp_path / "mine.yaml"
     path.write_text("model: tiny\nepochs: 2\nlora_alpah: 16\n", encoding="utf-8")
-    with pytest.raises(UserError, match=rf"{re.escape(str(path))}: unknown config key 'lora_alpah' -- did you mean 'lora_alpha'"):
+    with pytest.raises(UserError, match=rf"{re.escape(str(path))}:3: unknown config key 'lora_alpah' -- did you mean 'lora_alpha'"):
         load_config(str(path))
+    # the line comes from the YAML parser, not a text search: comments, a quoted key, a value that
+    # mentions the key on an earlier line
+    path.write_text("# my run\nmodel: tiny\nsystem_prompt: 'lerning_rate: is not a key'\n\n"
+                    "\"lerning_rate\": 1e-4\n", encoding="utf-8")
+    rc, _, err = run(capsys, "train", str(path))
+    assert rc == 2 and err == f"error: {path}:5: unknown config key 'lerning_rate' -- did you mean 'lr'?\n", err
     path.write_text("model: tiny\nepochs: 2\nlora_dropout: 1.5\n", encoding="utf-8")
     with pytest.raises(UserError, match=rf"{re.escape(str(path))}:3: lora_dropout must be in"):
         load_config(str(path))

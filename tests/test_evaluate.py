@@ -107,6 +107,40 @@ def test_best_checkpoint_rule():
     assert eval_report.choose_best([{**_row(10, 1.0, 0.0, None)}], 1.0) is None   # no base, no choice
 
 
+def test_no_best_says_what_to_do():
+    rows = [_row(150, 1.0, 0.0, 0.74), {**_row(450, 1.0, 0.0, 0.81), "path": "w/final"}]
+    hint = eval_report.no_best_hint(rows, tolerance=0.1)
+    assert "\n" not in hint and hint.startswith("best: none within tolerance")
+    # names the best retention and where, and the tolerance that would accept it (0.19 -> 0.20)
+    assert "0.81 (final)" in hint and "floor 0.90" in hint and "--tolerance 0.20" in hint
+    assert "more general data" in hint and "fewer epochs" in hint
+    assert "--tolerance 0.30" in eval_report.no_best_hint([_row(10, 1.0, 0.0, 0.70)], 0.1)   # exact steps stay
+    assert "retention_tolerance=0.45" in eval_report.no_best_hint([_row(10, 1.0, 0.0, 0.55)], 0.1,
+                                                                  "--set retention_tolerance={}")
+    assert "--base" in eval_report.no_best_hint([_row(10, 1.0, 0.0, None)], 0.1)    # nothing to compare with
+
+
+def test_eval_cli_prints_the_hint_when_nothing_qualifies(tmp_path, identity_files, monkeypatch, capsys):
+    """The CLI's last line on the shipped demo's numbers (retention 0.81, default tolerance 0.1),
+    scored by a stand-in so no model runs."""
+    from trainer import evaluate
+    from trainer.evaluate import Scores
+
+    work, base = tmp_path / "run", tmp_path / "base"
+    (work / "final").mkdir(parents=True)
+    (work / "final" / "adapter_config.json").write_text("{}")
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"0")
+    monkeypatch.setattr(evaluate, "evaluate_dirs", lambda dirs, *a, **k: (
+        Scores(identity=0.0, leakage=0.0, accuracy=0.5, retention=1.0),
+        [Scores(identity=1.0, leakage=0.0, accuracy=0.4, retention=0.81) for _ in dirs]))
+    assert main([str(work), "--base", str(base), "--eval-data", str(identity_files["heldout"])]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("best: none within tolerance") and "--tolerance 0.20" in last, last
+    assert not (work / "best").exists()
+
+
 def test_base_knows_nothing_and_tuned_adapter_knows_its_name(tiny_base, tuned_adapter, identity_files):
     es = build_eval_set(identity_files["heldout"], n_general=12)
     base, (tuned,) = evaluate_dirs([tuned_adapter], tiny_base, es, device="cpu", echo=lambda s: None)

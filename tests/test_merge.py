@@ -110,3 +110,42 @@ def test_assistant_file_is_portable_and_still_read(tiny_base, qlora_adapter, tmp
     assert portable_path(out / "extra" / "x.bin", out) == "./extra/x.bin"
     assert portable_path("Qwen/Qwen2-0.5B", out) == "Qwen/Qwen2-0.5B"
     assert portable_path("/opt/models/base", out) == "/opt/models/base"
+
+
+def test_merge_onto_another_base_of_the_same_shape_warns(tiny_base, tuned_adapter, tmp_path, capsys):
+    """Same shape, other weights: PEFT loads it without complaint and the answers are garbage, so the
+    base the adapter recorded is named. A copy of the right base, or a recorded path missing on this
+    machine (trained elsewhere), is not a reason to warn."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.__main__ import main as cli
+
+    other = tmp_path / "other"
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(other)
+    capsys.readouterr()
+    assert cli(["merge", str(other), str(tuned_adapter), str(tmp_path / "m1")]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, err
+    assert f"{tuned_adapter} was trained on {tiny_base}" in warnings[0] and f"BASE is {other}" in warnings[0]
+    assert (tmp_path / "m1" / "config.json").is_file()                    # a warning, not a failure
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_base, copy)
+    for base, out in ((tiny_base, "m2"), (copy, "m3")):
+        assert cli(["merge", str(base), str(tuned_adapter), str(tmp_path / out)]) == 0
+        assert "warning:" not in capsys.readouterr().err
+
+    moved = tmp_path / "adapter-from-elsewhere"
+    shutil.copytree(tuned_adapter, moved)
+    for name, key in (("assistant.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        data = json.loads((moved / name).read_text(encoding="utf-8"))
+        data[key] = "/home/someone-else/models/tiny-base"
+        (moved / name).write_text(json.dumps(data), encoding="utf-8")
+    assert cli(["merge", str(other), str(moved), str(tmp_path / "m4")]) == 0
+    assert "warning:" not in capsys.readouterr().err

@@ -181,6 +181,27 @@ def test_bad_input_missing_model_dir(identity_files, tmp_path):
     _one_line_error(res, "not found")
 
 
+def test_chat_on_an_adapter_dir_shows_the_command_that_works(tiny_base, tuned_adapter, tmp_path, capsys):
+    """`chat WORK_DIR/final` (an adapter, not a model): say so, with the base it recorded."""
+    from trainer.__main__ import main as cli
+
+    assert cli(["chat", str(tuned_adapter)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tuned_adapter}: is a LoRA adapter"), err
+    assert f"python -m trainer chat {tiny_base} --adapter {tuned_adapter}`" in err
+    assert f"python -m trainer merge {tiny_base} {tuned_adapter} OUT_DIR`" in err
+    # only adapter_config.json records the base (a plain PEFT dir): that one is named
+    bare = tmp_path / "peft"
+    bare.mkdir()
+    (bare / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/qwen"}))
+    assert cli(["chat", str(bare)]) == 2
+    assert f"chat /models/qwen --adapter {bare}`" in capsys.readouterr().err
+    # nothing recorded: a placeholder the user fills in
+    (bare / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": None}))
+    assert cli(["chat", str(bare)]) == 2
+    assert f"chat BASE --adapter {bare}`" in capsys.readouterr().err
+
+
 def test_bad_input_unknown_config_key(tmp_path):
     res = run_module("trainer", "train", "tiny", "--set", "learning_rate=1e-4", "--work-dir", str(tmp_path / "w"))
     _one_line_error(res, "learning_rate", "did you mean 'lr'")

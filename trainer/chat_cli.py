@@ -10,9 +10,12 @@ Type a message; an empty line sends it (so messages can span lines). `RESET` cle
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
 from inference import load
+from trainer.errors import UserError
 
 
 def read_message(stream, interactive: bool) -> str | None:
@@ -32,6 +35,28 @@ def read_message(stream, interactive: bool) -> str | None:
         if not lines and line.strip() in ("RESET", "EXIT"):
             return line.strip()
         lines.append(line)
+
+
+def refuse_adapter_as_model(model) -> None:
+    """MODEL given a LoRA adapter (WORK_DIR/final) instead of a model: name the command that works,
+    with the base the adapter recorded, rather than the loader's "no config.json"."""
+    from trainer.merge import recorded_base
+    from trainer.multimodal.model import LLAVA_FILE
+
+    path = Path(model)
+    if (path / "config.json").is_file() or not (path / "adapter_config.json").is_file():
+        return
+    if (path / LLAVA_FILE).is_file():      # an mm-train dir: it goes on MODEL as --llava, not --adapter
+        return
+    base = recorded_base(path)
+    if base and Path(base).is_absolute() and Path(base).resolve().is_relative_to(Path.cwd().resolve()):
+        base = str(Path(base).resolve().relative_to(Path.cwd().resolve()))    # as the user typed it, mostly
+    shown = shlex.quote(base) if base else "BASE"
+    adapter = shlex.quote(str(path))
+    where = f" (trained on {base})" if base else ""
+    raise UserError(f"{path}: is a LoRA adapter{where}, not a model -- chat with it on its base: "
+                    f"`python -m trainer chat {shown} --adapter {adapter}`, or merge it first: "
+                    f"`python -m trainer merge {shown} {adapter} OUT_DIR`")
 
 
 def main(argv=None) -> int:
@@ -55,6 +80,7 @@ def main(argv=None) -> int:
         loaded = load_llava(args.model, args.image, args.llava, args.visual_encoder, args.adapter, args.device,
                             bits=args.bits)
     else:
+        refuse_adapter_as_model(args.model)
         loaded = load(args.model, adapter=args.adapter, device=args.device, bits=args.bits)
     engine = loaded.engine()
     interactive = sys.stdin.isatty()

@@ -183,12 +183,16 @@ ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "max_epochs": "e
            "max_seq_length": "max_length", "pack_to_max_length": "packing", "torch_dtype": "dtype"}
 
 
-def _check_keys(keys, source) -> None:
+def _check_keys(keys, source, lines: dict | None = None) -> None:
+    """Refuse keys TrainConfig does not have; `lines` (key -> line number) makes the error FILE:LINE."""
     for key in keys:
         if key not in FIELDS:
-            close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, FIELDS, n=1)
+            # matched against the aliases too, so a misspelt `lerning_rate` still leads to `lr`
+            close = difflib.get_close_matches(key, [*FIELDS, *ALIASES], n=1)
+            close = [ALIASES.get(close[0], close[0])] if close else []
             hint = f" -- did you mean {close[0]!r}?" if close else f" -- valid keys: {', '.join(FIELDS)}"
-            raise UserError(f"{source}: unknown config key {key!r}{hint}")
+            line = f":{lines[key]}" if lines and key in lines else ""
+            raise UserError(f"{source}{line}: unknown config key {key!r}{hint}")
 
 
 def _parse_value(key: str, raw: str):
@@ -223,17 +227,20 @@ def load_config(name_or_path: str, overrides: dict | None = None, sets: list[str
     command = preset_command(path)
     if command not in (None, "train"):
         raise UserError(f"{path}: this preset is for `python -m trainer {command}`, not `train`")
+    text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise UserError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of key: value")
-    _check_keys(raw, path)
+    lines = key_lines(text)
+    _check_keys(raw, path, lines)
     values = dict(raw)
-    origin = {key: _line_of(path, key) for key in raw}     # where each value came from, for errors
+    # where each value came from, for errors
+    origin = {key: f"{path}:{lines[key]}" if key in lines else str(path) for key in raw}
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key], origin[key] = value, f"--{key.replace('_', '-')}"
@@ -249,12 +256,16 @@ def load_config(name_or_path: str, overrides: dict | None = None, sets: list[str
         raise UserError(f"{origin.get(exc.key, path)}: {exc.msg}") from None
 
 
-def _line_of(path: Path, key: str) -> str:
-    """`FILE:LINE` of a top-level key in a YAML file (plain `FILE` if it cannot be found)."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.startswith(f"{key}:"):
-            return f"{path}:{number}"
-    return str(path)
+def key_lines(text: str) -> dict[str, int]:
+    """The 1-based line of each top-level key of a YAML mapping, from the parser's own node marks
+    (so quoted keys, flow style and indented documents are placed right, not guessed from the text)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
 
 
 def save_config(cfg: TrainConfig, path) -> None:

@@ -88,5 +88,5 @@ class IdentityEval(TrainerCallback):
         if best:
             self.log(f"best checkpoint: {Path(best['path']).name} (step {best['step']}) -> {self.work_dir / 'best'}")
         else:
-            self.log(f"no checkpoint kept retention >= {1 - self.cfg.retention_tolerance:.2f}: no best/ "
-                     "-- mix in general data (`python -m trainer data --mix general`) or save earlier")
+            self.log(eval_report.no_best_hint(self.rows, self.cfg.retention_tolerance,
+                                              "--set retention_tolerance={}"))

@@ -15,6 +15,7 @@ retention, then the earlier step. None qualifies -> no best/ (the table says why
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,21 @@ def choose_best(rows: list[dict], tolerance: float) -> dict | None:
         return None
     return max(ok, key=lambda r: (r["identity"], -r["leakage"], r["retention"],
                                   -(r["step"] if r["step"] is not None else float("inf"))))
+
+
+def no_best_hint(rows: list[dict], tolerance: float, option: str = "--tolerance {}") -> str:
+    """One line for "no checkpoint qualified": why, and what the user can do about it. `option` is how
+    the tolerance is set where the line is shown (`eval --tolerance`, or a training config key)."""
+    kept = [r for r in rows if r.get("retention") is not None]
+    if not kept:
+        return "best: none -- no retention without a base model to compare with: pass --base BASE_DIR"
+    top = max(kept, key=lambda r: r["retention"])
+    # the smallest tolerance, in steps of 0.05, under which the best-kept checkpoint would qualify
+    enough = min(1.0, math.ceil(round((1.0 - top["retention"]) * 20, 6)) / 20)
+    return (f"best: none within tolerance -- the most any checkpoint kept of the base is {top['retention']:.2f} "
+            f"({Path(top['path']).name}), under the floor {1.0 - tolerance:.2f}; to accept that much forgetting "
+            f"pass {option.format(f'{enough:.2f}')}, or forget less: mix in more general data "
+            "(`python -m trainer data ... --mix general --ratio 0.3`), train fewer epochs or save checkpoints earlier")
 
 
 def _fmt(v) -> str:

@@ -405,8 +405,8 @@ def main(argv=None) -> int:
                                           json_path=args.json, base_path=base)
         print(eval_report.format_table(rows, base_scores, report["best"]))
         print(f"report: {report['json']}, {report['png']}")
-        print(f"best: {report['best'] or 'none within tolerance'}"
-              + (f" -> {target / 'best'}" if report["best"] else ""))
+        print(f"best: {report['best']} -> {target / 'best'}" if report["best"]
+              else eval_report.no_best_hint(rows, tolerance))
         return 0
     if not is_adapter(target) and not (target / "config.json").is_file():
         raise UserError(f"{target}: not a work dir (no checkpoint-N/ or final/), adapter dir or model dir")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -33,8 +34,46 @@ def refuse_quantized(base: Path) -> None:
                         "adapter away; pass the original bf16/fp32 base model dir (QLoRA adapters merge into it)")
 
 
+def recorded_base(adapter) -> str | None:
+    """The base model an adapter says it was trained on: assistant.json `base_model` (made a path on
+    this machine), else adapter_config.json `base_model_name_or_path`; None when neither says."""
+    adapter = Path(adapter)
+    name = read_assistant_file(adapter).get("base_model")
+    config = adapter / "adapter_config.json"
+    if not name and config.is_file():
+        name = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return name or None
+
+
+def _weights_sample(model_dir: Path) -> list:
+    """Names, sizes and a few 64 KiB slices of the weight files: enough to tell a copy of a model from
+    another model of the same shape, without hashing gigabytes."""
+    out = []
+    for f in sorted([*model_dir.glob("*.safetensors"), *model_dir.glob("*.bin")]):
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            for at in (size // 3, 2 * size // 3, max(size - 65536, 0)):
+                fh.seek(at)
+                out.append((f.name, size, fh.read(65536)))
+    return out
+
+
+def warn_other_base(base: Path, adapter: Path) -> str | None:
+    """A warning when the adapter records a base that exists here and is neither BASE nor a copy of it:
+    an adapter merged onto another model of the same shape loads fine and answers garbage. A recorded
+    path missing on this machine says nothing (the run may have been on another machine)."""
+    name = recorded_base(adapter)
+    if not name or not (Path(name) / "config.json").is_file():
+        return None
+    recorded = Path(name)
+    if recorded.resolve() == base.resolve() or _weights_sample(recorded) == _weights_sample(base):
+        return None
+    return (f"warning: {adapter} was trained on {recorded}, but BASE is {base} (other weights) -- on another "
+            f"model an adapter answers nonsense: merge onto {recorded} unless BASE is what you meant")
+
+
 def merge(base, adapter, out, dtype: str = "fp32", device: str = "cpu", max_shard_size: str = "2GB",
-          echo=lambda s: None) -> Path:
+          echo=lambda s: None, warn=None) -> Path:
     from peft import PeftModel
 
     base = check_model_dir(base)
@@ -55,7 +94,10 @@ def merge(base, adapter, out, dtype: str = "fp32", device: str = "cpu", max_shar
         if "size mismatch" not in str(exc):
             raise
         raise UserError(f"{adapter}: does not fit the base model {base} (tensor size mismatch) -- pass the base "
-                        f"it was trained on ({trained.get('base_model', 'see adapter_config.json')})") from None
+                        f"it was trained on ({recorded_base(adapter) or 'see adapter_config.json'})") from None
+    other = warn_other_base(base, adapter)   # only once it fits: a shape mismatch was said above
+    if other:
+        (warn or echo)(other)
     tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").is_file() else base)
     with new_dir(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -76,6 +118,6 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-size", default="2GB")
     args = p.parse_args(argv)
     out = merge(args.base, args.adapter, args.out, dtype=args.dtype, device=args.device,
-                max_shard_size=args.max_shard_size, echo=print)
+                max_shard_size=args.max_shard_size, echo=print, warn=lambda s: print(s, file=sys.stderr))
     print(f"merged model written to {out}")
     return 0
