@@ -160,7 +160,7 @@ def test_llava_presets_load_and_bad_values_point_at_their_source(tmp_path):
         load_mm_config("llava_tiny_pretrain", sets=["visual_encodr=tiny"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage: pretrain\nstage_x: 1\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"bad\.yaml: unknown config key 'stage_x'"):
+    with pytest.raises(UserError, match=r"bad\.yaml:2: unknown config key 'stage_x'"):
         load_mm_config(str(bad))
     bad.write_text("model: tiny\nstage: pretrian\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"bad\.yaml:2: stage must be"):

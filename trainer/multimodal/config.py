@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer.config import ConfigError, TrainConfig, resolve_preset
+from trainer.config import ConfigError, TrainConfig, key_lines, resolve_preset
 from trainer.errors import UserError
 
 
@@ -59,19 +59,13 @@ class MultimodalConfig(TrainConfig):
 FIELDS = {f.name: f for f in dataclasses.fields(MultimodalConfig)}
 
 
-def _check_keys(keys, source) -> None:
+def _check_keys(keys, source, lines: dict | None = None) -> None:
     for key in keys:
         if key not in FIELDS:
             close = difflib.get_close_matches(key, FIELDS, n=1)
             hint = f" -- did you mean {close[0]!r}?" if close else ""
-            raise UserError(f"{source}: unknown config key {key!r}{hint}")
-
-
-def _line_of(path: Path, key: str) -> str:
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.startswith(f"{key}:"):
-            return f"{path}:{number}"
-    return str(path)
+            line = f":{lines[key]}" if lines and key in lines else ""
+            raise UserError(f"{source}{line}: unknown config key {key!r}{hint}")
 
 
 def load_mm_config(name_or_path: str, overrides: dict | None = None, sets=()) -> MultimodalConfig:
@@ -85,8 +79,9 @@ def load_mm_config(name_or_path: str, overrides: dict | None = None, sets=()) ->
         raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of key: value")
-    _check_keys(raw, path)
-    values, origin = dict(raw), {key: _line_of(path, key) for key in raw}
+    lines = key_lines(path.read_text(encoding="utf-8"))       # trainer/config.py: from the YAML node marks
+    _check_keys(raw, path, lines)
+    values, origin = dict(raw), {key: f"{path}:{lines[key]}" if key in lines else str(path) for key in raw}
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key], origin[key] = value, f"--{key.replace('_', '-')}"
