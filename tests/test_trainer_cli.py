@@ -100,4 +100,4 @@ def test_list_cfg_descriptions_end_a_sentence(capsys):
         "only the MLP projector trains, on image-caption pairs "
         "(XTuner's llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_pretrain).")
     assert by_name["tiny"].strip() == ("The tiny offline demo: LoRA on the embedded tiny base "
-                                       "(CPU, about a minute on 2 cores).")
+                                       "(CPU: ~1.5 min on 2 cores for the demo's 2,400 chats).")
