@@ -291,14 +291,6 @@ def preset_command(path) -> str | None:
     return None
 
 
-def describe_preset(name: str) -> str:
-    """The first header comment line of a preset: what it is for."""
-    for line in (PRESET_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
-
-
 def copy_cfg(name: str, out_dir) -> Path:
     """Copy a preset to `OUT_DIR/NAME_copy.yaml` to edit (never overwrites)."""
     src = resolve_preset(name)
