@@ -183,14 +183,17 @@ ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "max_epochs": "e
            "max_seq_length": "max_length", "pack_to_max_length": "packing", "torch_dtype": "dtype"}
 
 
-def _check_keys(keys, source, lines: dict | None = None) -> None:
-    """Refuse keys TrainConfig does not have; `lines` (key -> line number) makes the error FILE:LINE."""
+def check_keys(keys, source, lines: dict | None = None, fields=None, aliases=None) -> None:
+    """Refuse keys the config (TrainConfig unless `fields` says) does not have; `lines` (key -> line
+    number) makes the error FILE:LINE."""
+    fields = FIELDS if fields is None else fields
+    aliases = ALIASES if aliases is None else aliases
     for key in keys:
-        if key not in FIELDS:
+        if key not in fields:
             # matched against the aliases too, so a misspelt `lerning_rate` still leads to `lr`
-            close = difflib.get_close_matches(key, [*FIELDS, *ALIASES], n=1)
-            close = [ALIASES.get(close[0], close[0])] if close else []
-            hint = f" -- did you mean {close[0]!r}?" if close else f" -- valid keys: {', '.join(FIELDS)}"
+            close = difflib.get_close_matches(key, [*fields, *aliases], n=1)
+            close = [aliases.get(close[0], close[0])] if close else []
+            hint = f" -- did you mean {close[0]!r}?" if close else f" -- valid keys: {', '.join(fields)}"
             line = f":{lines[key]}" if lines and key in lines else ""
             raise UserError(f"{source}{line}: unknown config key {key!r}{hint}")
 
@@ -237,7 +240,7 @@ def load_config(name_or_path: str, overrides: dict | None = None, sets: list[str
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of key: value")
     lines = key_lines(text)
-    _check_keys(raw, path, lines)
+    check_keys(raw, path, lines)
     values = dict(raw)
     # where each value came from, for errors
     origin = {key: f"{path}:{lines[key]}" if key in lines else str(path) for key in raw}
@@ -248,7 +251,7 @@ def load_config(name_or_path: str, overrides: dict | None = None, sets: list[str
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected key=value")
         key, raw_value = (part.strip() for part in item.split("=", 1))
-        _check_keys([key], "--set")
+        check_keys([key], "--set")
         values[key], origin[key] = _parse_value(key, raw_value), f"--set {key}"
     try:
         return TrainConfig(**values)

@@ -141,7 +141,7 @@ def save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path, work_dir: 
     trainer.save_model(str(tmp))           # every rank: FSDP gathers the full weights for rank 0
     if not trainer.is_world_process_zero():
         return final                       # several GPUs (trainer/distributed.py): rank 0 writes the rest
-    if cfg.method == "full" and dtype != torch.float32:
+    if cfg.method == "full" and cfg.master_fp32 and dtype != torch.float32:
         cast_weights(tmp, dtype)           # the fp32 master copy trained; the model ships in `dtype`
     tokenizer.save_pretrained(tmp)
     (tmp / "training_args.bin").unlink(missing_ok=True)      # a pickle nobody needs to load an adapter

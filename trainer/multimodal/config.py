@@ -10,13 +10,12 @@ LLM (or an already assembled LLaVA dir) and `evaluation_inputs` are asked about 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from trainer.config import ConfigError, TrainConfig, key_lines, resolve_preset
+from trainer.config import ConfigError, TrainConfig, check_keys, key_lines, resolve_preset
 from trainer.errors import UserError
 
 
@@ -59,15 +58,6 @@ class MultimodalConfig(TrainConfig):
 FIELDS = {f.name: f for f in dataclasses.fields(MultimodalConfig)}
 
 
-def _check_keys(keys, source, lines: dict | None = None) -> None:
-    for key in keys:
-        if key not in FIELDS:
-            close = difflib.get_close_matches(key, FIELDS, n=1)
-            hint = f" -- did you mean {close[0]!r}?" if close else ""
-            line = f":{lines[key]}" if lines and key in lines else ""
-            raise UserError(f"{source}{line}: unknown config key {key!r}{hint}")
-
-
 def load_mm_config(name_or_path: str, overrides: dict | None = None, sets=()) -> MultimodalConfig:
     """Preset name or YAML path, then CLI overrides, then `--set key=value` (value parsed as YAML);
     a bad value is reported at the YAML line or the flag it came from."""
@@ -80,7 +70,7 @@ def load_mm_config(name_or_path: str, overrides: dict | None = None, sets=()) ->
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of key: value")
     lines = key_lines(path.read_text(encoding="utf-8"))       # trainer/config.py: from the YAML node marks
-    _check_keys(raw, path, lines)
+    check_keys(raw, path, lines, fields=FIELDS, aliases={})
     values, origin = dict(raw), {key: f"{path}:{lines[key]}" if key in lines else str(path) for key in raw}
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -89,7 +79,7 @@ def load_mm_config(name_or_path: str, overrides: dict | None = None, sets=()) ->
         key, sep, text = (part.strip() for part in item.partition("="))
         if not sep:
             raise UserError(f"--set {item!r}: expected key=value")
-        _check_keys([key], "--set")
+        check_keys([key], "--set", fields=FIELDS, aliases={})
         try:
             values[key], origin[key] = yaml.safe_load(text), f"--set {key}"
         except yaml.YAMLError:
