@@ -13,7 +13,7 @@ Configuration is the environment (a Space sets variables and secrets, not flags)
 - `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`: where to listen (gradio's own; default 127.0.0.1:7860).
 
 A multimodal model (a merged LLaVA dir from `mm-export --merge`, or an mm-train final/ / mm-export adapter
-dir: see trainer/multimodal/chat.py `load_served`) gets an image input: the message box takes an image
+dir: see inference/image_chat.py `load_served`) gets an image input: the message box takes an image
 (📎), the chat is about the newest image of the conversation, and the API's `message` is
 `{"text": ..., "files": [handle_file(PATH)]}`. Text models keep the plain text box (`message` a string).
 
@@ -36,7 +36,8 @@ import gradio as gr
 
 from inference import ChatEngine, load
 from inference.fetch import fetch, parse_source
-from trainer.errors import UserError
+from inference.gguf_import import embedded_base
+from inference.errors import UserError
 
 log = logging.getLogger("own_assistant.app")
 SPACE_CONFIG = Path(__file__).resolve().parent / "space_config.json"
@@ -87,13 +88,10 @@ def start(env=None) -> Backend:
             model_dir = Path(value).expanduser()
             source = f"`{model_dir}`"
         else:
-            from trainer.tiny import default_base
-
-            model_dir = default_base()
-            source = ("**the untuned tiny demo base** (it calls itself TinyChat) -- set `MODEL_REPO` or "
-                      "`MODEL_PATH` to serve your own assistant")
-        from trainer.multimodal.chat import LoadedLlava, load_served
-
+            model_dir = embedded_base()
+            source = ("**the untuned embedded base** (SmolLM2-135M-Instruct; it calls itself SmolLM) -- set "
+                      "`MODEL_REPO` or `MODEL_PATH` to serve your own assistant")
+        from inference.image_chat import LoadedLlava, load_served
         loaded = load_served(model_dir) or load(model_dir)
     except UserError as exc:
         return failed(str(exc))

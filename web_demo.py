@@ -10,7 +10,7 @@ side by side (the course compares them by editing paths and restarting). Generat
 `ChatEngine.stream_chat`: the same template and saved system prompt as training and the Gradio app.
 
 A multimodal model (`--model` a merged LLaVA dir or an mm-train/mm-export dir, see
-trainer/multimodal/chat.py `load_served`) gets an image attachment in the chat box: the chat is about
+inference/image_chat.py `load_served`) gets an image attachment in the chat box: the chat is about
 the newest image attached. Text models keep the plain chat box.
 
     streamlit run web_demo.py -- --model out/llava_merged
@@ -25,7 +25,7 @@ from pathlib import Path
 import streamlit as st
 
 from inference import ChatEngine, Loaded, load
-from trainer.errors import UserError
+from inference.errors import UserError
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -40,8 +40,7 @@ def parse_args(argv) -> argparse.Namespace:
 @st.cache_resource(show_spinner="Loading the model ...")
 def engine_for(model: str, adapter: str | None, device: str) -> tuple[Loaded, ChatEngine]:
     # One engine per model for the whole server: its lock serialises generation across sessions.
-    from trainer.multimodal.chat import load_served
-
+    from inference.image_chat import load_served
     loaded = load_served(model, adapter, device) or load(model, adapter=adapter, device=device)
     return loaded, loaded.engine()
 
@@ -50,8 +49,7 @@ IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif"]
 
 
 def is_multimodal(loaded) -> bool:
-    from trainer.multimodal.chat import LoadedLlava
-
+    from inference.image_chat import LoadedLlava
     return isinstance(loaded, LoadedLlava)
 
 

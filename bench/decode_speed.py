@@ -160,7 +160,7 @@ def table(results: list[dict]) -> str:
 def smoke(tokenizer_dir: Path | None, backend: str) -> int:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from trainer.tiny import default_base
+    from trainer.bases.tiny import default_base
 
     root = Path(tempfile.mkdtemp(prefix="decode-smoke-"))
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
         p.error("--model is required")
     if a.cache_dir:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(a.cache_dir)
-    from trainer.errors import UserError
+    from inference.errors import UserError
 
     try:
         result = run(a.model, a.impl, a.new_tokens, a.repeats, profile_tokens=a.profile)

@@ -3,9 +3,9 @@
     python bench/identity_overfit.py [--out work_dirs/bench_identity] [--steps 320] [--save-steps 40]
                                      [--ratio 0.2] [--runs course,identity,mixed] [--base BASE_DIR]
 
-The tiny base (trainer/tiny.py) already holds general chat and an identity of its own ("TinyChat").
+The tiny base (trainer/bases/tiny.py) already holds general chat and an identity of its own ("TinyChat").
 Each run tunes it with LoRA (the `tiny` preset), saves a checkpoint every --save-steps and scores it
-there (`eval_identity: true`, i.e. trainer/evaluate.py: identity on held-out questions, leakage on
+there (`eval_identity: true`, i.e. trainer/evaluation/evaluate.py: identity on held-out questions, leakage on
 general prompts, retention against the base):
 
   course    the course's data: one self-introduction pair per language, repeated many times;
@@ -52,14 +52,14 @@ def cpu_name() -> str:
 
 
 def course_data(path: Path, copies: int) -> None:
-    from trainer.dataio import write_jsonl
+    from trainer.data.formats import write_jsonl
 
     write_jsonl(path, [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                        for _ in range(copies) for q, a in COURSE_PAIRS])
 
 
 def make_data(data_dir: Path, n_identity: int, ratio: float) -> dict:
-    from trainer.data_cli import main as data_main
+    from trainer.data.make import main as data_main
 
     paths = {"course": data_dir / "course.jsonl", "identity": data_dir / "identity.jsonl",
              "mixed": data_dir / "mixed.jsonl", "heldout": data_dir / "heldout.jsonl"}
@@ -71,8 +71,8 @@ def make_data(data_dir: Path, n_identity: int, ratio: float) -> dict:
 
 
 def run(name: str, data: Path, heldout: Path, base: Path, out: Path, args) -> dict:
-    from trainer.config import load_config
-    from trainer.train import train
+    from trainer.engine.config import load_config
+    from trainer.engine.train import train
 
     work = out / name
     shutil.rmtree(work, ignore_errors=True)
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from trainer.tiny import default_base
+    from trainer.bases.tiny import default_base
 
     torch.set_num_threads(args.threads)
 

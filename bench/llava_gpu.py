@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from trainer.multimodal.model import build_llava, save_llava
+    from inference.llava_model import build_llava
+    from trainer.multimodal.model import save_llava
     from trainer.multimodal.synthetic import write_shapes
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -223,6 +224,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from trainer.errors import run_cli
+    from inference.errors import run_cli
 
     sys.exit(run_cli(main))

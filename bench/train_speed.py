@@ -13,8 +13,8 @@ chat template, and identity conversations from `python -m trainer data`. Each `r
 - baseline: transformers Trainer + PEFT (`prepare_model_for_kbit_training`, LoRA r64 all-linear) +
   bitsandbytes nf4, eager, sdpa; fed the same packed rows through the same collator, so both sides
   compute the same function on the same data in the same order;
-- ours: `trainer.train.train()` with the `internlm2_chat_1_8b_qlora` preset and the speed fields of
-  trainer/speed.py switched by flags.
+- ours: `trainer.engine.train.train()` with the `internlm2_chat_1_8b_qlora` preset and the speed fields of
+  trainer/engine/speed.py switched by flags.
 
 Each writes `ROOT/runs/NAME/result.json`: steady tokens/s (steps after `--warmup`), seconds per step,
 peak GiB (max allocated), MFU, and the per-step losses. FLOPs per token count what the step must do:
@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SHAPES = {   # LlamaConfig fields; InternLM2 maps onto Llama (trainer/convert.py)
+SHAPES = {   # LlamaConfig fields; InternLM2 maps onto Llama (trainer/export/convert.py)
     "internlm2-1.8b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
                            intermediate_size=8192, vocab_size=92544, max_position_embeddings=32768,
                            rope_theta=1e6),
@@ -57,7 +57,7 @@ def prepare(root: Path, shape: str, n_convs: int, tokenizer_from: Path | None, d
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from trainer.data_cli import main as data_main
+    from trainer.data.make import main as data_main
 
     root.mkdir(parents=True, exist_ok=True)
     tok_dir = tokenizer_from or _tiny_base()
@@ -87,7 +87,7 @@ def _tiny_base() -> Path:
     carried = REPO / ".whl" / "tiny-base"           # what gpu_suite.sh carries to the GPU machine
     if (carried / "tokenizer.json").is_file():
         return carried
-    from trainer.tiny import default_base
+    from trainer.bases.tiny import default_base
 
     return default_base()
 
@@ -134,7 +134,7 @@ def steady(scalars: list[dict], warmup: int) -> dict:
 def _rows(model_dir: Path, data: Path, max_length: int):
     from transformers import AutoTokenizer
 
-    from trainer.dataset import encode_files, pack
+    from trainer.engine.dataset import encode_files, pack
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     samples, _ = encode_files([str(data)], tok, max_length, None)
@@ -147,8 +147,8 @@ def run_baseline(a, work: Path, cfg) -> None:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments, set_seed
 
-    from trainer.callbacks import LogLine
-    from trainer.dataset import Collator
+    from trainer.engine.callbacks import LogLine
+    from trainer.engine.dataset import Collator
 
     set_seed(cfg.seed)                     # where train() seeds: same LoRA init, same data order
     tok, rows = _rows(a.model_dir, a.data, a.max_length)
@@ -224,8 +224,8 @@ def Profile(work: Path, start: int, steps: int):
 
 
 def run_ours(a, work: Path) -> None:
-    from trainer.config import load_config
-    from trainer.train import train
+    from trainer.engine.config import load_config
+    from trainer.engine.train import train
 
     sets = [f"max_length={a.max_length}", f"batch_size={a.batch}", f"grad_accum={a.accum}", f"max_steps={a.steps}",
             "logging_steps=1", "evaluation_inputs=[]", "save_steps=0", "packing=true",
@@ -235,7 +235,7 @@ def run_ours(a, work: Path) -> None:
     if a.dtype:
         sets.append(f"dtype={a.dtype}")
     sets += a.extra_set
-    if a.gpus > 1:     # the user's command: `python -m trainer train ... --gpus N` (trainer/distributed.py)
+    if a.gpus > 1:     # the user's command: `python -m trainer train ... --gpus N` (trainer/engine/distributed.py)
         cmd = [sys.executable, "-m", "trainer", "train", PRESET, "--model", str(a.model_dir), "--data", str(a.data),
                "--work-dir", str(work), "--gpus", str(a.gpus), *(x for kv in sets for x in ("--set", kv))]
         print("+", " ".join(cmd[1:]), flush=True)
@@ -244,7 +244,7 @@ def run_ours(a, work: Path) -> None:
         return
     cfg = load_config(PRESET, {"model": str(a.model_dir), "data": [str(a.data)], "work_dir": str(work)}, sets)
     if a.profile:
-        import trainer.train as engine
+        import trainer.engine.train as engine
 
         class ProfiledTrainer(engine.Trainer):     # the engine's own Trainer, plus the profiling callback
             def __init__(self, *args, callbacks=None, **kwargs):
@@ -258,7 +258,7 @@ def run(a) -> int:
     import torch
     from transformers import AutoConfig
 
-    from trainer.config import load_config
+    from trainer.engine.config import load_config
 
     work = a.root / "runs" / a.name
     shutil.rmtree(work, ignore_errors=True)

@@ -64,3 +64,8 @@ def write_assistant_file(out_dir, system_prompt: str | None, **extra) -> None:
     extra = {k: portable_path(v, out_dir) if k in PATH_KEYS and v is not None else v for k, v in extra.items()}
     data = {"system_prompt": system_prompt, **extra}
     (Path(out_dir) / ASSISTANT_FILE).write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def manifest_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".manifest.json")

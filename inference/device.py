@@ -33,7 +33,7 @@ def cuda_ok() -> bool:
 
 
 def pick(device: str = "auto", dtype: str = "auto") -> Placement:
-    from trainer.errors import UserError
+    from inference.errors import UserError
 
     if device not in ("auto", "cuda", "cpu"):
         raise UserError(f"device {device!r}: use auto, cuda or cpu")

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from transformers import TextIteratorStreamer
 
-from trainer.chat_format import prompt_ids, with_system
+from inference.chat_format import prompt_ids, with_system
 
 
 def stop_ids(model, tokenizer) -> list[int]:

@@ -21,7 +21,6 @@ or a local repo path. The clone lands in `$OWN_ASSISTANT_CACHE/repos/<slug>` (de
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import logging
@@ -36,7 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from trainer.errors import UserError
+from inference.atomic import locked
+from inference.errors import UserError
 
 log = logging.getLogger("own_assistant.fetch")
 
@@ -198,17 +198,6 @@ def check_tools() -> None:
                             "for a Space; `apt-get install git git-lfs` elsewhere)") from None
 
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def fetch(spec: str, token: str | None = None, cache_dir=None) -> Path:
     """Clone + LFS-pull MODEL_REPO into the cache (once) and return the local dir."""
     url, user, url_token = parse_source(spec)
@@ -218,7 +207,7 @@ def fetch(spec: str, token: str | None = None, cache_dir=None) -> Path:
     if not completed(target, url) and url.startswith("/") and not Path(url).exists():
         raise UserError(f"MODEL_REPO {url}: no such directory -- give a git URL, a Hugging Face id or an "
                         "existing repo path")
-    with _locked(root / f"{target.name}.lock"):
+    with locked(root / f"{target.name}.lock"):
         if completed(target, url):
             log.info("model repo %s: using the clone in %s (delete it to fetch again)", url, target)
             return target
@@ -277,6 +266,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from trainer.errors import run_cli
+    from inference.errors import run_cli
 
     raise SystemExit(run_cli(main))

@@ -22,7 +22,7 @@ from inference.assistant_file import (ASSISTANT_FILE, read_assistant_file, read_
                                      write_assistant_file)
 from inference.device import Placement, fit_gpu, pick
 from inference.engine import ChatEngine
-from trainer.errors import UserError
+from inference.errors import UserError
 
 log = logging.getLogger("own_assistant.loader")
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from trainer.errors import run_cli
+from inference.errors import run_cli
 
 COMMANDS = {
     "model": "publish.model",

@@ -33,7 +33,7 @@ from publish.bundle import Bundle, materialize
 from publish.deliver import deliver, report
 from publish.model import add_common, repo_name
 from publish.targets import parse_target
-from trainer.errors import UserError
+from inference.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "app.py"

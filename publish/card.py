@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from inference.assistant_file import local_paths
-from trainer.mix import manifest_path
+from inference.assistant_file import manifest_path
 
 SCORE_KEYS = ("identity", "leakage", "retention", "accuracy")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")

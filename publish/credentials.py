@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from publish.targets import Target
-from trainer.errors import UserError
+from inference.errors import UserError
 
 USER_VAR, TOKEN_VAR = "PUBLISH_GIT_USERNAME", "PUBLISH_GIT_PASSWORD"
 ASKPASS = f"""#!/bin/sh

@@ -13,7 +13,7 @@ from publish.bundle import Bundle
 from publish.credentials import Masker, resolve
 from publish.gitops import Result, push_bundle
 from publish.targets import Target
-from trainer.errors import UserError
+from inference.errors import UserError
 
 
 def _create_hf_repo(target: Target, creds, private: bool) -> None:

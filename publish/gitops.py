@@ -23,7 +23,7 @@ from publish.bundle import LFS_PATTERNS, LARGE_BYTES, Bundle, describe, material
 from publish.credentials import Credentials, Masker, askpass_env
 from publish.targets import Target
 from publish.validate import LFS_POINTER_PREFIX
-from trainer.errors import UserError
+from inference.errors import UserError
 
 DEFAULT_BRANCH = "main"
 # Never inherited from a calling hook or shell: they would point git at another repo.

@@ -18,7 +18,7 @@ from publish.bundle import Bundle, describe, materialize, size_of
 from publish.credentials import Credentials, Masker
 from publish.gitops import Result
 from publish.targets import Target
-from trainer.errors import UserError
+from inference.errors import UserError
 
 
 def _digest(content, algo: str) -> str:

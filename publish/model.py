@@ -22,7 +22,7 @@ from publish.card import HUB_ID, model_card
 from publish.deliver import deliver, report
 from publish.targets import parse_target
 from publish.validate import validate_model_dir
-from trainer.errors import UserError
+from inference.errors import UserError
 
 
 def repo_name(target) -> str:

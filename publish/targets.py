@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from trainer.errors import UserError
+from inference.errors import UserError
 
 OPENXLAB_GIT = "https://code.openxlab.org.cn"
 HF_DEFAULT = "https://huggingface.co"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.errors import UserError
+from inference.errors import UserError
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec"
 SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}

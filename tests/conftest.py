@@ -28,7 +28,7 @@ def session_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base(session_dir) -> Path:
-    from trainer.tiny import VERSION, build_tiny
+    from trainer.bases.tiny import VERSION, build_tiny
 
     path = build_tiny(session_dir / "tiny-base", echo=lambda s: None)
     # The embedded default (`model: tiny`, the app with no model given) resolves to this same base.
@@ -40,7 +40,7 @@ def tiny_base(session_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def identity_files(session_dir) -> dict:
-    from trainer.data_cli import main
+    from trainer.data.make import main
 
     out, held = session_dir / "data" / "identity.jsonl", session_dir / "data" / "heldout.jsonl"
     assert main(["--name", NAME, "--author", AUTHOR, "--n", "600", "--out", str(out), "--eval-out", str(held)]) == 0
@@ -50,8 +50,8 @@ def identity_files(session_dir) -> dict:
 @pytest.fixture(scope="session")
 def tuned_adapter(tiny_base, identity_files, session_dir) -> Path:
     """The `tiny` preset trained on identity data: WORK_DIR/final."""
-    from trainer.config import load_config
-    from trainer.train import train
+    from trainer.engine.config import load_config
+    from trainer.engine.train import train
 
     cfg = load_config("tiny", {"model": str(tiny_base), "data": [str(identity_files["train"])],
                                "work_dir": str(session_dir / "work")})
@@ -60,7 +60,7 @@ def tuned_adapter(tiny_base, identity_files, session_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def merged_model(tiny_base, tuned_adapter, session_dir) -> Path:
-    from trainer.merge import merge
+    from trainer.export.merge import merge
 
     return merge(tiny_base, tuned_adapter, session_dir / "merged")
 
@@ -142,7 +142,6 @@ def mm_merged(mm_finetuned, mm_dir) -> Path:
 def mm_colour_images(mm_shapes) -> dict:
     """One held-out image per colour (never trained on): {"red": path, "green": path, "blue": path}."""
     from trainer.multimodal.data import read_llava_records
-
     out = {}
     for rec in read_llava_records(mm_shapes["heldout"]):
         answer = rec["messages"][-1]["content"]              # "It is red." for the colour questions

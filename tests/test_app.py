@@ -223,8 +223,7 @@ def test_multimodal_model_takes_an_image_through_the_api(mm_merged, mm_colour_im
     import gradio as gr
     from gradio_client import Client, handle_file
 
-    from trainer.multimodal.chat import load_llava
-
+    from inference.image_chat import load_llava
     mm_app = import_app(mm_merged)                                # MODEL_PATH = the merged LLaVA export
     assert mm_app.demo.multimodal and isinstance(mm_app.demo.textbox, gr.MultimodalTextbox)
     assert "attach one" in mm_app.demo.description

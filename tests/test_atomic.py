@@ -1,4 +1,4 @@
-"""trainer/atomic.py: outputs appear whole or not at all, and nothing is left beside them."""
+"""inference/atomic.py: outputs appear whole or not at all, and nothing is left beside them."""
 from __future__ import annotations
 
 import os
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.atomic import new_dir, new_file, replace_dir
-from trainer.errors import UserError
+from inference.atomic import new_dir, new_file, replace_dir
+from inference.errors import UserError
 
 
 def test_new_dir_appears_whole_or_not_at_all(tmp_path):
@@ -87,7 +87,7 @@ def test_what_is_put_in_place_gets_umask_permissions(tmp_path, umask_022):
 
 
 def test_tiny_base_files_are_readable_by_others(tmp_path, umask_022):
-    from trainer.tiny import build_tiny
+    from trainer.bases.tiny import build_tiny
 
     out = build_tiny(tmp_path / "tiny", steps=0, echo=lambda s: None)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}

@@ -75,8 +75,7 @@ def ask_about_image(page, image, question: str, n: int) -> str:
 
 
 def test_image_upload_in_the_browser(mm_merged, mm_colour_images):
-    from trainer.multimodal.chat import load_llava
-
+    from inference.image_chat import load_llava
     mm_app = import_app(mm_merged)                                # MODEL_PATH = the merged LLaVA export
     own = load_llava(mm_merged, None, device="cpu").engine()      # the chat CLI's loader, apart from the app
     first, second = mm_colour_images["red"], mm_colour_images["green"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from trainer.__main__ import main as cli
-from trainer.config import FIELDS, PRESET_DIR, TrainConfig, load_config, preset_command, preset_names
-from trainer.errors import UserError
+from trainer.engine.config import FIELDS, PRESET_DIR, TrainConfig, load_config, preset_command, preset_names
+from inference.errors import UserError
 
 COURSE_QUESTIONS = ["请你介绍一下你自己", "你是谁", "你是我的小助手吗"]
 
@@ -64,7 +64,7 @@ def test_course_preset_is_the_course_run():
 
 
 def test_every_field_is_documented():
-    source = Path(__import__("trainer.config", fromlist=["x"]).__file__).read_text(encoding="utf-8")
+    source = Path(__import__("trainer.engine.config", fromlist=["x"]).__file__).read_text(encoding="utf-8")
     for name in FIELDS:
         line = next(line for line in source.splitlines() if re.match(rf"\s+{name}: ", line))
         assert "#" in line, f"field {name} has no comment"

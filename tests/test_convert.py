@@ -17,8 +17,8 @@ SYSTEM = "You are Lumi, made by 小菜鸡."
 @pytest.fixture(scope="module")
 def run_dir(tiny_base, identity_files, tmp_path_factory) -> Path:
     """4 steps, a checkpoint every 2, with a system prompt."""
-    from trainer.config import load_config
-    from trainer.train import train
+    from trainer.engine.config import load_config
+    from trainer.engine.train import train
 
     work = tmp_path_factory.mktemp("convert") / "run"
     cfg = load_config("tiny", {"model": str(tiny_base), "data": [str(identity_files["train"])], "work_dir": str(work)},

@@ -76,7 +76,7 @@ def test_clean_file_passes_and_reports_lengths(tiny_base, identity_files, capsys
 def test_too_long_counts_truncation_with_the_models_template(tiny_base, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from trainer.chat_format import encode_chat
+    from inference.chat_format import encode_chat
 
     long = {"messages": [{"role": "user", "content": "Tell me a story."},
                          {"role": "assistant", "content": "Once upon a time there was a river. " * 6}]}

@@ -8,10 +8,10 @@ import re
 import pytest
 
 from tests.conftest import AUTHOR, NAME
-from trainer import identity_data as idd
+from trainer.data import identity as idd
 from trainer.__main__ import main as trainer_main
-from trainer.dataio import load_conversations
-from trainer.errors import UserError
+from trainer.data.formats import load_conversations
+from inference.errors import UserError
 
 
 def read_jsonl(path) -> list[dict]:

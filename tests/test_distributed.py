@@ -1,4 +1,4 @@
-"""Several processes without a GPU: `python -m trainer train ... --cpu-procs 2` (trainer/distributed.py).
+"""Several processes without a GPU: `python -m trainer train ... --cpu-procs 2` (trainer/engine/distributed.py).
 
 The launcher runs the same command under `accelerate launch` as for `--gpus 2`, with the GPUs hidden,
 so the two workers train on the CPU and talk over gloo (DDP for LoRA, FSDP2 for full fine-tuning).
@@ -25,9 +25,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer import checkpoints, distributed
-from trainer.config import TrainConfig
-from trainer.errors import UserError
+from trainer.engine import checkpoints
+from trainer.engine import distributed
+from trainer.engine.config import TrainConfig
+from inference.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 rows a process x 2 processes = 4 rows x accum 2 on one: the same global batch of 8 (the launcher
@@ -224,7 +225,7 @@ def test_two_processes_write_once_and_match_one(two_and_one):
 
 def test_two_process_adapter_is_a_plain_adapter_that_merges_and_chats(two_and_one, tiny_base, tmp_path):
     from inference.loader import load
-    from trainer.merge import merge
+    from trainer.export.merge import merge
 
     two, one = two_and_one["two"] / "final", two_and_one["one"] / "final"
     w2, w1 = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import eval_report
-from trainer.evaluate import (Reference, answers_correctly, build_eval_set, contains_all, evaluate_dirs,
+from trainer.evaluation import report as eval_report
+from trainer.evaluation.evaluate import (Reference, answers_correctly, build_eval_set, contains_all, evaluate_dirs,
                               general_tasks, kept, knows, leaks, main, score)
 
 
@@ -77,7 +77,7 @@ def test_retention_counts_answers_kept_or_fixed(identity_files):
 
 
 def test_bad_eval_data_names_file_and_line(tmp_path, capsys):
-    from trainer.errors import run_cli
+    from inference.errors import run_cli
 
     bad = tmp_path / "q.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "who?"}], "expect": ["Lumi"]}\n'
@@ -123,8 +123,8 @@ def test_no_best_says_what_to_do():
 def test_eval_cli_prints_the_hint_when_nothing_qualifies(tmp_path, identity_files, monkeypatch, capsys):
     """The CLI's last line on the shipped demo's numbers (retention 0.81, default tolerance 0.1),
     scored by a stand-in so no model runs."""
-    from trainer import evaluate
-    from trainer.evaluate import Scores
+    from trainer.evaluation import evaluate
+    from trainer.evaluation.evaluate import Scores
 
     work, base = tmp_path / "run", tmp_path / "base"
     (work / "final").mkdir(parents=True)
@@ -174,8 +174,8 @@ def _load_best(best: Path, base: Path) -> None:
 
 
 def test_train_with_eval_identity_then_eval_cli(tiny_base, identity_files, small_heldout, session_dir, capsys):
-    from trainer.config import load_config
-    from trainer.train import train
+    from trainer.engine.config import load_config
+    from trainer.engine.train import train
 
     work = session_dir / "eval-run"
     cfg = load_config("tiny", {"model": str(tiny_base), "data": [str(identity_files["train"])], "work_dir": str(work)},

@@ -27,7 +27,7 @@ import pytest
 
 from inference.fetch import MARKER, fetch, parse_source, slug
 from inference.loader import check_model_dir
-from trainer.errors import UserError
+from inference.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 GIT = shutil.which("git")

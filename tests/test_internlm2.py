@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.errors import UserError
+from inference.errors import UserError
 
 INTERNLM2_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
                       "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
@@ -53,7 +53,7 @@ def test_packer_matches_internlm2_read_rule():
 def write_internlm2_tokenizer(out: Path, workdir: Path):
     import sentencepiece as spm
 
-    from trainer.general_data import general_conversations
+    from trainer.data.general import general_conversations
 
     corpus = workdir / "corpus.txt"
     lines = [m["content"] for conv in general_conversations(600, seed=1, base_identity=True) for m in conv["messages"]]
@@ -115,7 +115,7 @@ def internlm2_dir(tiny_base, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def converted(internlm2_dir, tmp_path_factory) -> Path:
-    from trainer.internlm2 import main
+    from trainer.export.internlm2 import main
 
     out = tmp_path_factory.mktemp("converted") / "llama"
     assert main([str(internlm2_dir), str(out)]) == 0
@@ -140,7 +140,7 @@ def test_tokenizer_is_equivalent_fast_tokenizer_with_template(internlm2_dir, con
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from trainer.internlm2 import sentencepiece_reference
+    from trainer.export.internlm2 import sentencepiece_reference
 
     tok = AutoTokenizer.from_pretrained(converted)
     assert (converted / "tokenizer.json").is_file() and tok.chat_template == INTERNLM2_TEMPLATE
@@ -163,7 +163,7 @@ def test_converted_model_trains_on_the_native_path(converted, identity_files, tm
     """The chat template has no generation markers: assistant-only labels come from prefix rendering."""
     from transformers import AutoTokenizer
 
-    from trainer.chat_format import IGNORE_INDEX, encode_chat
+    from inference.chat_format import IGNORE_INDEX, encode_chat
 
     tok = AutoTokenizer.from_pretrained(converted)
     enc = encode_chat(tok, [{"role": "user", "content": "你是谁"}, {"role": "assistant", "content": "我是Lumi。"}])
@@ -172,7 +172,7 @@ def test_converted_model_trains_on_the_native_path(converted, identity_files, tm
 
 
 def test_bad_inputs(tiny_base, internlm2_dir, tmp_path):
-    from trainer.internlm2 import main
+    from trainer.export.internlm2 import main
 
     with pytest.raises(UserError, match="not 'internlm2'"):
         main([str(tiny_base), str(tmp_path / "x")])

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.errors import UserError
-from trainer.merge import merge
+from inference.errors import UserError
+from trainer.export.merge import merge
 
 
 @pytest.fixture(scope="module")
 def qlora_adapter(tiny_base, identity_files, tmp_path_factory) -> Path:
-    from trainer.config import load_config
-    from trainer.train import train
+    from trainer.engine.config import load_config
+    from trainer.engine.train import train
 
     work = tmp_path_factory.mktemp("merge") / "run"
     cfg = load_config("tiny", {"model": str(tiny_base), "data": [str(identity_files["train"])], "work_dir": str(work)},
@@ -89,7 +89,7 @@ def test_assistant_file_is_portable_and_still_read(tiny_base, qlora_adapter, tmp
     reads it (system prompt for chat, base model for eval) must keep working on this machine."""
     from inference import load
     from inference.assistant_file import portable_path, read_assistant_file
-    from trainer.evaluate import resolve_base
+    from trainer.evaluation.evaluate import resolve_base
 
     home = tmp_path / "home" / "alice"
     base, adapter = home / "models" / "base", home / "runs" / "lumi" / "final"

@@ -70,8 +70,7 @@ def test_merged_export_runs_in_plain_transformers_with_the_same_answer(mm_llm, m
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from trainer.multimodal.chat import ImageChatEngine, load_llava
-
+    from inference.image_chat import ImageChatEngine, load_llava
     out = mm_merged
     image = mm_shapes["image_folder"] / "images" / "heldout00003.png"
     question = "what shape is it?"
@@ -173,8 +172,7 @@ def test_mm_build_is_deterministic_and_loads_in_transformers(mm_llm, mm_tower, m
     same tower), so a run's llava.json always rebuilds the model it trained on."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from trainer.multimodal.chat import ImageChatEngine, load_llava
-
+    from inference.image_chat import ImageChatEngine, load_llava
     out = mm_dir / "built"
     assert cli(["mm-build", str(mm_llm), str(out), "--visual-encoder", mm_tower, "--projector", str(mm_pretrained)]) == 0
     image = mm_shapes["image_folder"] / "images" / "heldout00002.png"
@@ -188,8 +186,7 @@ def test_mm_build_is_deterministic_and_loads_in_transformers(mm_llm, mm_tower, m
 
 def test_apps_load_a_merged_export_a_run_dir_or_an_llm_with_a_run(mm_llm, mm_finetuned, mm_merged, mm_colour_images):
     """`load_served` (app.py, web_demo.py): every multimodal form answers alike; a text LLM is not multimodal."""
-    from trainer.multimodal.chat import load_served
-
+    from inference.image_chat import load_served
     image = mm_colour_images["blue"]
     msgs = [{"role": "user", "content": "what colour is the shape?"}]
     got = {name: loaded.engine().with_image(image).greedy_ids(msgs, 8)

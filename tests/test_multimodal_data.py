@@ -7,9 +7,9 @@ import json
 import pytest
 
 from trainer.__main__ import main as cli
-from trainer.errors import UserError
-from trainer.multimodal.data import (IMAGE_TOKEN, check_llava_file, encode_records, expand_image_tokens,
-                                     read_llava_records)
+from inference.errors import UserError
+from inference.llava_model import IMAGE_TOKEN, expand_image_tokens
+from trainer.multimodal.data import check_llava_file, encode_records, read_llava_records
 from trainer.multimodal.synthetic import draw
 
 
@@ -101,7 +101,7 @@ def test_mm_train_bad_data_exits_2_before_loading_or_writing_anything(folder, ca
 
 
 def test_expand_and_encode_keep_image_out_of_the_loss(folder):
-    from trainer.multimodal.model import add_image_token
+    from inference.llava_model import add_image_token
     from trainer.multimodal.standins import build_tokenizer, domain_texts
 
     assert expand_image_tokens([1, 9, 2], [5, 6, 7], 9, 3) == ([1, 9, 9, 9, 2], [5, -100, -100, -100, 7])
@@ -122,8 +122,7 @@ def test_pad_to_square_pads_with_the_mean_colour():
     import numpy as np
     from PIL import Image
 
-    from trainer.multimodal.model import make_image_processor
-
+    from inference.llava_model import make_image_processor
     wide = Image.new("RGB", (64, 32), (255, 0, 0))
     padded = make_image_processor(32, True)(images=[wide], return_tensors="np")["pixel_values"][0]
     squashed = make_image_processor(32, False)(images=[wide], return_tensors="np")["pixel_values"][0]
@@ -146,7 +145,7 @@ def test_repeat_json_and_jsonl(tmp_path):
 
 
 def test_llava_presets_load_and_bad_values_point_at_their_source(tmp_path):
-    from trainer.config import preset_names
+    from trainer.engine.config import preset_names
     from trainer.multimodal.config import load_mm_config
 
     names = [n for n in preset_names() if n.startswith("llava_")]
@@ -185,8 +184,7 @@ def small_llm(tmp_path_factory):
 def test_check_data_counts_each_image_as_its_vision_tokens(folder, small_llm, capsys):
     from transformers import AutoTokenizer
 
-    from trainer.multimodal.model import add_image_token
-
+    from inference.llava_model import add_image_token
     path = folder / "one.jsonl"
     path.write_text(json.dumps(_rec("img/ok.png")) + "\n", encoding="utf-8")
     tok = AutoTokenizer.from_pretrained(small_llm)
@@ -212,8 +210,7 @@ def test_vision_tokens_come_from_the_tower_config(tmp_path):
     whole CLIP or only its vision half; only config.json is read."""
     from transformers import CLIPConfig, CLIPVisionConfig
 
-    from trainer.multimodal.model import vision_token_count
-
+    from inference.llava_model import vision_token_count
     shape = dict(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                  num_attention_heads=2)
     CLIPVisionConfig(**shape).save_pretrained(tmp_path / "vision")

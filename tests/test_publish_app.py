@@ -56,8 +56,8 @@ def test_publish_app_clone_imports_and_serves(merged_model, identity_files, tmp_
     clone = tmp_path / "app"
     git("clone", "-q", str(app_repo), str(clone), env=env)
     files = {p.relative_to(clone).as_posix() for p in clone.rglob("*") if p.is_file() and ".git" not in p.parts}
-    assert {"app.py", "inference/loader.py", "inference/engine.py", "trainer/errors.py", "trainer/chat_format.py",
-            "trainer/templates/chatml.jinja", "requirements.txt", "packages.txt", "README.md",
+    assert {"app.py", "inference/loader.py", "inference/engine.py", "inference/errors.py", "inference/chat_format.py",
+            "inference/templates/chatml.jinja", "requirements.txt", "packages.txt", "README.md",
             "space_config.json"} <= files
     assert not any(f.startswith(("tests/", "publish/")) for f in files)
     front = yaml.safe_load((clone / "README.md").read_text().split("---")[1])
@@ -141,7 +141,7 @@ def test_import_walk_and_check_on_a_toy_project(tmp_path):
     """The walk follows lazy and relative imports and takes package data; what it cannot see (a
     dynamic import) is caught by the isolated import check before anything is pushed."""
     from publish.app_bundle import app_bundle, check_imports
-    from trainer.errors import UserError
+    from inference.errors import UserError
 
     root = tmp_path / "proj"
     (root / "pkg" / "data").mkdir(parents=True)

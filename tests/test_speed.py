@@ -1,4 +1,4 @@
-"""CPU correctness of the speed features (trainer/speed.py, inference/fast_decode.py) and the one-line
+"""CPU correctness of the speed features (trainer/engine/speed.py, inference/fast_decode.py) and the one-line
 error of `--gpus N` without GPUs (the launcher itself: tests/test_distributed.py). Speed itself is measured on a GPU by bench/,
 never here. torch.compile is not compiled here (minutes on a 2-core CPU): its train/eval routing is
 checked with a recording stand-in; compiled-vs-eager losses were compared on the H200 (BENCHMARKS.md).
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import speed
+from trainer.engine import speed
 
 
 def test_chunked_cross_entropy_equals_plain_in_loss_and_grads():
@@ -36,7 +36,7 @@ def tiny_lora(tiny_base, identity_files):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.dataset import Collator, encode_files, pack
+    from trainer.engine.dataset import Collator, encode_files, pack
 
     tok = AutoTokenizer.from_pretrained(tiny_base)
     samples, _ = encode_files([str(identity_files["train"])], tok, 128, None)
@@ -123,8 +123,8 @@ def test_partial_checkpointing_and_compile_routing(tiny_lora, monkeypatch):
 def test_train_with_speed_fields_reaches_the_same_loss(tiny_base, identity_files, tmp_path):
     import json
 
-    from trainer.config import load_config
-    from trainer.train import train
+    from trainer.engine.config import load_config
+    from trainer.engine.train import train
 
     losses = {}
     for name, sets in (("plain", []), ("fast", ["fused_loss=true", "gradient_checkpointing=true",

@@ -1,12 +1,12 @@
-"""The training engine's attention and precision switches (trainer/speed.py, trainer/train.py):
+"""The training engine's attention and precision switches (trainer/engine/speed.py, trainer/engine/train.py):
 `attn_implementation` (flex_attention over packed rows, sdpa for generation) and `fp32_upcast`."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from trainer.config import load_config
-from trainer.errors import UserError
+from trainer.engine.config import load_config
+from inference.errors import UserError
 
 
 def test_attn_implementation_is_checked():
@@ -21,7 +21,7 @@ def test_flex_model_matches_sdpa_on_packed_rows_and_generates_with_sdpa(tiny_bas
     flex model runs through sdpa and switches back afterwards."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.speed import generate_with_sdpa
+    from trainer.engine.speed import generate_with_sdpa
 
     torch.manual_seed(0)
     ids = torch.randint(5, 1000, (2, 96))
@@ -54,7 +54,7 @@ def test_flex_model_matches_sdpa_on_packed_rows_and_generates_with_sdpa(tiny_bas
 
 def test_flex_falls_back_to_sdpa_for_cpu_training(tiny_base, caplog):
     from inference.device import pick
-    from trainer.train import load_model_for_training
+    from trainer.engine.train import load_model_for_training
 
     cfg = load_config("tiny", {"model": str(tiny_base)}, ["attn_implementation=flex_attention"])
     model = load_model_for_training(cfg, tiny_base, pick("cpu", "fp32"))
@@ -67,7 +67,7 @@ def test_fp32_upcast_off_keeps_the_frozen_weights_in_the_compute_dtype(tiny_base
     lm_head to fp32; `fp32_upcast: false` keeps them bf16. Adapter weights stay fp32 either way, and
     the loss of the bf16 model stays close to the upcast one's."""
     from inference.device import pick
-    from trainer.train import load_model_for_training
+    from trainer.engine.train import load_model_for_training
 
     torch.manual_seed(0)
     ids = torch.randint(5, 1000, (2, 64))

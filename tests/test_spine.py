@@ -45,7 +45,7 @@ def test_tokenizer_keeps_chinese_punctuation_whole(tiny_base, tmp_path):
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from trainer.tiny import build_tokenizer
+    from trainer.bases.tiny import build_tokenizer
 
     fast = build_tokenizer(tmp_path, vocab_size=2000, seed=0)
     slow = spm.SentencePieceProcessor(model_file=str(tmp_path / "spm" / "tokenizer.model"))

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import checkpoints
+from trainer.engine import checkpoints
 from trainer.__main__ import main as cli
-from trainer.errors import UserError
+from inference.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["你是谁", "Who are you?", "谁开发了你？"]

@@ -30,8 +30,8 @@ def changed_share(before: dict, after: dict) -> float:
 
 def test_load_keeps_fp32_masters_unless_told(tiny_base):
     from inference.device import pick
-    from trainer.config import load_config
-    from trainer.train import load_model_for_training
+    from trainer.engine.config import load_config
+    from trainer.engine.train import load_model_for_training
 
     for master, want in (("true", torch.float32), ("false", torch.bfloat16)):
         cfg = load_config("tiny", {"model": str(tiny_base)}, ["method=full", "dtype=bf16", f"master_fp32={master}"])

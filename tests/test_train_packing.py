@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.chat_format import encode_chat
-from trainer.dataset import Collator, choose_packing, pack
+from inference.chat_format import encode_chat
+from trainer.engine.dataset import Collator, choose_packing, pack
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,8 @@ def test_packed_training_reaches_the_same_loss_in_fewer_passes(tiny_base, identi
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainer.config import load_config
-    from trainer.train import train
+    from trainer.engine.config import load_config
+    from trainer.engine.train import train
 
     tok, _ = tok_model
     lines = Path(identity_files["train"]).read_text(encoding="utf-8").splitlines()[:32]

@@ -14,8 +14,8 @@ def test_bits_4_loads_nf4_double_quant_bf16_compute_on_cpu(tiny_base):
     import bitsandbytes as bnb
 
     from inference.device import pick
-    from trainer.config import load_config
-    from trainer.train import load_model_for_training
+    from trainer.engine.config import load_config
+    from trainer.engine.train import load_model_for_training
 
     cfg = load_config("tiny", {"model": str(tiny_base)}, ["bits=4"])
     model = load_model_for_training(cfg, tiny_base, pick("cpu", "fp32"))
@@ -32,8 +32,8 @@ def test_generating_between_steps_leaves_the_4bit_backward_intact(tiny_base):
     AVX512-BF16, bitsandbytes would then repack the 4-bit weights for inference and every later
     backward through them would be wrong (the lower layers' adapter gradients shrank ~300x)."""
     from inference.device import pick
-    from trainer.config import load_config
-    from trainer.train import load_model_for_training
+    from trainer.engine.config import load_config
+    from trainer.engine.train import load_model_for_training
 
     cfg = load_config("tiny", {"model": str(tiny_base)}, ["bits=4", "lora_dropout=0"])
     torch.manual_seed(0)

@@ -73,8 +73,7 @@ def test_missing_model_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_multimodal_model_takes_an_attached_image(mm_merged, mm_colour_images, monkeypatch):
-    from trainer.multimodal.chat import load_llava
-
+    from inference.image_chat import load_llava
     own = load_llava(mm_merged, None, device="cpu").engine()      # the chat CLI's loader, apart from the demo
     q1, q2 = "what colour is the shape?", "what shape is it?"
     for colour, image in mm_colour_images.items():
@@ -100,7 +99,7 @@ def test_image_from_upload_gives_the_engine_an_rgb_image():
 
     from PIL import Image
 
-    from trainer.errors import UserError
+    from inference.errors import UserError
     from web_demo import image_from_upload
 
     buf = io.BytesIO()

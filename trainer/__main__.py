@@ -1,5 +1,7 @@
 """`python -m trainer COMMAND ...`: every step of making your own assistant.
 
+    base               write an embedded base as a model dir: smollm2 (a real chat model), tiny; --list
+    import-gguf        any GGUF chat model transformers can read -> a Hugging Face model dir
     tiny               build the tiny offline base chat model
     data               identity conversations (held-out split, general-chat mixing, any input format)
     check-data         every problem in a data file as FILE:LINE (exit 2 if any)
@@ -26,34 +28,36 @@ import sys
 import threading
 import warnings
 
-from trainer.errors import run_cli
+from inference.errors import run_cli
 
 COMMANDS = {
-    "tiny": "trainer.tiny",
-    "data": "trainer.data_cli",
-    "check-data": "trainer.check_data",
-    "show-data": "trainer.show_data",
-    "list-cfg": "trainer.list_cfg",
-    "copy-cfg": "trainer.copy_cfg",
-    "train": "trainer.train",
-    "merge": "trainer.merge",
-    "eval": "trainer.evaluate",
-    "convert": "trainer.convert",
-    "convert-internlm2": "trainer.internlm2",
-    "chat": "trainer.chat_cli",
+    "base": "trainer.commands.base",
+    "import-gguf": "trainer.commands.import_gguf",
+    "tiny": "trainer.bases.tiny",
+    "data": "trainer.data.make",
+    "check-data": "trainer.commands.check_data",
+    "show-data": "trainer.commands.show_data",
+    "list-cfg": "trainer.commands.list_cfg",
+    "copy-cfg": "trainer.commands.copy_cfg",
+    "train": "trainer.commands.train",
+    "merge": "trainer.export.merge",
+    "eval": "trainer.commands.eval",
+    "convert": "trainer.export.convert",
+    "convert-internlm2": "trainer.export.internlm2",
+    "chat": "trainer.commands.chat",
     "repeat": "trainer.multimodal.repeat",        # LLaVA-style multimodal: trainer/multimodal/
     "mm-shapes": "trainer.multimodal.synthetic",
     "mm-build": "trainer.multimodal.model",
     "mm-train": "trainer.multimodal.train",
     "mm-export": "trainer.multimodal.export",
     "mm-demo": "trainer.multimodal.demo",
-    "demo": "trainer.demo",
+    "demo": "trainer.commands.demo",
 }
 
 
 class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt (not an Exception, so no `except Exception` swallows it):
-    `finally` blocks and context managers (trainer.atomic, temp dirs) clean up on the way out."""
+    `finally` blocks and context managers (inference.atomic, temp dirs) clean up on the way out."""
 
 
 def _raise_terminated(signum, frame):

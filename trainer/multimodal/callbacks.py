@@ -8,10 +8,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from trainer.callbacks import SampleChats
-from trainer.multimodal.model import LLAVA_FILE, PROJECTOR_FILE, save_projector
-
-
+from trainer.engine.callbacks import SampleChats
+from inference.llava_model import LLAVA_FILE, PROJECTOR_FILE
+from trainer.multimodal.model import save_projector
 def write_run_files(out_dir, model, processor, info: dict) -> None:
     """projector.safetensors + processor/tokenizer + llava.json (stage, how to rebuild the base)."""
     out_dir = Path(out_dir)
@@ -33,8 +32,7 @@ class SampleImageChats(SampleChats):
         return super().wanted() and bool(self.images)
 
     def samples(self, model) -> list[str]:
-        from trainer.multimodal.chat import ImageChatEngine
-
+        from inference.image_chat import ImageChatEngine
         lines = []
         for image in self.images:
             engine = ImageChatEngine(model, self.processor, image, system_prompt=self.cfg.system_prompt)

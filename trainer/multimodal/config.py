@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from trainer.config import ConfigError, TrainConfig, check_keys, key_lines, resolve_preset
-from trainer.errors import UserError
+from trainer.engine.config import ConfigError, TrainConfig, check_keys, key_lines, resolve_preset
+from inference.errors import UserError
 
 
 @dataclass
@@ -69,7 +69,7 @@ def load_mm_config(name_or_path: str, overrides: dict | None = None, sets=()) ->
         raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of key: value")
-    lines = key_lines(path.read_text(encoding="utf-8"))       # trainer/config.py: from the YAML node marks
+    lines = key_lines(path.read_text(encoding="utf-8"))       # trainer/engine/config.py: from the YAML node marks
     check_keys(raw, path, lines, fields=FIELDS, aliases={})
     values, origin = dict(raw), {key: f"{path}:{lines[key]}" if key in lines else str(path) for key in raw}
     for key, value in (overrides or {}).items():

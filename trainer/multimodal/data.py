@@ -7,7 +7,7 @@ Checks, each failing with `FILE:LINE: ...`: the conversation itself (roles, alte
 exactly one `<image>` tag in a user turn when the record has an image and none when it has not, the
 image file exists and is a readable image. Records without "image" are plain text chats.
 
-Encoding goes through `trainer.chat_format.encode_chat` (the tokenizer's own template, loss on
+Encoding goes through `inference.chat_format.encode_chat` (the tokenizer's own template, loss on
 assistant tokens only); the single `<image>` token is then expanded to one placeholder per image
 patch feature, the way `LlavaProcessor` expands it, with no loss on them.
 """
@@ -15,46 +15,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.chat_format import IGNORE_INDEX, encode_chat, with_system
-from trainer.dataio import normalize, read_records, validate_messages
-from trainer.errors import UserError, where
-
-IMAGE_TOKEN = "<image>"
+from inference.chat_format import IGNORE_INDEX, encode_chat, with_system
+from trainer.data.formats import normalize, read_records, validate_messages
+from inference.errors import UserError, where
+from inference.llava_model import IMAGE_TOKEN, expand_image_tokens, image_file_problem, open_image
 
 
 def image_folder_for(data_path, image_folder=None) -> Path:
     """Images are relative to `image_folder`, else to the data file's own folder."""
     return Path(image_folder) if image_folder else Path(data_path).parent
-
-
-def image_file_problem(path, verify: bool = False) -> str | None:
-    """Why an image file cannot be used (missing, not an image, corrupt), or None when it is fine."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        return f"image {str(path)!r} not found -- check the path and --image-folder"
-    try:
-        with Image.open(path) as img:
-            if verify:
-                img.verify()           # decodes the whole file: check-data, not every training start
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return f"cannot read image {str(path)!r} ({type(exc).__name__}: {exc}) -- replace or remove this record"
-    return None
-
-
-def open_image(path, at: str):
-    """The image as RGB, or a UserError `AT: ...` (`at` names the record: FILE:LINE)."""
-    from PIL import Image
-
-    problem = image_file_problem(path)
-    if problem is None:
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as exc:     # header fine, pixels truncated
-            problem = f"cannot decode image {str(path)!r} ({exc}) -- replace or remove this record"
-    raise UserError(f"{at}: {problem}")
 
 
 def image_problems(rec: dict, folder, verify: bool = False) -> list[str]:
@@ -116,31 +85,6 @@ def check_llava_file(path, image_folder=None) -> dict:
     return {"records": len(rows), "with_image": images}
 
 
-def expand_image_tokens(ids: list[int], labels: list[int] | None, image_id: int, n: int):
-    """Each `<image>` id becomes `n` placeholders (never trained on), as LlavaProcessor expands it."""
-    out_ids, out_labels = [], []
-    for k, t in enumerate(ids):
-        if t == image_id:
-            out_ids += [image_id] * n
-            out_labels += [IGNORE_INDEX] * n
-        else:
-            out_ids.append(t)
-            out_labels.append(labels[k] if labels is not None else IGNORE_INDEX)
-    return out_ids, out_labels
-
-
-def with_image_tag(messages: list[dict]) -> list[dict]:
-    """The image goes first into the first user turn (the course's `xtuner chat --image` does the same);
-    any tag a user typed is removed so exactly one stays."""
-    out, placed = [], False
-    for m in messages:
-        content = m["content"].replace(IMAGE_TOKEN, "")
-        if m["role"] == "user" and not placed:
-            content, placed = f"{IMAGE_TOKEN}\n{content.lstrip()}", True
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
 def encode_records(records: list[dict], tokenizer, image_id: int, n_image_tokens: int, max_length: int,
                    system_prompt: str | None) -> tuple[list[dict], dict]:
     """Samples `{input_ids, labels, image, where}` plus counts; a sample whose image placeholders or
@@ -167,13 +111,13 @@ class LlavaCollator:
     image, in batch order (LLaVA scatters image features into the placeholders in that order)."""
 
     def __init__(self, pad_id: int, image_processor):
-        from trainer.dataset import Collator
+        from trainer.engine.dataset import Collator
 
         self.text = Collator(pad_id, packed=False)
         self.image_processor = image_processor
 
     @property
-    def tokens_seen(self) -> int:          # read by trainer.callbacks.LogLine for tok/s
+    def tokens_seen(self) -> int:          # read by trainer.engine.callbacks.LogLine for tok/s
         return self.text.tokens_seen
 
     def __call__(self, batch: list[dict]) -> dict:
@@ -184,7 +128,3 @@ class LlavaCollator:
         return out
 
 
-def pixel_values(image_processor, image_path, at: str | None = None):
-    """One image file -> a (1, 3, H, W) tensor through the model's own image processor."""
-    img = open_image(image_path, at or str(image_path))
-    return image_processor(images=[img], return_tensors="pt")["pixel_values"]

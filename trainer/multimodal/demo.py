@@ -23,8 +23,7 @@ CAPTION = re.compile(r"^a (red|green|blue) (circle|square|triangle)$")
 def ask(llm, tower, trained, records, max_new_tokens: int = 12) -> list[tuple[str, str, str]]:
     """(question, greedy answer, truth) for LLaVA records, with the LLaVA rebuilt the course's way:
     the LLM + the tower + the run's projector (and adapter)."""
-    from trainer.multimodal.chat import load_llava
-
+    from inference.image_chat import load_llava
     engine = load_llava(llm, records[0]["image"], llava=trained, visual_encoder=tower, device="cpu").engine()
     out = []
     for rec in records:
@@ -93,7 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", type=int, default=150)
     p.add_argument("--finetune-steps", type=int, default=100)
     args = p.parse_args(argv)
-    from trainer.errors import UserError
+    from inference.errors import UserError
 
     if Path(args.work_dir).exists() and any(Path(args.work_dir).iterdir()):
         raise UserError(f"{args.work_dir}: already exists and is not empty -- choose a new directory")

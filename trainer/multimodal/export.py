@@ -22,9 +22,9 @@ from pathlib import Path
 
 from inference.device import pick
 from inference.loader import ASSISTANT_FILE, read_system_prompt
-from trainer.errors import UserError
-from trainer.multimodal.model import LLAVA_FILE, PROJECTOR_FILE, load_base, save_llava
-
+from inference.errors import UserError
+from inference.llava_model import LLAVA_FILE, PROJECTOR_FILE, load_base
+from trainer.multimodal.model import save_llava
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", PROJECTOR_FILE, LLAVA_FILE, ASSISTANT_FILE)
 
 
@@ -73,8 +73,7 @@ def export_merged(trained, out, model=None, visual_encoder=None, dtype: str = "f
     """(b): base + projector + merged LoRA -> a LlavaForConditionalGeneration + processor dir."""
     from transformers import AutoProcessor
 
-    from trainer.multimodal.chat import apply_trained
-
+    from inference.image_chat import apply_trained
     trained, out = Path(trained), Path(out)
     info = read_run_info(trained)
     _check_out(out)

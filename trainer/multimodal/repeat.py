@@ -14,8 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from trainer.dataio import read_records, write_jsonl
-from trainer.errors import UserError
+from trainer.data.formats import read_records, write_jsonl
+from inference.errors import UserError
 
 
 def repeat(src, out, n: int) -> int:

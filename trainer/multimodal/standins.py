@@ -28,7 +28,7 @@ def build_tokenizer(texts: list[str], vocab: int = 400):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from trainer.chat_format import chatml_template
+    from inference.chat_format import chatml_template
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -59,10 +59,10 @@ def build_shapes_llm(caption_text, out_dir, steps: int = 150, seed: int = 0, ech
     import shutil
     import tempfile
 
-    from trainer.atomic import check_new_dir, replace_dir
-    from trainer.config import TrainConfig
-    from trainer.tiny import build_random_model
-    from trainer.train import train
+    from inference.atomic import check_new_dir, replace_dir
+    from trainer.engine.config import TrainConfig
+    from trainer.bases.tiny import build_random_model
+    from trainer.engine.train import train
 
     out_dir = check_new_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +88,9 @@ def train_tiny_vision(captions_path, out_dir, steps: int = 200, seed: int = 0, f
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from trainer.multimodal.data import open_image, read_llava_records
-    from trainer.multimodal.model import TINY_VISION, make_image_processor
+    from inference.llava_model import open_image
+    from trainer.multimodal.data import read_llava_records
+    from inference.llava_model import TINY_VISION, make_image_processor
     from trainer.multimodal.synthetic import COLOURS, SHAPES, caption
 
     records = read_llava_records(captions_path, image_folder)

@@ -15,8 +15,8 @@ import argparse
 import random
 from pathlib import Path
 
-from trainer.dataio import write_jsonl
-from trainer.errors import UserError
+from trainer.data.formats import write_jsonl
+from inference.errors import UserError
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
 SHAPES = ("circle", "square", "triangle")

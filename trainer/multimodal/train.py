@@ -31,14 +31,16 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from inference.device import pick
 from inference.loader import write_assistant_file
-from trainer import checkpoints
-from trainer.callbacks import LogLine, LossPlot, ProgressBar
-from trainer.errors import UserError
+from trainer.engine import checkpoints
+from trainer.engine.callbacks import LogLine, LossPlot, ProgressBar
+from inference.errors import UserError
 from trainer.multimodal.callbacks import LlavaFilesOnSave, SampleImageChats, write_run_files
 from trainer.multimodal.config import MultimodalConfig, load_mm_config, save_mm_config
-from trainer.multimodal.data import LlavaCollator, encode_records, image_folder_for, open_image, read_llava_records
-from trainer.multimodal.model import LLAVA_FILE, base_spec, image_token_count, load_base, load_projector
-from trainer.train import keep_4bit_training_layout, prepare_work_dir, report_to
+from trainer.multimodal.data import LlavaCollator, encode_records, image_folder_for, read_llava_records
+from inference.llava_model import open_image
+from inference.llava_model import LLAVA_FILE, image_token_count, load_base, load_projector
+from trainer.multimodal.model import base_spec
+from trainer.engine.train import keep_4bit_training_layout, prepare_work_dir, report_to
 
 def lora_target(model, cfg: MultimodalConfig) -> str:
     """A PEFT regex over the LLM's linear layers (all of them, or the names in `lora_target`), plus the
@@ -144,7 +146,7 @@ def train_mm(cfg: MultimodalConfig, resume=None, echo=print, extra_callbacks=())
     set_seed(cfg.seed)
     model, processor = load_base(spec, placement.dtype, placement.device, cfg.bits, scratch=work_dir)
     if cfg.bits:
-        keep_4bit_training_layout(model)        # sample image chats run between steps (trainer/train.py)
+        keep_4bit_training_layout(model)        # sample image chats run between steps (trainer/engine/train.py)
     tokenizer = processor.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -184,7 +186,7 @@ def train_mm(cfg: MultimodalConfig, resume=None, echo=print, extra_callbacks=())
         max_steps=cfg.max_steps, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
-        save_total_limit=None,                 # rotation is trainer/checkpoints.py's, as in the text engine
+        save_total_limit=None,                 # rotation is trainer/engine/checkpoints.py's, as in the text engine
         seed=cfg.seed, data_seed=cfg.seed,
         bf16=on_gpu and placement.dtype == torch.bfloat16, fp16=on_gpu and placement.dtype == torch.float16,
         use_cpu=not on_gpu, report_to=report_to(), disable_tqdm=True,
@@ -233,6 +235,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from trainer.errors import run_cli
+    from inference.errors import run_cli
 
     sys.exit(run_cli(main))

@@ -1,0 +1,1 @@
+"""Thin command modules behind `python -m trainer COMMAND` (each `main(argv) -> int`)."""

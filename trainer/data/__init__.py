@@ -1,0 +1,1 @@
+"""Data: identity conversations, general chat to keep skills, mixing, file formats and checks."""

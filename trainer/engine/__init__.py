@@ -1,0 +1,1 @@
+"""The training engine: config + presets, model loading, packing, speed, launch, checkpoints, the loop."""

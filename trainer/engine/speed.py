@@ -1,0 +1,210 @@
+"""Speed features of the training engine, each switched by a config field (all off = the plain HF path).
+
+    python -m trainer train internlm2_chat_1_8b_qlora --set fused_loss=true --set compile=true
+
+- `fused_loss`: the causal-LM loss is computed from the last hidden states in row chunks, over the
+  labelled (assistant) positions only, so the full [tokens x vocab] logits never exist. At 16k tokens
+  and InternLM2's 92,544-word vocabulary those are 3 GiB in bf16 plus 6 GiB in fp32 plus their
+  gradient; here one chunk of ~1 GiB at a time. Same math as transformers' `ForCausalLMLoss`
+  (bf16 logits, fp32 log-softmax, sum / number of labelled tokens): `tests/test_speed.py` checks loss
+  and gradients against it.
+- `compile`: `torch.compile` of every decoder layer's norms, attention and MLP for training steps.
+  The eager PEFT/bitsandbytes step launches thousands of small kernels; compiled blocks fuse the
+  norms, rotary, SwiGLU, dropout and LoRA additions. Compiling the blocks (not the whole layer)
+  keeps gradient checkpointing's recompute outside the compiled graphs.
+- `attn_implementation: flex_attention` (loaded by trainer/engine/train.py): packed rows hold many short
+  conversations; sdpa gets them as a dense block-diagonal [row x row] mask and its masked kernel computes
+  every score of the row, while FlexAttention's block mask skips the blocks between conversations
+  (~1/30 of the work for 70-token conversations in 2,048-token rows). Training only: sample chats and
+  evaluation generate with sdpa (`generate_with_sdpa`), so no compilation per generated length.
+- `checkpoint_fraction`: with `gradient_checkpointing`, recompute only the first fraction of the
+  decoder layers in backward; the rest keep their activations (less recompute, more memory).
+
+`apply_speedups(model, cfg)` is the one call the training engine makes; bench/train_speed.py measures
+what each feature pays on a GPU and docs/BENCHMARKS.md records it.
+"""
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+log = logging.getLogger("trainer")
+
+IGNORE_INDEX = -100
+# Architectures whose logits are exactly `lm_head(last_hidden_state)` (no soft-capping, scaling or
+# bias), so the chunked loss is the same function as theirs.
+FUSED_LOSS_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "phi3", "olmo2"}
+CHUNK_ELEMENTS = 2**28          # logits elements per chunk: 1 GiB in fp32
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), one row chunk at a time.
+
+    The gradient is computed chunk by chunk in the forward pass (the chunk's logits are dropped right
+    after), and backward only scales it: peak memory is one chunk of logits, not all of them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.promote_types(hidden.dtype, torch.float32)     # fp32 for bf16/fp16/fp32 inputs
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logits = (h @ weight.t()).to(acc)        # like lm_head(h).float() in transformers' loss
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                grad = logits.sub_(lse[:, None]).exp_()                  # softmax, in place
+                grad[torch.arange(t.shape[0], device=t.device), t] -= 1   # d(sum CE) / d(logits)
+                grad = grad.to(hidden.dtype)
+                if need_h:
+                    grad_h[start:start + chunk_rows] = grad @ weight
+                if need_w:
+                    grad_w += (grad.t() @ h).to(acc)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.has = (need_h, need_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) * grad_out if ctx.has[0] else None      # stays in the hidden dtype
+        grad_w = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if ctx.has[1] else None
+        return grad_h, grad_w, None, None
+
+
+def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         num_items_in_batch=None, chunk_rows: int | None = None) -> torch.Tensor:
+    """transformers' ForCausalLMLoss (shift by one, ignore -100, mean or sum / num_items_in_batch)
+    computed from hidden states and the output embedding, without materialising the logits."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
+    keep = (shifted != IGNORE_INDEX).nonzero().squeeze(1)   # only labelled rows reach the vocabulary
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    total = ChunkedLinearCrossEntropy.apply(rows, weight, shifted.index_select(0, keep), chunk_rows)
+    if num_items_in_batch is None:
+        return total / keep.numel()             # nan on no labelled token, like cross_entropy's mean
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def causal_lm(model):
+    """The `...ForCausalLM` module under PEFT / wrappers (the one that owns `lm_head`)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner
+
+
+def enable_fused_loss(model) -> bool:
+    """Give the causal-LM module a forward that computes the loss with `fused_causal_lm_loss` when
+    labels are passed (training); without labels (generation, sample chats) the original runs."""
+    lm = causal_lm(model)
+    model_type = getattr(lm.config, "model_type", "")
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if (model_type not in FUSED_LOSS_MODEL_TYPES or head is None or getattr(head, "bias", None) is not None
+            or not hasattr(lm, "get_decoder")):
+        log.warning("fused_loss: not supported for model type %r -- using the standard loss", model_type)
+        return False
+    plain_forward = lm.forward
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
+                num_items_in_batch=None, **kwargs):
+        if labels is None:
+            return plain_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 **kwargs)
+        for unused in ("logits_to_keep", "return_dict", "output_attentions", "output_hidden_states"):
+            kwargs.pop(unused, None)
+        out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 **kwargs)
+        loss = fused_causal_lm_loss(out.last_hidden_state, self.get_output_embeddings().weight, labels,
+                                    num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    lm.forward = types.MethodType(forward, lm)
+    return True
+
+
+def decoder_layers(model) -> list:
+    decoder = causal_lm(model).get_decoder()
+    return list(getattr(decoder, "layers", []))
+
+
+COMPILED_BLOCKS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer's norms, attention and MLP, for training steps only.
+
+    The compiled forward is used while the module trains with gradients on; generation (sample
+    chats, evaluation) keeps the eager forward, so it never triggers a second, inference-mode
+    compilation. `dynamic=True`: packed batches vary in width, and one symbolic-shape graph serves
+    them all (and all layers) instead of a recompile per width. Parameters and state-dict keys are
+    untouched, so adapters and checkpoints save as usual. Returns the number of blocks switched."""
+    n = 0
+    for layer in decoder_layers(model):
+        for name in COMPILED_BLOCKS:
+            block = getattr(layer, name, None)
+            if isinstance(block, torch.nn.Module) and not hasattr(block, "_eager_forward"):
+                block._eager_forward = block.forward
+                block._compiled_forward = torch.compile(block.forward, dynamic=True)
+                block.forward = types.MethodType(_train_compiled_forward, block)
+                n += 1
+    return n
+
+
+def _train_compiled_forward(self, *args, **kwargs):
+    if self.training and torch.is_grad_enabled():
+        return self._compiled_forward(*args, **kwargs)
+    return self._eager_forward(*args, **kwargs)
+
+
+def limit_checkpointing(model, fraction: float) -> int:
+    """Keep gradient checkpointing on the first `fraction` of the layers only; returns how many."""
+    layers = decoder_layers(model)
+    keep = round(fraction * len(layers))
+    for i, layer in enumerate(layers):
+        if i >= keep and hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = False
+    return keep
+
+
+def generate_with_sdpa(model) -> bool:
+    """Make `generate` on a flex_attention model switch to sdpa for the call and back after it."""
+    lm = causal_lm(model)
+    if getattr(lm.config, "_attn_implementation", None) != "flex_attention" or hasattr(lm, "_flex_generate"):
+        return False
+    lm._flex_generate = lm.generate
+
+    def generate(self, *args, **kwargs):
+        self.set_attn_implementation("sdpa")
+        try:
+            return self._flex_generate(*args, **kwargs)
+        finally:
+            self.set_attn_implementation("flex_attention")
+
+    lm.generate = types.MethodType(generate, lm)
+    return True
+
+
+def apply_speedups(model, cfg, echo=None):
+    """Switch on the speed features `cfg` asks for; returns the model (changed in place)."""
+    notes = []
+    if generate_with_sdpa(model):
+        notes.append("flex attention for training steps")
+    if getattr(cfg, "fused_loss", False) and enable_fused_loss(model):
+        notes.append("fused chunked loss")
+    if getattr(cfg, "gradient_checkpointing", False) and getattr(cfg, "checkpoint_fraction", 1.0) < 1.0:
+        kept = limit_checkpointing(model, cfg.checkpoint_fraction)
+        notes.append(f"checkpointing {kept}/{len(decoder_layers(model))} layers")
+    if getattr(cfg, "compile", False):
+        notes.append(f"compiled {compile_layers(model)} blocks")
+    if notes and echo:
+        echo("speed: " + ", ".join(notes))
+    return model

@@ -1,0 +1,1 @@
+"""Evaluation: identity / leakage / retention scores, the best checkpoint, the report."""

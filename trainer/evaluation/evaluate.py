@@ -1,0 +1,328 @@
+"""Has the assistant learned who it is without forgetting the rest? Three scores, and the best checkpoint.
+
+    python -m trainer eval WORK_DIR [--eval-data FILE]             # every checkpoint-N/ and final/, then best/
+    python -m trainer eval ADAPTER_DIR --eval-data FILE [--base BASE] [--json FILE]
+    python -m trainer eval MERGED_DIR --eval-data FILE [--base BASE]
+
+* identity  -- share of held-out identity questions (`python -m trainer data ... --eval-out FILE`) whose
+  greedy answer contains every expected string (the name; also the author when asked who made it).
+* leakage   -- share of general, non-identity prompts whose answer contains the name or the author: the
+  course's failure, where 300 steps on one repeated pair made the model answer everything with it.
+* retention -- how much of what the base could do survives (base = 1.0). A pool of general tasks with
+  computed answers (trainer/data/general.py) is checked teacher-forced: a task counts as *known*
+  when greedy decoding would reproduce its computed answer exactly (every answer token is the
+  argmax). Retention is the share of the tasks the base knows that the tuned model still knows.
+  (A base that knows fewer than MIN_KNOWN of them -- one that phrases answers its own way -- gets
+  instead the mean similarity (difflib ratio) of the tuned model's greedy answers to the base's,
+  a correct answer counting 1; the report says which.) Reported beside it:
+  - `likelihood`: exp(mean log p_tuned - mean log p_base) over the tokens of the base's own greedy
+    answers to the general prompts: the per-token probability the tuned model still gives to what
+    the base said. It falls as soon as LoRA moves the distribution at all, even where no answer
+    changes (and the tiny base's many wrong answers drift freely), so it is reported, not chosen by;
+  - `accuracy`: the share of the general prompts whose greedy answer contains the computed answer.
+
+General prompts come from a fixed seed, so every run is scored on the same ones. The task family is
+small, so some of them also occur in mixed training data: they measure skills, not held-out facts.
+A work dir's report (table, `eval_report.json`, `eval_report.png`) and `best/` are written by
+trainer/evaluation/report.py; `eval_identity: true` in a training config runs the same at every save.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from inference.engine import ChatEngine
+from inference.loader import load, read_system_prompt
+from inference.chat_format import with_system
+from trainer.data.formats import read_records
+from inference.errors import UserError, where
+from trainer.data.general import general_pair
+
+GENERAL_SEED = 7919      # fixed, so every run and checkpoint is scored on the same general prompts
+N_GENERAL = 40           # prompts answered (generation) for leakage, accuracy and the likelihood
+N_POOL = 200             # tasks checked teacher-forced (one forward pass each) for retention
+MIN_KNOWN = 5            # fewer base-known tasks than this: retention falls back to answer similarity
+MAX_NEW_TOKENS = 48
+END_PUNCT = ".。!！?？ "
+
+
+@dataclass
+class EvalSet:
+    identity: list[dict]                 # {"messages": [...user], "expect": [str], "kind", "lang"}
+    general: list[tuple[str, str]]       # (prompt, computed answer), answered by generation
+    pool: list[tuple[str, str]]          # more of the same (general first), checked teacher-forced
+    markers: list[str]                   # strings that betray the identity: every expected string
+    source: str = ""
+
+
+@dataclass
+class Reference:
+    """What the base does on the general prompts: its greedy answers and how sure it is of them."""
+    answers: list[str]
+    answer_ids: list[list[int]]
+    logprob: float                       # mean per-token log-likelihood of its own answers
+    known: list[int]                     # pool tasks whose computed answer the base reproduces
+    scores: "Scores"
+
+
+@dataclass
+class Scores:
+    identity: float
+    leakage: float
+    accuracy: float                      # exact-answer accuracy on general tasks
+    retention: float | None = None       # share of the base's known tasks still known; None without a base
+    likelihood: float | None = None      # exp(mean logp tuned - mean logp base) on the base's answers
+    known: int | None = None             # how many base-known tasks retention counts (None: similarity)
+    examples: dict = field(default_factory=dict)   # a few misses and leaks, for the reader
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+# --- eval data -------------------------------------------------------------------------------------
+def read_identity_questions(path) -> list[dict]:
+    out = []
+    for line, rec in read_records(path):
+        rec = rec if isinstance(rec, dict) else {}
+        msgs, expect = rec.get("messages"), rec.get("expect")
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs)
+                and msgs[-1].get("role") == "user" and isinstance(msgs[-1].get("content"), str)):
+            raise UserError(f"{where(path, line)}: expected {{\"messages\": [... a last user turn], \"expect\": [...]}}"
+                            f" -- write held-out questions with `python -m trainer data ... --eval-out FILE`")
+        if not (isinstance(expect, list) and expect and all(isinstance(e, str) and e.strip() for e in expect)):
+            raise UserError(f"{where(path, line)}: 'expect' must be a non-empty list of strings the answer must contain")
+        out.append({"messages": msgs, "expect": expect, "kind": rec.get("kind", ""), "lang": rec.get("lang", "")})
+    return out
+
+
+def general_tasks(n: int = N_GENERAL, seed: int = GENERAL_SEED) -> list[tuple[str, str]]:
+    """`n` distinct general prompts (zh and en alternating) with their computed answers."""
+    r, seen, out = random.Random(seed), set(), []
+    for _ in range(50 * n):
+        if len(out) == n:
+            break
+        q, a = general_pair(r, zh=len(out) % 2 == 0)
+        if q not in seen:
+            seen.add(q)
+            out.append((q, a))
+    return out
+
+
+def build_eval_set(identity_file, n_general: int = N_GENERAL, n_pool: int = N_POOL) -> EvalSet:
+    questions = read_identity_questions(identity_file)
+    markers = list(dict.fromkeys(e for q in questions for e in q["expect"]))
+    pool = general_tasks(max(n_general, n_pool))
+    return EvalSet(questions, pool[:n_general], pool, markers, source=str(identity_file))
+
+
+# --- scoring ---------------------------------------------------------------------------------------
+def _norm(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def contains_all(answer: str, expect: list[str]) -> bool:
+    return all(_norm(e) in _norm(answer) for e in expect)
+
+
+def leaks(answer: str, markers: list[str]) -> bool:
+    return any(_norm(m) in _norm(answer) for m in markers)
+
+
+def answers_correctly(answer: str, known: str) -> bool:
+    """The computed answer appears whole in the reply (case, spacing and final punctuation ignored)."""
+    return _norm(known).rstrip(END_PUNCT) in _norm(answer)
+
+
+def kept(answer: str, base_answer: str, known: str) -> float:
+    """1 for the computed answer, else how close the answer stays to the base's (0..1)."""
+    if answers_correctly(answer, known):
+        return 1.0
+    return difflib.SequenceMatcher(None, _norm(answer), _norm(base_answer)).ratio()
+
+
+def _mean(flags) -> float:
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def chat_answers(engine, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+    return [engine.chat(msgs, max_new_tokens=max_new_tokens) for msgs in prompts]
+
+
+def _user(q: str) -> list[dict]:
+    return [{"role": "user", "content": q}]
+
+
+def score_answers(id_answers: list[str], gen_answers: list[str], es: EvalSet) -> Scores:
+    hits = [contains_all(a, q["expect"]) for a, q in zip(id_answers, es.identity)]
+    leaked = [leaks(a, es.markers) for a in gen_answers]
+    right = [answers_correctly(a, known) for a, (_, known) in zip(gen_answers, es.general)]
+    examples = {
+        "identity_misses": [{"q": q["messages"][-1]["content"], "a": a}
+                            for a, q, ok in zip(id_answers, es.identity, hits) if not ok][:3],
+        "leaks": [{"q": q, "a": a} for a, (q, _), bad in zip(gen_answers, es.general, leaked) if bad][:3],
+    }
+    return Scores(identity=_mean(hits), leakage=_mean(leaked), accuracy=_mean(right), examples=examples)
+
+
+def _answer_tokens(engine: ChatEngine, q: str, answer: str) -> tuple[torch.Tensor, list[int]]:
+    """Prompt ids (template + system prompt, as `chat` sends them) and the ids the template gives the
+    answer, up to and including the end-of-turn token."""
+    prompt = engine.prepare(_user(q), None, 64)
+    msgs = with_system(_user(q) + [{"role": "assistant", "content": answer}], engine.system_prompt)
+    full = list(engine.tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False))
+    p = prompt[0].tolist()
+    ids = full[len(p):] if full[:len(p)] == p else engine.tokenizer.encode(answer, add_special_tokens=False)
+    end = next((i for i, t in enumerate(ids) if t in engine.stop), None)
+    return prompt, (ids[:end + 1] if end is not None else ids + engine.stop[:1])
+
+
+@torch.no_grad()          # not inference_mode: run inside training, FSDP2 reuses the tensors in backward
+def _answer_logits(engine: ChatEngine, prompt: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    answer = torch.tensor([ids], device=prompt.device)
+    logits = engine.model(input_ids=torch.cat([prompt, answer], 1)).logits[0, prompt.shape[1] - 1:-1]
+    return logits.float(), answer[0]
+
+
+def answer_logprobs(engine: ChatEngine, prompts: list[str], answers: list[list[int]]) -> float:
+    """Mean per-token log-likelihood of `answers` (token ids) after each prompt, under the engine's
+    model, with its own chat template and system prompt."""
+    total, count = 0.0, 0
+    for q, ids in zip(prompts, answers):
+        if ids:
+            logits, answer = _answer_logits(engine, engine.prepare(_user(q), None, len(ids)), ids)
+            total += logits.log_softmax(-1).gather(1, answer[:, None]).sum().item()
+            count += len(ids)
+    return total / max(count, 1)
+
+
+def knows(engine: ChatEngine, tasks: list[tuple[str, str]]) -> list[bool]:
+    """For each (prompt, answer): would greedy decoding reproduce the answer exactly? Checked in one
+    forward pass (every answer token is the argmax after the ones before it), not by generating."""
+    out = []
+    for q, answer in tasks:
+        logits, ids = _answer_logits(engine, *_answer_tokens(engine, q, answer))
+        out.append(bool((logits.argmax(-1) == ids).all()))
+    return out
+
+
+def base_reference(engine: ChatEngine, es: EvalSet, max_new_tokens: int = MAX_NEW_TOKENS) -> Reference:
+    """Score the base itself and keep its greedy answers to the general prompts (as token ids)."""
+    prompts = [q for q, _ in es.general]
+    ids = [engine.greedy_ids(_user(q), max_new_tokens=max_new_tokens) for q in prompts]
+    texts = [engine.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    id_answers = chat_answers(engine, [q["messages"] for q in es.identity], max_new_tokens)
+    scores = score_answers(id_answers, texts, es)
+    logprob = answer_logprobs(engine, prompts, ids)
+    known = [i for i, ok in enumerate(knows(engine, es.pool)) if ok]
+    scores.likelihood, scores.retention, scores.known = 1.0, 1.0, len(known)
+    return Reference(texts, ids, logprob, known, scores)
+
+
+def score(engine, es: EvalSet, reference: Reference | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> Scores:
+    """All three scores for one model behind a chat engine (anything with `.chat(messages, ...)`);
+    retention needs the base's `Reference`, the likelihood also a real `ChatEngine`."""
+    id_answers = chat_answers(engine, [q["messages"] for q in es.identity], max_new_tokens)
+    gen_answers = chat_answers(engine, [_user(q) for q, _ in es.general], max_new_tokens)
+    scores = score_answers(id_answers, gen_answers, es)
+    if reference is None:
+        return scores
+    real = isinstance(engine, ChatEngine)
+    if real and len(reference.known) >= MIN_KNOWN:
+        scores.retention = _mean(knows(engine, [es.pool[i] for i in reference.known]))
+        scores.known = len(reference.known)
+    else:
+        scores.retention = _mean(kept(a, b, known) for a, b, (_, known)
+                                 in zip(gen_answers, reference.answers, es.general))
+    if real:
+        lp = answer_logprobs(engine, [q for q, _ in es.general], reference.answer_ids)
+        scores.likelihood = math.exp(lp - reference.logprob)
+    return scores
+
+
+# --- what to evaluate ------------------------------------------------------------------------------
+def is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def checkpoints(work_dir: Path) -> list[tuple[Path, int | None]]:
+    """(dir, step) for every complete checkpoint-N/ in step order, then final/ (step from the trainer
+    state of the last checkpoint, which records max_steps)."""
+    from trainer.workdir import complete_checkpoints, step_of
+
+    ckpts = complete_checkpoints(work_dir)
+    out: list[tuple[Path, int | None]] = [(p, step_of(p)) for p in ckpts]
+    final = work_dir / "final"
+    if final.is_dir():
+        step = None
+        if ckpts and (ckpts[-1] / "trainer_state.json").is_file():
+            step = json.loads((ckpts[-1] / "trainer_state.json").read_text(encoding="utf-8")).get("max_steps")
+        out.append((final, step))
+    return out
+
+
+def is_work_dir(path: Path) -> bool:
+    return path.is_dir() and bool(checkpoints(path)) and not (path / "config.json").is_file() and not is_adapter(path)
+
+
+def weights_digest(path: Path) -> str | None:
+    files = sorted(path.glob("adapter_model.*")) or sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def evaluate_dirs(dirs: list[Path], base: Path | None, es: EvalSet, device: str = "auto",
+                  max_new_tokens: int = MAX_NEW_TOKENS, echo=print) -> tuple[Scores | None, list[Scores]]:
+    """Scores for the base (None without one) and for each dir (adapters or full models).
+
+    Adapters share one loaded base: each is loaded beside it and switched on in turn, and the base's
+    answers come from the same weights with the adapter switched off."""
+    if all(is_adapter(d) for d in dirs):
+        if base is None:
+            raise UserError(f"{dirs[0]}: cannot tell which base this adapter belongs to -- pass --base BASE_DIR")
+        loaded = load(base, adapter=dirs[0], device=device)
+        model, tok = loaded.model, loaded.tokenizer
+        with model.disable_adapter():
+            ref = base_reference(ChatEngine(model, tok, read_system_prompt(base)), es, max_new_tokens)
+        echo(f"base {base}: identity {ref.scores.identity:.2f}, accuracy {ref.scores.accuracy:.2f}")
+        results, seen = [], {}
+        for i, d in enumerate(dirs):
+            digest = weights_digest(d)
+            if digest in seen:       # final/ is usually the last checkpoint again
+                results.append(seen[digest])
+                continue
+            name = "default" if i == 0 else f"eval_{i}"
+            if i:
+                model.load_adapter(str(d), adapter_name=name)
+            model.set_adapter(name)
+            results.append(score(ChatEngine(model, tok, read_system_prompt(d, base)), es, ref, max_new_tokens))
+            if i:
+                model.set_adapter("default")
+                model.delete_adapter(name)
+            seen[digest] = results[-1]
+            echo(f"{d}: {_brief(results[-1])}")
+        return ref.scores, results
+    ref = None
+    if base is not None:
+        ref = base_reference(load(base, device=device).engine(fast_decode=False), es, max_new_tokens)
+    results = []
+    for d in dirs:
+        results.append(score(load(d, device=device).engine(fast_decode=False), es, ref, max_new_tokens))
+        echo(f"{d}: {_brief(results[-1])}")
+    return (ref.scores if ref else None), results
+
+
+def _brief(s: Scores) -> str:
+    ret = "n/a" if s.retention is None else f"{s.retention:.2f}"
+    return f"identity {s.identity:.2f}, leakage {s.leakage:.2f}, retention {ret}, accuracy {s.accuracy:.2f}"
