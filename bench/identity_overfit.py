@@ -59,7 +59,7 @@ def course_data(path: Path, copies: int) -> None:
 
 
 def make_data(data_dir: Path, n_identity: int, ratio: float) -> dict:
-    from trainer.data.make import main as data_main
+    from trainer.commands.data import main as data_main
 
     paths = {"course": data_dir / "course.jsonl", "identity": data_dir / "identity.jsonl",
              "mixed": data_dir / "mixed.jsonl", "heldout": data_dir / "heldout.jsonl"}

@@ -167,7 +167,7 @@ def save(work: Path, result: dict) -> dict:
 # ---- tiny: the 2-GPU checkpoint to bring home ----
 
 def tiny(a) -> int:
-    from trainer.data.make import main as data_main
+    from trainer.commands.data import main as data_main
 
     base = train_speed._tiny_base()
     data = a.root / "tiny-identity.jsonl"

@@ -57,7 +57,7 @@ def prepare(root: Path, shape: str, n_convs: int, tokenizer_from: Path | None, d
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from trainer.data.make import main as data_main
+    from trainer.commands.data import main as data_main
 
     root.mkdir(parents=True, exist_ok=True)
     tok_dir = tokenizer_from or _tiny_base()

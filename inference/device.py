@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,16 @@ HEADROOM = 1.25          # KV cache, activations and the CUDA context on top of 
 
 def cuda_ok() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def cpu_has_fast_bf16() -> bool:
+    """The CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 matmuls ran 2.7x fp32's speed
+    (409 vs 151 GFLOP/s on 2 EPYC cores). Without it bf16 is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick(device: str = "auto", dtype: str = "auto") -> Placement:

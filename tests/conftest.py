@@ -40,7 +40,7 @@ def tiny_base(session_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def identity_files(session_dir) -> dict:
-    from trainer.data.make import main
+    from trainer.commands.data import main
 
     out, held = session_dir / "data" / "identity.jsonl", session_dir / "data" / "heldout.jsonl"
     assert main(["--name", NAME, "--author", AUTHOR, "--n", "600", "--out", str(out), "--eval-out", str(held)]) == 0

@@ -4,7 +4,8 @@ Proves: `python app.py` with MODEL_REPO = a local bare repo holding the tiny mer
 clones it (progress in the log), listens on GRADIO_SERVER_NAME/PORT, shows the device on the page
 and answers "你是谁" with the trained name through gradio_client in several growing partials; a
 second start reuses the clone with the remote gone; MODEL_PATH serves a local dir with the saved
-system prompt as the default; no model at all serves the tiny demo base with a note saying so, and
+system prompt as the default; no model at all serves the embedded real base (SmolLM2, untuned:
+it answers a fact question right) with a note saying so, and
 a space_config.json preset is read when the environment names no model; a
 missing repo, a repo without weights, LFS pointers never pulled and a double setting each give one
 clear line in the log and on the page (and as the chat answer), no traceback; 20 concurrent chats
@@ -134,8 +135,10 @@ def test_model_path_and_the_default_demo_base(app, merged_model, tmp_path):
     (saved / "assistant.json").unlink()
     (saved / "assistant.json").write_text(json.dumps({"system_prompt": "You are Lumi."}))
     assert app.start({"MODEL_PATH": str(saved)}).system_prompt == "You are Lumi."
-    default = app.start({})                                       # nothing set: the embedded demo base
-    assert default.engine is not None and "untuned tiny demo base" in default.note
+    default = app.start({})                                       # nothing set: the embedded real base
+    assert default.engine is not None and "untuned embedded base" in default.note
+    answer = default.engine.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24)
+    assert "paris" in answer.lower(), answer
 
     # A published Space carries its MODEL_REPO in space_config.json; the environment still wins.
     preset = tmp_path / "space_config.json"

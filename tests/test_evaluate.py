@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from trainer.evaluation import report as eval_report
+from trainer.commands.eval import main
 from trainer.evaluation.evaluate import (Reference, answers_correctly, build_eval_set, contains_all, evaluate_dirs,
-                              general_tasks, kept, knows, leaks, main, score)
+                                         general_tasks, kept, knows, leaks, score)
 
 
 class Scripted:
@@ -54,6 +55,8 @@ def test_always_says_its_name_leaks_everywhere(identity_files):
 def test_oracle_scores_perfectly_and_a_namedropper_only_on_identity(identity_files):
     es = build_eval_set(identity_files["heldout"], n_general=10)
     known = dict(es.general)
+    # the held-out bundled prompts: the fact a right answer holds, else a plain answer without the name
+    known.update({p["prompt"]: f"It is {p['expect'][0]}." if p.get("expect") else "Here you go." for p in es.prompts})
     intro = f"I am {identity_files['name']}, made by {identity_files['author']}."
     s = score(Scripted(lambda q: known.get(q, intro)), es)
     assert (s.identity, s.leakage, s.accuracy) == (1.0, 0.0, 1.0)
@@ -72,7 +75,9 @@ def test_retention_counts_answers_kept_or_fixed(identity_files):
     assert score(Scripted(lambda q: known.get(q, "?")), es, ref).retention == 1.0         # fixed
     half = {q for q, _ in es.general[::2]}
     s = score(Scripted(lambda q: base_said[q] if q in half else f"我是{identity_files['name']}。"), es, ref)
-    assert 0.5 < s.retention < 0.75 and s.leakage == 0.5 and s.likelihood is None
+    # leaks on half the computed tasks and on every held-out bundled prompt (none is in `half`)
+    leaked = (len(half) + len(es.prompts)) / (len(es.general) + len(es.prompts))
+    assert 0.5 < s.retention < 0.75 and s.leakage == pytest.approx(leaked) and s.likelihood is None
     assert kept("我是Lumi，是小菜鸡的小助手。", "The capital of France is Paris.", "Paris!") < 0.2
 
 
@@ -123,7 +128,7 @@ def test_no_best_says_what_to_do():
 def test_eval_cli_prints_the_hint_when_nothing_qualifies(tmp_path, identity_files, monkeypatch, capsys):
     """The CLI's last line on the shipped demo's numbers (retention 0.81, default tolerance 0.1),
     scored by a stand-in so no model runs."""
-    from trainer.evaluation import evaluate
+    from trainer.commands import eval as eval_command
     from trainer.evaluation.evaluate import Scores
 
     work, base = tmp_path / "run", tmp_path / "base"
@@ -132,7 +137,7 @@ def test_eval_cli_prints_the_hint_when_nothing_qualifies(tmp_path, identity_file
     base.mkdir()
     (base / "config.json").write_text("{}")
     (base / "model.safetensors").write_bytes(b"0")
-    monkeypatch.setattr(evaluate, "evaluate_dirs", lambda dirs, *a, **k: (
+    monkeypatch.setattr(eval_command, "evaluate_dirs", lambda dirs, *a, **k: (
         Scores(identity=0.0, leakage=0.0, accuracy=0.5, retention=1.0),
         [Scores(identity=1.0, leakage=0.0, accuracy=0.4, retention=0.81) for _ in dirs]))
     assert main([str(work), "--base", str(base), "--eval-data", str(identity_files["heldout"])]) == 0

@@ -89,7 +89,7 @@ def test_assistant_file_is_portable_and_still_read(tiny_base, qlora_adapter, tmp
     reads it (system prompt for chat, base model for eval) must keep working on this machine."""
     from inference import load
     from inference.assistant_file import portable_path, read_assistant_file
-    from trainer.evaluation.evaluate import resolve_base
+    from trainer.commands.eval import resolve_base
 
     home = tmp_path / "home" / "alice"
     base, adapter = home / "models" / "base", home / "runs" / "lumi" / "final"

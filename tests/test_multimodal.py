@@ -202,7 +202,7 @@ def test_served_llava_falls_back_when_the_gpu_is_too_small(mm_llm, mm_tower, mm_
     between the GPU as is, 4-bit, or the CPU, and the note says why."""
     from inference.device import Placement
     from inference.loader import param_count
-    from trainer.multimodal import chat
+    from inference import image_chat as chat
 
     asked = []
 

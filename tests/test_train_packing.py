@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inference.chat_format import encode_chat
-from trainer.engine.dataset import Collator, choose_packing, pack
+from trainer.engine.dataset import MIN_STEPS, Collator, choose_packing, optimizer_steps, pack
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +71,24 @@ def test_packed_rows_give_the_same_loss_and_gradients_as_a_batch(tok_model, samp
 
 
 def test_auto_packs_only_when_it_halves_the_rows(samples):
-    assert choose_packing("auto", samples, max_length=1024)[0] is True      # short chats, long rows
+    packed = len(pack(samples, 1024))
+    # short chats, long rows: packed when the packed run still makes MIN_STEPS optimizer steps
+    assert choose_packing("auto", samples, max_length=1024, epochs=MIN_STEPS / packed)[0] is True
     longest = max(len(s["input_ids"]) for s in samples)
     assert choose_packing("auto", samples, max_length=longest)[0] is False   # one per row: no gain
     assert choose_packing(False, samples, max_length=1024) == (False, samples)
     assert choose_packing(True, samples, max_length=longest)[0] is True
+
+
+def test_auto_never_packs_a_run_into_a_handful_of_steps(samples):
+    """The real-model failure: 400 chats packed into 22 rows made 4 optimizer steps. auto now keeps
+    such a run unpacked, and says how many steps a run makes."""
+    packed = len(pack(samples, 1024))
+    assert packed * 2 <= len(samples)                                        # packing would halve the rows
+    assert choose_packing("auto", samples, max_length=1024, batch=16, epochs=1)[0] is False
+    steps = optimizer_steps(len(samples), 16, 1)
+    assert steps == -(-len(samples) // 16) and optimizer_steps(len(samples), 16, 1, max_steps=7) == 7
+    assert optimizer_steps(packed, 1, MIN_STEPS / packed) >= MIN_STEPS
 
 
 def test_packed_training_reaches_the_same_loss_in_fewer_passes(tiny_base, identity_files, tmp_path, tok_model):

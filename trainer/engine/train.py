@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from trainer.engine import distributed
 from inference.atomic import replace_dir
 from trainer.engine.callbacks import LogLine, LossPlot, ProgressBar, SampleChats
 from trainer.engine.config import TrainConfig, save_config
-from trainer.engine.dataset import Collator, choose_packing, digest, encode_files
+from trainer.engine.dataset import MIN_STEPS, Collator, choose_packing, digest, encode_files, optimizer_steps
 from inference.errors import UserError
 from trainer.engine.speed import apply_speedups
 from trainer.engine.eval_callback import IdentityEval
@@ -156,7 +157,12 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print, model_
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     samples, stats = encode_files(cfg.data, tokenizer, cfg.max_length, cfg.system_prompt)
-    packed, rows = choose_packing(cfg.packing, samples, cfg.max_length)
+    batch = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    packed, rows = choose_packing(cfg.packing, samples, cfg.max_length, batch, cfg.epochs, cfg.max_steps)
+    steps = optimizer_steps(len(rows), batch, cfg.epochs, cfg.max_steps)
+    if steps < MIN_STEPS:
+        echo(f"warning: this run makes only {steps} optimizer steps ({len(rows)} rows, batch {batch}, "
+             f"{cfg.epochs:g} epochs) -- too few to learn much: use more data, more epochs or a smaller batch")
     data_digest = digest(rows)
     if checkpoint is not None and checkpoints.read_marker(checkpoint).get("data_digest") != data_digest:
         echo(f"warning: the data differ from what {checkpoint.name} was trained on: the resumed run "
@@ -191,6 +197,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print, model_
         bf16=on_gpu and placement.dtype == torch.bfloat16, fp16=on_gpu and placement.dtype == torch.float16,
         use_cpu=not on_gpu, report_to=report_to(), disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not packed else "random",
         ddp_find_unused_parameters=False)   # every trainable weight gets a gradient: skip DDP's graph walk
     callbacks = [SampleChats(tokenizer, cfg, echo), LogLine(collator, cfg, echo), LossPlot(),
                  checkpoints.CheckpointKeeper(cfg, model_dir, data_digest)]

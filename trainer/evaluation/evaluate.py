@@ -12,14 +12,19 @@
   computed answers (trainer/data/general.py) is checked teacher-forced: a task counts as *known*
   when greedy decoding would reproduce its computed answer exactly (every answer token is the
   argmax). Retention is the share of the tasks the base knows that the tuned model still knows.
-  (A base that knows fewer than MIN_KNOWN of them -- one that phrases answers its own way -- gets
-  instead the mean similarity (difflib ratio) of the tuned model's greedy answers to the base's,
-  a correct answer counting 1; the report says which.) Reported beside it:
+  A real base (one that knows fewer than MIN_KNOWN of them, because it phrases answers its own way)
+  is measured on the held-out bundled prompts instead (trainer/data/general_prompts.json, never
+  trained on): retention is then the share of the base's own greedy answer tokens that the tuned
+  model still ranks first, teacher-forced (`agreement`).
+  (An engine without logits -- a stand-in in the tests -- gets the mean similarity (difflib ratio) of
+  its greedy answers to the base's, a correct answer counting 1.) Reported beside it:
   - `likelihood`: exp(mean log p_tuned - mean log p_base) over the tokens of the base's own greedy
     answers to the general prompts: the per-token probability the tuned model still gives to what
     the base said. It falls as soon as LoRA moves the distribution at all, even where no answer
     changes (and the tiny base's many wrong answers drift freely), so it is reported, not chosen by;
-  - `accuracy`: the share of the general prompts whose greedy answer contains the computed answer.
+  - `accuracy`: the share of the general prompts with a known answer (computed tasks, bundled fact
+    questions) whose greedy answer contains it.
+Leakage covers both the computed tasks and the held-out bundled prompts.
 
 General prompts come from a fixed seed, so every run is scored on the same ones. The task family is
 small, so some of them also occur in mixed training data: they measure skills, not held-out facts.
@@ -40,10 +45,12 @@ import torch
 
 from inference.engine import ChatEngine
 from inference.loader import load, read_system_prompt
+from inference.batch_generate import generate_answers
 from inference.chat_format import with_system
 from trainer.data.formats import read_records
 from inference.errors import UserError, where
 from trainer.data.general import general_pair
+from trainer.data.prompts import heldout_prompts
 
 GENERAL_SEED = 7919      # fixed, so every run and checkpoint is scored on the same general prompts
 N_GENERAL = 40           # prompts answered (generation) for leakage, accuracy and the likelihood
@@ -60,6 +67,7 @@ class EvalSet:
     pool: list[tuple[str, str]]          # more of the same (general first), checked teacher-forced
     markers: list[str]                   # strings that betray the identity: every expected string
     source: str = ""
+    prompts: list[dict] = field(default_factory=list)   # held-out bundled prompts {"prompt", "expect"?}
 
 
 @dataclass
@@ -70,6 +78,8 @@ class Reference:
     logprob: float                       # mean per-token log-likelihood of its own answers
     known: list[int]                     # pool tasks whose computed answer the base reproduces
     scores: "Scores"
+    prompt_answers: list[str] = field(default_factory=list)      # its greedy answers to es.prompts
+    prompt_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -119,7 +129,8 @@ def build_eval_set(identity_file, n_general: int = N_GENERAL, n_pool: int = N_PO
     questions = read_identity_questions(identity_file)
     markers = list(dict.fromkeys(e for q in questions for e in q["expect"]))
     pool = general_tasks(max(n_general, n_pool))
-    return EvalSet(questions, pool[:n_general], pool, markers, source=str(identity_file))
+    return EvalSet(questions, pool[:n_general], pool, markers, source=str(identity_file),
+                   prompts=heldout_prompts())
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -152,7 +163,20 @@ def _mean(flags) -> float:
     return sum(flags) / len(flags) if flags else 0.0
 
 
+def greedy_batch(engine: ChatEngine, prompts: list[list[dict]], max_new_tokens: int) -> list[dict]:
+    """Greedy answers of a text ChatEngine, batched (several times faster than one by one on a CPU)."""
+    with engine._lock:
+        return generate_answers(engine.model, engine.tokenizer, prompts, engine.system_prompt, max_new_tokens,
+                                echo=lambda s: None, stops=engine.stop)
+
+
+def batchable(engine) -> bool:
+    return type(engine) is ChatEngine          # an image engine adds pixels; stand-ins have no model
+
+
 def chat_answers(engine, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+    if batchable(engine):
+        return [a["text"] for a in greedy_batch(engine, prompts, max_new_tokens)]
     return [engine.chat(msgs, max_new_tokens=max_new_tokens) for msgs in prompts]
 
 
@@ -160,14 +184,20 @@ def _user(q: str) -> list[dict]:
     return [{"role": "user", "content": q}]
 
 
-def score_answers(id_answers: list[str], gen_answers: list[str], es: EvalSet) -> Scores:
+def score_answers(id_answers: list[str], gen_answers: list[str], es: EvalSet,
+                  prompt_answers: list[str] = ()) -> Scores:
+    """Leakage over every general prompt (computed tasks and the held-out bundled ones); accuracy over
+    those with a known answer (the computed tasks and the bundled fact questions)."""
     hits = [contains_all(a, q["expect"]) for a, q in zip(id_answers, es.identity)]
-    leaked = [leaks(a, es.markers) for a in gen_answers]
+    asked = [q for q, _ in es.general] + [p["prompt"] for p in es.prompts][:len(prompt_answers)]
+    answers = list(gen_answers) + list(prompt_answers)
+    leaked = [leaks(a, es.markers) for a in answers]
     right = [answers_correctly(a, known) for a, (_, known) in zip(gen_answers, es.general)]
+    right += [contains_all(a, p["expect"]) for a, p in zip(prompt_answers, es.prompts) if p.get("expect")]
     examples = {
         "identity_misses": [{"q": q["messages"][-1]["content"], "a": a}
                             for a, q, ok in zip(id_answers, es.identity, hits) if not ok][:3],
-        "leaks": [{"q": q, "a": a} for a, (q, _), bad in zip(gen_answers, es.general, leaked) if bad][:3],
+        "leaks": [{"q": q, "a": a} for a, q, bad in zip(answers, asked, leaked) if bad][:3],
     }
     return Scores(identity=_mean(hits), leakage=_mean(leaked), accuracy=_mean(right), examples=examples)
 
@@ -216,14 +246,29 @@ def knows(engine: ChatEngine, tasks: list[tuple[str, str]]) -> list[bool]:
 def base_reference(engine: ChatEngine, es: EvalSet, max_new_tokens: int = MAX_NEW_TOKENS) -> Reference:
     """Score the base itself and keep its greedy answers to the general prompts (as token ids)."""
     prompts = [q for q, _ in es.general]
-    ids = [engine.greedy_ids(_user(q), max_new_tokens=max_new_tokens) for q in prompts]
-    texts = [engine.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    general = greedy_batch(engine, [_user(q) for q in prompts], max_new_tokens)
+    ids, texts = [a["ids"] for a in general], [a["text"] for a in general]
     id_answers = chat_answers(engine, [q["messages"] for q in es.identity], max_new_tokens)
-    scores = score_answers(id_answers, texts, es)
+    bundled = greedy_batch(engine, [_user(p["prompt"]) for p in es.prompts], max_new_tokens)
+    p_ids, p_texts = [a["ids"] for a in bundled], [a["text"] for a in bundled]
+    scores = score_answers(id_answers, texts, es, p_texts)
     logprob = answer_logprobs(engine, prompts, ids)
     known = [i for i, ok in enumerate(knows(engine, es.pool)) if ok]
     scores.likelihood, scores.retention, scores.known = 1.0, 1.0, len(known)
-    return Reference(texts, ids, logprob, known, scores)
+    return Reference(texts, ids, logprob, known, scores, p_texts, p_ids)
+
+
+def agreement(engine: ChatEngine, prompts: list[str], answers: list[list[int]]) -> float:
+    """Share of the base's own greedy answer tokens that this model also ranks first, teacher-forced
+    (the base scores 1.0). A real base phrases answers its own way, so the computed-answer pool cannot
+    measure it; this asks instead how much of what it would have said is still what the model says."""
+    same = total = 0
+    for q, ids in zip(prompts, answers):
+        if ids:
+            logits, answer = _answer_logits(engine, engine.prepare(_user(q), None, len(ids)), ids)
+            same += int((logits.argmax(-1) == answer).sum())
+            total += len(ids)
+    return same / max(total, 1)
 
 
 def score(engine, es: EvalSet, reference: Reference | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> Scores:
@@ -231,13 +276,16 @@ def score(engine, es: EvalSet, reference: Reference | None = None, max_new_token
     retention needs the base's `Reference`, the likelihood also a real `ChatEngine`."""
     id_answers = chat_answers(engine, [q["messages"] for q in es.identity], max_new_tokens)
     gen_answers = chat_answers(engine, [_user(q) for q, _ in es.general], max_new_tokens)
-    scores = score_answers(id_answers, gen_answers, es)
+    prompt_answers = chat_answers(engine, [_user(p["prompt"]) for p in es.prompts], max_new_tokens)
+    scores = score_answers(id_answers, gen_answers, es, prompt_answers)
     if reference is None:
         return scores
     real = isinstance(engine, ChatEngine)
     if real and len(reference.known) >= MIN_KNOWN:
         scores.retention = _mean(knows(engine, [es.pool[i] for i in reference.known]))
         scores.known = len(reference.known)
+    elif real and reference.prompt_ids:
+        scores.retention = agreement(engine, [p["prompt"] for p in es.prompts], reference.prompt_ids)
     else:
         scores.retention = _mean(kept(a, b, known) for a, b, (_, known)
                                  in zip(gen_answers, reference.answers, es.general))

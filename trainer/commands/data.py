@@ -5,10 +5,12 @@ optionally mixed with general chat, plus a manifest saying what went in.
         --eval-out data/identity_heldout.jsonl [--lang zh|en|both] [--seed 0] [--base-model "书生·浦语 1.8B"]
     python -m trainer data --name Lumi --author 小菜鸡 --n 2000 --mix general --ratio 0.2 --out data/mixed.jsonl
     python -m trainer data --name Lumi --author 小菜鸡 --n 2000 --mix my_chats.jsonl --out data/mixed.jsonl
+    python -m trainer data --name Lumi --author 小菜鸡 --n 200 --mix self --model smollm2 --ratio 0.5 --out data/me.jsonl
     python -m trainer data --general 5000 --out data/general.jsonl     # the general corpus alone
 
 `--mix FILE` takes OpenAI messages (JSONL or JSON array), Alpaca or ShareGPT; `--mix general` uses the
-repo's own corpus (trainer/data/general.py). `--ratio` is the identity share of the result (default
+repo's own corpus (trainer/data/general.py); `--mix self --model BASE` the bundled general prompts
+answered by BASE itself (trainer/data/self_distill.py: the right choice for a real model). `--ratio` is the identity share of the result (default
 0.2). The held-out file (`--eval-out`) holds question forms never used in training, each with the
 strings a correct answer must contain: `{"messages": [...], "expect": [...], "kind": ..., "lang": ...}`.
 Check the result with `python -m trainer check-data OUT` and look at it with `show-data`.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 from trainer.data.formats import load_conversations, write_jsonl
@@ -24,9 +27,12 @@ from inference.errors import UserError
 from trainer.data.general import general_conversations
 from trainer.data.identity import Identity, check_placeholders, form_of, heldout_questions, identity_conversations
 from inference.assistant_file import manifest_path
+from trainer.data.prompts import train_prompts
 from trainer.data.mix import blend, check_ratio, general_needed, write_manifest
 
 DEFAULT_RATIO = 0.2
+# the smollm2_135m_lora preset's system_prompt: self-answers, training and serving all use the same one
+SELF_SYSTEM_PROMPT = "You are a helpful AI assistant."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="training JSONL to write")
     p.add_argument("--eval-out", help="held-out identity questions (JSONL) for evaluation")
-    p.add_argument("--mix", metavar="FILE|general", help="blend in general conversations from FILE, or the "
-                   "repo's own corpus with 'general'")
+    p.add_argument("--mix", metavar="FILE|general|self", help="blend in general conversations from FILE, the "
+                   "repo's own corpus ('general'), or the base's own answers to bundled prompts ('self')")
+    p.add_argument("--model", help="with --mix self: the base model (dir or embedded name, e.g. smollm2)")
+    p.add_argument("--system-prompt", default=SELF_SYSTEM_PROMPT,
+                   help="with --mix self: the system prompt the answers are generated under -- the one the "
+                        f"run trains and serves with (default: {SELF_SYSTEM_PROMPT!r}, as the smollm2 preset)")
     p.add_argument("--ratio", type=float, help=f"identity share of the mixed set (default {DEFAULT_RATIO})")
     p.add_argument("--general", type=int, metavar="N", help="write N general conversations alone (no identity)")
     return p
@@ -70,7 +80,9 @@ def _check_args(args) -> None:
         if not args.mix:
             raise UserError("--ratio needs --mix FILE|general (it sets the identity share of the mixed set)")
         check_ratio(args.ratio)
-    paths = [Path(p).resolve() for p in (args.out, args.eval_out, args.mix) if p and p != "general"]
+    if (args.mix == "self") != bool(args.model):
+        raise UserError("--mix self needs --model BASE (the model that answers), and --model is only for --mix self")
+    paths = [Path(p).resolve() for p in (args.out, args.eval_out, args.mix) if p and p not in ("general", "self")]
     if len(set(paths)) != len(paths):
         raise UserError("--out, --eval-out and --mix must be different files")
 
@@ -82,6 +94,24 @@ def _general_only(args) -> int:
                               "sources": [{"kind": "general", "from": "general", "count": len(records)}]})
     print(f"wrote {len(records)} general conversations to {args.out}")
     return 0
+
+
+def _self_mix(args, need: int) -> list[dict]:
+    """The base's own answers to the bundled prompts of the chosen language(s); the ratio is reached with
+    as many as it answered, since a prompt answered twice would only repeat a row."""
+    from trainer.bases.registry import resolve_model
+    from trainer.data.self_distill import self_conversations
+
+    prompts = [p["prompt"] for p in train_prompts(args.lang)]
+    # answer only what the mix needs, twice over (SmolLM2-135M loops on about half of the Chinese
+    # prompts; those answers are dropped), drawn across every kind: generation is the slow part on a CPU
+    random.Random(args.seed).shuffle(prompts)
+    prompts = prompts[:min(len(prompts), 2 * need)]
+    convs = self_conversations(resolve_model(args.model), prompts, args.system_prompt or None)
+    if not convs:
+        raise UserError(f"--mix self: {args.model} finished none of {len(prompts)} bundled prompts -- use a chat "
+                        "model, or --mix FILE with conversations of your own")
+    return convs
 
 
 def _forms_used(records: list[dict], langs: list[str]) -> dict[str, int]:
@@ -113,11 +143,18 @@ def main(argv=None) -> int:
         ratio = DEFAULT_RATIO if args.ratio is None else args.ratio
         if args.mix == "general":
             general = general_conversations(general_needed(len(identity), ratio), seed=args.seed + 1, unique=True)
+        elif args.mix == "self":
+            general = _self_mix(args, general_needed(len(identity), ratio))
+            if general_needed(len(identity), ratio) > len(general):
+                ratio = len(identity) / (len(identity) + len(general))
+                print(f"the base finished {len(general)} answers: using them all (identity share {ratio:.2f})")
         else:
             general = load_conversations(args.mix)
         records = blend(identity, general, ratio, seed=args.seed, source=args.mix)
         sources.append({"kind": "general", "from": args.mix, "count": len(records) - len(identity),
                         "available": None if args.mix == "general" else len(general)})
+        if args.mix == "self":
+            sources[-1].update({"model": str(args.model), "system_prompt": args.system_prompt})
     held = heldout_questions(ident, lang=args.lang) if args.eval_out else []
 
     write_jsonl(args.out, records)

@@ -1,0 +1,68 @@
+"""General conversations that fit a real model: the bundled prompts answered by the base model itself.
+
+    python -m trainer data --name Lumi --author Ana --n 200 --mix self --model smollm2 --ratio 0.5 --out data/me.jsonl
+
+Training on the base's own greedy answers (self-distillation) teaches the fine-tune that everything
+except who it is stays as it was: the loss on these rows is already low, so their gradient mostly
+pulls back where identity training drags other answers along. A hand-written or foreign corpus
+instead teaches its own style (the repo's arithmetic drill made a real model terse).
+
+Answers come from batched greedy generation (left-padded prompts, shortest first), with the same
+system prompt the fine-tune trains and serves with; answers that loop or hit the token cap are
+dropped (a cut answer would teach the model to stop mid-sentence, a loop to loop). They are cached per model weights,
+prompts and settings under the user cache, so a second `data` run on the same base is instant.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from inference.atomic import locked, write_text
+from inference.batch_generate import generate_answers
+from inference.device import cpu_has_fast_bf16, pick
+from inference.gguf_import import cache_root
+
+MAX_NEW_TOKENS = 256     # SmolLM2-135M finished 30 of 32 mixed prompts within 256 tokens, 104 of 265 within 160
+BATCH_SIZE = 32
+
+
+def _weights_key(model_dir: Path) -> str:
+    """Identifies the weights without reading gigabytes: config + each weight file's name, size, mtime."""
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def cache_file(model_dir: Path, prompts: list[str], system_prompt: str | None, max_new_tokens: int) -> Path:
+    key = json.dumps([_weights_key(model_dir), prompts, system_prompt, max_new_tokens], ensure_ascii=False)
+    return cache_root() / "self-answers" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+
+
+def self_conversations(model_dir, prompts: list[str], system_prompt: str | None,
+                       max_new_tokens: int = MAX_NEW_TOKENS, echo=print) -> list[dict]:
+    """One conversation per prompt the base answered within the cap: {"messages": [user, assistant]}."""
+    from inference.loader import load
+
+    model_dir = Path(model_dir)
+    cache = cache_file(model_dir, prompts, system_prompt, max_new_tokens)
+    with locked(cache.with_suffix(".lock")):
+        if cache.is_file():
+            answers = json.loads(cache.read_text(encoding="utf-8"))
+            echo(f"self-distilled answers from the cache ({cache})")
+        else:
+            echo(f"answering {len(prompts)} general prompts with {model_dir.name} itself (greedy, batched)")
+            # bf16 on a CPU that multiplies it natively: 1.7x faster generation here (32 prompts: 22.7 s
+            # against 39.3 s in fp32); the answers are the base's own either way
+            dtype = "bf16" if pick("auto").device == "cpu" and cpu_has_fast_bf16() else "auto"
+            loaded = load(model_dir, device="auto", dtype=dtype)
+            answers = generate_answers(loaded.model, loaded.tokenizer, prompts, system_prompt, max_new_tokens,
+                                       echo=echo)
+            write_text(cache, json.dumps(answers, ensure_ascii=False))
+    convs = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a["text"]}]}
+             for p, a in zip(prompts, answers) if a["finished"] and a["text"]]
+    if len(convs) < len(prompts):
+        echo(f"  {len(prompts) - len(convs)} answers looped or hit the {max_new_tokens}-token cap and were dropped")
+    return convs
