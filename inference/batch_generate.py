@@ -16,7 +16,7 @@ LOOP_WINDOW = 16
 def loop_stop(prompt_width: int, stops: set[int], window: int = LOOP_WINDOW):
     """A stopping criterion that ends, row by row, an answer whose last WINDOW tokens already occurred
     earlier in it: a small base caught in a loop (SmolLM2-135M in Chinese, often) would otherwise run
-    every batch to the token cap. Such rows end without their end-of-turn token and are dropped."""
+    every batch to the token cap. Such rows end without their end-of-turn token (`finished` false)."""
     import torch
     from transformers import StoppingCriteria
 
@@ -76,6 +76,8 @@ def generate_answers(model, tokenizer, prompts: list, system_prompt: str | None,
             kept = row[:end + 1] if end is not None else row[:max(looping.lengths.get(r, len(row)), 0)]
             text = tokenizer.decode(kept[:-1] if end is not None else kept, skip_special_tokens=True).strip()
             out[i] = {"text": text, "ids": kept, "finished": end is not None}
+            if r in looping.looped:          # the answer before its loop came round again
+                out[i]["before_loop"] = tokenizer.decode(kept[:len(kept) - LOOP_WINDOW], skip_special_tokens=True)
         echo(f"  answered {min(start + batch_size, len(order))}/{len(order)} prompts")
     return out
 

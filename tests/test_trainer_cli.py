@@ -101,3 +101,13 @@ def test_list_cfg_descriptions_end_a_sentence(capsys):
         "(XTuner's llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_pretrain).")
     assert by_name["tiny"].strip() == ("The tiny offline demo: LoRA on the embedded tiny base "
                                        "(CPU: ~1.5 min on 2 cores for the demo's 2,400 chats).")
+
+
+def test_commands_work_from_any_directory(tmp_path):
+    """run.sh installs the repo (editable): the commands need no `cd` into it."""
+    import subprocess
+
+    for module in ("trainer", "publish"):
+        r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=120)
+        assert r.returncode == 0 and "python -m" in r.stdout, r.stderr[-500:]

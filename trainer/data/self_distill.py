@@ -8,14 +8,16 @@ pulls back where identity training drags other answers along. A hand-written or 
 instead teaches its own style (the repo's arithmetic drill made a real model terse).
 
 Answers come from batched greedy generation (left-padded prompts, shortest first), with the same
-system prompt the fine-tune trains and serves with; answers that loop or hit the token cap are
-dropped (a cut answer would teach the model to stop mid-sentence, a loop to loop). They are cached per model weights,
+system prompt the fine-tune trains and serves with; an answer that loops or hits the token cap is
+cut back to its last sentence end before that (a cut mid-sentence would teach stopping mid-sentence,
+a loop to loop), or dropped when too little is left. They are cached per model weights,
 prompts and settings under the user cache, so a second `data` run on the same base is instant.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from inference.atomic import locked, write_text
@@ -23,6 +25,7 @@ from inference.batch_generate import generate_answers
 from inference.device import cpu_has_fast_bf16, pick
 from inference.gguf_import import cache_root
 
+CACHE_VERSION = 2         # bumped when what is cached changes
 MAX_NEW_TOKENS = 256     # SmolLM2-135M finished 30 of 32 mixed prompts within 256 tokens, 104 of 265 within 160
 BATCH_SIZE = 32
 
@@ -37,8 +40,32 @@ def _weights_key(model_dir: Path) -> str:
 
 
 def cache_file(model_dir: Path, prompts: list[str], system_prompt: str | None, max_new_tokens: int) -> Path:
-    key = json.dumps([_weights_key(model_dir), prompts, system_prompt, max_new_tokens], ensure_ascii=False)
+    key = json.dumps([CACHE_VERSION, _weights_key(model_dir), prompts, system_prompt, max_new_tokens], ensure_ascii=False)
     return cache_root() / "self-answers" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+
+
+SENTENCE_END = re.compile(r"[.!?。！？](?=\s|$)|[。！？]|\n")
+MIN_CHARS = 12
+
+
+def usable_answer(answer: dict) -> str | None:
+    """The text to train on: a finished answer as it is; one that looped or hit the cap cut back to
+    the last sentence end before the loop (or the cap), with no sentence said twice -- still the base's
+    own words, now ending cleanly. None when too little is left (SmolLM2-135M in Chinese, often)."""
+    if answer.get("finished"):
+        return answer["text"] or None
+    text = answer.get("before_loop", answer["text"])
+    seen, kept = set(), []
+    for piece in re.split(r"(?<=[.!?。！？\n])", text):
+        key = piece.strip()
+        if len(key) > 3 and key in seen:
+            break
+        seen.add(key)
+        kept.append(piece)
+    text = "".join(kept)
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    text = text[:ends[-1]].strip() if ends else ""
+    return text if len(text) >= MIN_CHARS else None
 
 
 def self_conversations(model_dir, prompts: list[str], system_prompt: str | None,
@@ -61,8 +88,10 @@ def self_conversations(model_dir, prompts: list[str], system_prompt: str | None,
             answers = generate_answers(loaded.model, loaded.tokenizer, prompts, system_prompt, max_new_tokens,
                                        echo=echo)
             write_text(cache, json.dumps(answers, ensure_ascii=False))
-    convs = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a["text"]}]}
-             for p, a in zip(prompts, answers) if a["finished"] and a["text"]]
-    if len(convs) < len(prompts):
-        echo(f"  {len(prompts) - len(convs)} answers looped or hit the {max_new_tokens}-token cap and were dropped")
+    texts = [usable_answer(a) for a in answers]
+    convs = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
+             for p, a in zip(prompts, texts) if a]
+    cut = sum(1 for a, x in zip(answers, texts) if x and not a.get("finished"))
+    echo(f"  {len(convs)} answers kept ({cut} cut back to the sentence before a loop or the "
+         f"{max_new_tokens}-token cap), {len(prompts) - len(convs)} dropped (too little left)")
     return convs
