@@ -9,6 +9,8 @@ first, then model dir) and becomes the engine's default.
 """
 from __future__ import annotations
 
+import json
+
 import logging
 import math
 import os
@@ -68,12 +70,30 @@ def lfs_pointers(model_dir) -> list[Path]:
     return out
 
 
+JSON_FILES = ("config.json", "adapter_config.json", "tokenizer_config.json", "generation_config.json",
+              "assistant.json")
+
+
+def check_json_files(folder) -> None:
+    """Each JSON file a model or adapter dir holds parses: a corrupt one is a line naming it, not a
+    traceback from deep inside transformers or PEFT."""
+    for name in JSON_FILES:
+        file = Path(folder) / name
+        if file.is_file():
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise UserError(f"{file}: not valid JSON ({exc}) -- restore it from the run or the repo it "
+                                f"came from") from None
+
+
 def check_model_dir(model_dir) -> Path:
     path = Path(model_dir)
     if not path.is_dir():
         raise UserError(f"{path}: model directory not found")
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json -- not a Hugging Face model directory")
+    check_json_files(path)
     stubs = lfs_pointers(path)
     if stubs:
         raise UserError(f"{stubs[0]}: is a git-lfs pointer, not the real file -- run `git lfs pull` in {path}")
@@ -114,6 +134,8 @@ def load(model_dir, adapter=None, device: str = "auto", dtype: str = "auto", bit
     path = check_model_dir(model_dir)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: no adapter_config.json -- not a PEFT adapter directory")
+    if adapter is not None:
+        check_json_files(adapter)
     placement = pick(device, dtype)
     why = ""
     if device == "auto" and bits is None:        # serving on whatever GPU there is: fall back, don't OOM

@@ -40,3 +40,30 @@ def all_checkpoints(work_dir) -> list[Path]:
 
 def complete_checkpoints(work_dir) -> list[Path]:
     return [p for p in all_checkpoints(work_dir) if read_marker(p) is not None]
+
+
+def read_scalars(work_dir, warn=None) -> list[dict]:
+    """The records of WORK_DIR/scalars.jsonl. A line a killed run left half-written is skipped with one
+    warning (through WARN, default: the logging module), not a traceback in --resume or the loss plot."""
+    path = Path(work_dir) / "scalars.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            message = f"{path}:{number}: a torn or broken log line (a run killed mid-write?) -- skipped"
+            if warn is None:
+                import logging
+
+                logging.getLogger("trainer").warning(message)
+            else:
+                warn(message)
+            continue
+        out.append(record)
+    return out

@@ -97,21 +97,27 @@ def _general_only(args) -> int:
 
 
 def _self_mix(args, need: int) -> list[dict]:
-    """The base's own answers to the bundled prompts of the chosen language(s); the ratio is reached with
-    as many as it answered, since a prompt answered twice would only repeat a row."""
+    """NEED conversations from the base's own answers to the bundled prompts (all of them answered once,
+    then cached), as many in Chinese as the identity data's Chinese share: identity chats in a language
+    with no general chat beside them teach the model to answer every question in it with its name."""
     from trainer.bases.registry import resolve_model
     from trainer.data.self_distill import self_conversations
 
-    prompts = [p["prompt"] for p in train_prompts(args.lang)]
-    # answer only what the mix needs, twice over (SmolLM2-135M loops on about half of the Chinese
-    # prompts; those answers are dropped), drawn across every kind: generation is the slow part on a CPU
-    random.Random(args.seed).shuffle(prompts)
-    prompts = prompts[:min(len(prompts), 2 * need)]
-    convs = self_conversations(resolve_model(args.model), prompts, args.system_prompt or None)
+    prompts = train_prompts(args.lang)
+    convs = self_conversations(resolve_model(args.model), [p["prompt"] for p in prompts], args.system_prompt or None)
     if not convs:
         raise UserError(f"--mix self: {args.model} finished none of {len(prompts)} bundled prompts -- use a chat "
                         "model, or --mix FILE with conversations of your own")
-    return convs
+    lang = {p["prompt"]: p["lang"] for p in prompts}
+    by_lang = {lg: [c for c in convs if lang[c["messages"][0]["content"]] == lg] for lg in ("zh", "en")}
+    r = random.Random(args.seed)
+    for group in by_lang.values():
+        r.shuffle(group)
+    zh_share = {"zh": 1.0, "en": 0.0}.get(args.lang, 0.5)
+    n_zh = min(len(by_lang["zh"]), round(need * zh_share))
+    n_en = min(len(by_lang["en"]), need - n_zh)
+    n_zh = min(len(by_lang["zh"]), need - n_en)        # fill from Chinese when English runs short
+    return by_lang["zh"][:n_zh] + by_lang["en"][:n_en]
 
 
 def _forms_used(records: list[dict], langs: list[str]) -> dict[str, int]:

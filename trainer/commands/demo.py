@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     if not (final / "adapter_config.json").is_file():
         cfg = load_config(demo["preset"], {"model": str(base), "data": [str(data)], "work_dir": str(work / "train"),
                                            "epochs": epochs})
-        train(cfg, echo=lambda s: print(s, flush=True), model_dir=base)
+        train(cfg, echo=lambda s: print(s, flush=True), model_dir=base, overwrite=True)   # redo an unfinished step
     else:
         print(f"reusing {final}")
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from inference.errors import UserError
-from inference.loader import check_model_dir, read_assistant_file
+from inference.loader import check_json_files, check_model_dir, read_assistant_file
 from trainer.bases.registry import BASES, resolve_model
 from trainer.evaluation import report as eval_report
 from trainer.evaluation.evaluate import (MAX_NEW_TOKENS, N_GENERAL, build_eval_set, checkpoints, evaluate_dirs,
@@ -27,6 +27,7 @@ def resolve_base(given: str | None, *dirs: Path, required: bool = True) -> Path 
         if name:
             break
         if (d / "adapter_config.json").is_file():
+            check_json_files(d)
             name = json.loads((d / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
         name = name or read_assistant_file(d).get("base_model")
         if not name and (d / "config.yaml").is_file():

@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set lr=1e-4")
     p.add_argument("--resume", nargs="?", const="latest", help="continue from the latest (or given) checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier finished run in --work-dir")
     distributed.add_arguments(p)       # --gpus N [--fsdp | --deepspeed zeroK]: trainer/engine/distributed.py
     return p
 
@@ -42,6 +43,6 @@ def main(argv=None) -> int:
     if launched is not None:
         return launched
     logging.basicConfig(level=logging.WARNING)
-    train(cfg, resume=args.resume, model_dir=model_dir,
+    train(cfg, resume=args.resume, model_dir=model_dir, overwrite=args.overwrite,
           echo=lambda s: print(s, flush=True) if distributed.is_main_process() else None)
     return 0

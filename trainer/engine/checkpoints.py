@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from inference.loader import write_assistant_file
 from inference.atomic import usual_modes, write_text
 from inference.errors import UserError
-from trainer.workdir import MARKER, all_checkpoints, complete_checkpoints, read_marker, step_of  # noqa: F401 (re-exported)
+from trainer.workdir import MARKER, read_scalars, all_checkpoints, complete_checkpoints, read_marker, step_of  # noqa: F401 (re-exported)
 
 # config.json keys that pin down which base model a checkpoint belongs to
 _SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -116,9 +116,8 @@ def forget_after(work_dir, step: int) -> None:
     path = Path(work_dir) / "scalars.jsonl"
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    write_text(path, "".join(line + "\n" for line in kept))
+    kept = [record for record in read_scalars(work_dir) if record.get("step", 0) <= step]
+    write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 class CheckpointKeeper(TrainerCallback):

@@ -6,18 +6,11 @@ Called by training at every checkpoint and at the end; safe to run on a live run
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from inference.atomic import new_file
-
-
-def read_scalars(work_dir) -> list[dict]:
-    path = Path(work_dir) / "scalars.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+from trainer.workdir import read_scalars
 
 
 def plot_loss(work_dir) -> Path | None:

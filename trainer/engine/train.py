@@ -87,15 +87,20 @@ def load_model_for_training(cfg: TrainConfig, model_dir: Path, placement):
     return get_peft_model(model, lora)
 
 
-def prepare_work_dir(work_dir: Path, model_dir: Path, cfg: TrainConfig, resume, echo) -> Path | None:
+def prepare_work_dir(work_dir: Path, model_dir: Path, cfg: TrainConfig, resume, echo,
+                     overwrite: bool = False) -> Path | None:
     """Pick the checkpoint to resume (checked against this base model and method) and clear what an
-    interrupted or earlier run left behind; refuse to silently mix a new run into an old one."""
+    interrupted or earlier run left behind; refuse to silently mix a new run into an old one, or to
+    replace a finished one (its final/, logs and sample chats) without OVERWRITE."""
     checkpoint = checkpoints.find_resume(work_dir, resume)
     if checkpoint is not None:
         checkpoints.check_compatible(checkpoint, model_dir, cfg)
     elif checkpoints.complete_checkpoints(work_dir):
         raise UserError(f"{work_dir}: holds checkpoints of an earlier run -- add --resume to continue it, "
                         "or choose a new --work-dir")
+    elif not overwrite and ((work_dir / "final").exists() or (work_dir / "scalars.jsonl").exists()):
+        raise UserError(f"{work_dir}: holds an earlier run (final/ or scalars.jsonl) -- add --overwrite to replace "
+                        "it, or choose a new --work-dir")
     if work_dir.is_dir() and distributed.is_main_process():     # several processes: one cleans up
         checkpoints.sweep_incomplete(work_dir, echo)
         checkpoints.forget_after(work_dir, checkpoints.step_of(checkpoint) if checkpoint else -1)
@@ -141,7 +146,8 @@ def save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path, work_dir: 
     return replace_dir(tmp, final)
 
 
-def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print, model_dir=None) -> Path:
+def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print, model_dir=None,
+          overwrite: bool = False) -> Path:
     """Run training; return the final output dir (adapter, or full model for method=full). MODEL_DIR is
     the base's dir when `cfg.model` names an embedded base (resolved by trainer/bases/registry.py)."""
     work_dir = Path(cfg.work_dir)
@@ -149,7 +155,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print, model_
     placement = pick("auto", cfg.dtype)
     if cfg.bits and placement.device == "cpu" and cfg.dtype == "auto":
         placement = pick("cpu", "fp32")
-    checkpoint = prepare_work_dir(work_dir, model_dir, cfg, resume, echo)   # fail fast, before loading
+    checkpoint = prepare_work_dir(work_dir, model_dir, cfg, resume, echo, overwrite)   # fail fast, before loading
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not tokenizer.chat_template:

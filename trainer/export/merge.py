@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inference.device import pick
-from inference.loader import check_model_dir, read_assistant_file, read_system_prompt, write_assistant_file
+from inference.loader import check_json_files, check_model_dir, read_assistant_file, read_system_prompt, write_assistant_file
 from inference.atomic import check_new_dir, new_dir
 from inference.errors import UserError
 
@@ -38,6 +38,7 @@ def recorded_base(adapter) -> str | None:
     """The base model an adapter says it was trained on: assistant.json `base_model` (made a path on
     this machine), else adapter_config.json `base_model_name_or_path`; None when neither says."""
     adapter = Path(adapter)
+    check_json_files(adapter)
     name = read_assistant_file(adapter).get("base_model")
     config = adapter / "adapter_config.json"
     if not name and config.is_file():
@@ -80,6 +81,7 @@ def merge(base, adapter, out, dtype: str = "fp32", device: str = "cpu", max_shar
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: no adapter_config.json -- pass the adapter dir (e.g. WORK_DIR/final)")
+    check_json_files(adapter)
     check_new_dir(out)
     refuse_quantized(base)
     placement = pick(device, dtype)
