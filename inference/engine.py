@@ -11,7 +11,7 @@ import threading
 from typing import Iterator
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from inference.chat_format import prompt_ids, with_system
 
@@ -46,6 +46,16 @@ def fit_to_context(tokenizer, messages: list[dict], budget: int) -> tuple[list[i
         if len(msgs) - first <= 1:
             return ids[-budget:], msgs
         del msgs[first:first + 2]
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops every row of a `generate` call once EVENT is set (checked after each new token)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ChatEngine:
@@ -107,12 +117,14 @@ class ChatEngine:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         kwargs = self._gen_kwargs(max_new_tokens, temperature, top_p, repetition_penalty)
         errors: list[BaseException] = []
+        stop = threading.Event()       # set when the consumer goes away (Stop pressed, client disconnected)
 
         def run():
             try:
                 with self._lock, torch.no_grad():
                     self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        streamer=streamer, **kwargs)
+                                        streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(stop)]),
+                                        **kwargs)
             except BaseException as exc:  # surfaced to the caller below
                 errors.append(exc)
                 streamer.end()
@@ -120,10 +132,15 @@ class ChatEngine:
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         text = ""
-        for piece in streamer:
-            if piece:
-                text += piece
-                yield text
+        try:
+            for piece in streamer:
+                if piece:
+                    text += piece
+                    yield text
+        finally:
+            # a consumer that stops early (generator closed) ends generation within one token, so the
+            # lock goes to the next user instead of serving max_new_tokens to nobody
+            stop.set()
         thread.join()
         if errors:
             raise errors[0]

@@ -109,11 +109,21 @@ def model_repo_url(text: str) -> str:
     raise UserError(f"--model-repo {text!r}: use a git URL, openxlab:USER/REPO, hf:USER/REPO or a local repo path")
 
 
+# What serving needs (app.py + inference/): the rest of requirements.txt trains, plots or runs the
+# Streamlit demo. bitsandbytes: the 4-bit fallback on a small GPU; sentencepiece: slow tokenizers; pillow
+# comes with gradio.
+SERVING = {"torch", "transformers", "tokenizers", "peft", "accelerate", "bitsandbytes", "safetensors",
+           "sentencepiece", "huggingface_hub", "gradio", "gradio_client"}
+
+
 def requirements(root: Path = ROOT) -> bytes:
+    """The project's pins of the packages serving needs (comments kept), plus torch when they leave it out."""
     path = root / "requirements.txt"
     if not path.is_file():
         raise UserError(f"{path}: not found -- the Space needs the pinned requirements")
-    text = path.read_text(encoding="utf-8")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    text = "".join(line + "\n" for line in lines
+                   if "==" not in line or line.split("==")[0].strip().lower().replace("-", "_") in SERVING)
     pinned = {line.split("==")[0].strip().lower() for line in text.splitlines() if "==" in line}
     if "torch" not in pinned:
         from importlib.metadata import version

