@@ -10,7 +10,7 @@ def heldout_share(engine, heldout_path) -> tuple[float, list[str]]:
     hits, lines = 0, []
     for row in rows:
         reply = engine.chat(row["messages"], max_new_tokens=32)
-        hit = row["expect"][0] in reply          # expect[0] is the assistant's name
+        hit = row["expect"][0] in reply          # the name (the author for who-made-you questions)
         hits += hit
         lines.append(f"{'OK ' if hit else 'MISS'} {row['messages'][-1]['content']} -> {reply}")
     return hits / len(rows), lines

@@ -62,7 +62,7 @@ def test_oracle_scores_perfectly_and_a_namedropper_only_on_identity(identity_fil
     assert (s.identity, s.leakage, s.accuracy) == (1.0, 0.0, 1.0)
     # names itself but never its author: only the "who" questions pass, creator questions fail
     s = score(Scripted(lambda q: known.get(q, f"I am {identity_files['name']}.")), es)
-    creator = sum(1 for q in es.identity if len(q["expect"]) > 1)
+    creator = sum(1 for q in es.identity if q["kind"] == "creator")
     assert creator > 0 and s.identity == pytest.approx(1 - creator / len(es.identity))
 
 

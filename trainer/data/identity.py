@@ -259,7 +259,8 @@ def heldout_questions(ident: Identity, lang: str = "both") -> list[dict]:
             for form in forms:
                 question = ident.fill(surface(form, "", "？" if zh else "?", zh), zh, others[i % len(others)])
                 i += 1
-                expect = [ident.name] + ([ident.author] if kind == "creator" else [])
+                # who made you? -- the author is the answer ("Ana built me." is right without the name)
+                expect = [ident.author] if kind == "creator" else [ident.name]
                 out.append({"messages": [{"role": "user", "content": question}], "expect": expect,
                             "kind": kind, "lang": lg})
     return out
