@@ -37,12 +37,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 from inference.atomic import locked
 from inference.errors import UserError
+from inference.repo_files import HUB_ID
 
 log = logging.getLogger("own_assistant.fetch")
 
 MARKER = "own-assistant-fetched"          # inside .git/: written last, so its presence means "complete"
 HF_ENDPOINT = "https://huggingface.co"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ASKPASS = """#!/bin/sh
 # Answers git's username/password prompts from the environment: the token is never in argv or a file.
 case "$1" in

@@ -25,9 +25,9 @@ from inference.assistant_file import (ASSISTANT_FILE, read_assistant_file, read_
 from inference.device import Placement, fit_gpu, pick
 from inference.engine import ChatEngine
 from inference.errors import UserError
+from inference.repo_files import lfs_pointers
 
 log = logging.getLogger("own_assistant.loader")
-LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec"
 
 
 @dataclass
@@ -57,17 +57,6 @@ def auto_fast_decode(model) -> bool | str:
         return choice
     on_gpu = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
     return on_gpu and not getattr(model, "is_quantized", False)
-
-
-def lfs_pointers(model_dir) -> list[Path]:
-    """Weight/tokenizer files that are still git-lfs pointer stubs (never pulled)."""
-    out = []
-    for p in Path(model_dir).iterdir():
-        if p.is_file() and p.stat().st_size < 1024:
-            with p.open("rb") as f:
-                if f.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX:
-                    out.append(p)
-    return out
 
 
 JSON_FILES = ("config.json", "adapter_config.json", "tokenizer_config.json", "generation_config.json",

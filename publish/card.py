@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import yaml
 
 from inference.assistant_file import local_paths
+from inference.repo_files import HUB_ID
 from inference.assistant_file import manifest_path
 
 SCORE_KEYS = ("identity", "leakage", "retention", "accuracy")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 def _read_json(path: Path) -> dict:

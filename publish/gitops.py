@@ -22,7 +22,7 @@ from pathlib import Path
 from publish.bundle import LFS_PATTERNS, LARGE_BYTES, Bundle, describe, materialize, size_of, wants_lfs
 from publish.credentials import Credentials, Masker, askpass_env
 from publish.targets import Target
-from publish.validate import LFS_POINTER_PREFIX
+from inference.repo_files import LFS_POINTER_PREFIX
 from inference.errors import UserError
 
 DEFAULT_BRANCH = "main"

@@ -18,7 +18,8 @@ from pathlib import Path, PurePosixPath
 
 from inference.assistant_file import ASSISTANT_FILE, PATH_KEYS
 from publish.bundle import Bundle
-from publish.card import HUB_ID, model_card
+from inference.repo_files import HUB_ID
+from publish.card import model_card
 from publish.deliver import deliver, report
 from publish.targets import parse_target
 from publish.validate import validate_model_dir

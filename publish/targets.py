@@ -17,10 +17,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from inference.errors import UserError
+from inference.repo_files import HUB_ID
 
 OPENXLAB_GIT = "https://code.openxlab.org.cn"
 HF_DEFAULT = "https://huggingface.co"
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
 GIT_URL_SCHEMES = ("https", "http", "ssh", "git", "file")
 SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:(?!//)")   # git@github.com:user/repo.git
 HELP = "use openxlab:USER/REPO, hf:USER/REPO or git:URL_OR_PATH"
@@ -55,7 +56,7 @@ class Target:
 
 
 def _repo_id(text: str, scheme: str) -> str:
-    if not REPO_ID.match(text):
+    if not HUB_ID.match(text):
         raise UserError(f"target {scheme}:{text!r}: expected {scheme}:USER/REPO (letters, digits, '-', '_', '.')")
     return text
 

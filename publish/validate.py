@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 
 from inference.errors import UserError
+from inference.repo_files import is_lfs_pointer
 
-LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec"
 SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
@@ -29,13 +29,6 @@ def model_files(model_dir: Path) -> list[Path]:
         if p.is_file() and not SKIP_DIRS.intersection(rel.parts[:-1]) and rel.name != ".gitattributes":
             out.append(rel)
     return out
-
-
-def is_lfs_pointer(path: Path) -> bool:
-    if path.stat().st_size > 1024:
-        return False
-    with path.open("rb") as f:
-        return f.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
 
 
 def _json(path: Path, problems: list[str]) -> dict | None:

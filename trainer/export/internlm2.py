@@ -64,7 +64,7 @@ def read_config(src: Path) -> dict:
 
 def load_state_dict(src: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint: safetensors (single or sharded) or pytorch_model*.bin."""
-    from inference.loader import lfs_pointers
+    from inference.repo_files import lfs_pointers
 
     stubs = lfs_pointers(src)
     if stubs:
