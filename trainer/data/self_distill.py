@@ -20,14 +20,12 @@ import json
 import re
 from pathlib import Path
 
-from inference.atomic import locked, write_text
+from inference.atomic import cache_root, locked, write_text
 from inference.batch_generate import generate_answers
 from inference.device import cpu_has_fast_bf16, pick
-from inference.gguf_import import cache_root
 
 CACHE_VERSION = 2         # bumped when what is cached changes
 MAX_NEW_TOKENS = 256     # SmolLM2-135M finished 30 of 32 mixed prompts within 256 tokens, 104 of 265 within 160
-BATCH_SIZE = 32
 
 
 def _weights_key(model_dir: Path) -> str:
