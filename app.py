@@ -35,6 +35,7 @@ from pathlib import Path
 import gradio as gr
 
 from inference import ChatEngine, load
+from inference.engine import SERVING_BATCH
 from inference.fetch import fetch, parse_source
 from inference.gguf_import import embedded_base
 from inference.errors import UserError
@@ -103,7 +104,7 @@ def start(env=None) -> Backend:
     note = f"**Model:** {source}  \n**Running on:** {loaded.note}"
     if multimodal:
         note += "  \n**Images:** attach one with 📎; the chat is about the newest image"
-    engine = loaded.engine()
+    engine = loaded.engine(max_batch=SERVING_BATCH)
     if getattr(engine, "fast", None) is not None:   # CUDA: compile + capture now, not on the first visitor's turn
         try:
             engine.fast.warm_up(1024)

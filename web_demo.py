@@ -25,6 +25,7 @@ from pathlib import Path
 import streamlit as st
 
 from inference import ChatEngine, Loaded, load
+from inference.engine import SERVING_BATCH
 from inference.errors import UserError
 
 
@@ -42,7 +43,7 @@ def engine_for(model: str, adapter: str | None, device: str) -> tuple[Loaded, Ch
     # One engine per model for the whole server: its lock serialises generation across sessions.
     from inference.image_chat import load_served
     loaded = load_served(model, adapter, device) or load(model, adapter=adapter, device=device)
-    return loaded, loaded.engine()
+    return loaded, loaded.engine(max_batch=SERVING_BATCH)
 
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif"]

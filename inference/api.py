@@ -8,8 +8,9 @@ Open WebUI ...): the same model, template and system prompt as the apps.
 temperature, top_p, stop, seed, stream_options.include_usage. Streaming is server-sent events in the chunk format
 the official client parses, ending with `data: [DONE]`. Errors are OpenAI error objects: 400 for a bad request
 (roles, empty messages, n > 1, out-of-range numbers), 401 for a wrong key, 503 when the wait queue is full --
-never a traceback. A too-long conversation is trimmed from the oldest turns (as in the apps). Requests run one
-at a time on the engine (its lock); a client that disconnects stops its generation within a token.
+never a traceback. A too-long conversation is trimmed from the oldest turns (as in the apps). Concurrent requests
+are decoded together in the engine's running batch (inference/batching.py); a client that disconnects leaves the
+batch within a token.
 """
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request) at runtime
 
@@ -94,7 +95,6 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 def create_app(engine, model_name: str, api_key: str | None = None, max_waiting: int = MAX_WAITING):
     """The FastAPI app serving ENGINE (an inference.ChatEngine) as MODEL_NAME."""
-    import torch
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -133,9 +133,7 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_waiting:
 
     def replies(req):
         """(text so far, stopped by a stop string) as the engine streams; closing it stops generation."""
-        if req["seed"] is not None:
-            torch.manual_seed(req["seed"])
-        stream = engine.stream_chat(req["messages"], max_new_tokens=req["max_tokens"],
+        stream = engine.stream_chat(req["messages"], max_new_tokens=req["max_tokens"], seed=req["seed"],
                                     temperature=req["temperature"], top_p=req["top_p"])
         try:
             for text in stream:
@@ -211,6 +209,7 @@ def main(argv=None) -> int:
     import uvicorn
 
     from inference import load
+    from inference.engine import SERVING_BATCH
 
     p = argparse.ArgumentParser(prog="python -m inference.api", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir")
@@ -225,7 +224,8 @@ def main(argv=None) -> int:
     loaded = load(args.model_dir, adapter=args.adapter)
     name = args.name or os.path.basename(os.path.normpath(args.adapter or args.model_dir))
     print(f"serving {loaded.note} as {name!r} on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(create_app(loaded.engine(), name, key), host=args.host, port=args.port, log_level="warning")
+    app = create_app(loaded.engine(max_batch=SERVING_BATCH), name, key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

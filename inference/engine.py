@@ -3,10 +3,16 @@
 One engine serves the CLI chat, the Gradio app, the Streamlit demo, the sample chats during training
 and the evaluation, so they all see the same prompt: the tokenizer's chat template plus the system
 prompt saved with the model. Long conversations are trimmed oldest-turn-first to fit the context.
-Generation is serialised with a lock, so concurrent callers (a Gradio queue) are safe.
+
+Serving engines (`max_batch` > 1: the app, the Streamlit demo, the API) decode concurrent chats together
+in one running batch (inference/batching.py). Otherwise generation is serialised with a lock; on every
+path the lock is held by a worker thread, never across a `yield`, and a consumer that goes away (Stop
+pressed, client disconnected) ends its generation within one token. Sampling is the same on every
+path: temperature, top-p and an explicit top-k (the model's own generation config's, else off).
 """
 from __future__ import annotations
 
+import queue
 import threading
 from typing import Iterator
 
@@ -48,6 +54,11 @@ def fit_to_context(tokenizer, messages: list[dict], budget: int) -> tuple[list[i
         del msgs[first:first + 2]
 
 
+# Rows decoded together by a serving engine (app, Streamlit demo, API): 4 streams of the real base on
+# 2 CPU cores give ~2.4x the tokens/s of one (bench/serve_load.py, docs/BENCHMARKS.md).
+SERVING_BATCH = 8
+
+
 class _Cancelled(StoppingCriteria):
     """Stops every row of a `generate` call once EVENT is set (checked after each new token)."""
 
@@ -60,13 +71,22 @@ class _Cancelled(StoppingCriteria):
 
 class ChatEngine:
     def __init__(self, model, tokenizer, system_prompt: str | None = None, max_context: int | None = None,
-                 fast_decode: bool | str = False):
+                 fast_decode: bool | str = False, max_batch: int = 1):
         self.model = model
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.max_context = max_context or context_limit(model)
         self.stop = stop_ids(model, tokenizer)
         self._lock = threading.Lock()
+        # top-k is explicit everywhere: the model's generation config's (Qwen2 ships 20), else 0 = off,
+        # so generate (whose fallback would be 50), the fast path and the batcher draw alike
+        self.top_k = int(getattr(getattr(model, "generation_config", None), "top_k", None) or 0)
+        self.batcher = None
+        if max_batch > 1:
+            from inference.batching import Batcher, supports
+
+            if supports(model):
+                self.batcher = Batcher(model, self.stop, max_batch=max_batch, lock=self._lock)
         # opt-in, CUDA only: static cache + CUDA-graph decode (inference/fast_decode.py); CPU keeps generate.
         # True is "compile" (the fused step; models it cannot handle fall back to "graph").
         self.fast = None
@@ -78,12 +98,12 @@ class ChatEngine:
 
             self.fast = StaticDecoder(model, max_len=min(self.max_context, 4096), mode=mode)
 
-    def _gen_kwargs(self, max_new_tokens, temperature, top_p, repetition_penalty) -> dict:
+    def _gen_kwargs(self, max_new_tokens, temperature, top_p, repetition_penalty, top_k: int = 0) -> dict:
         kw = dict(max_new_tokens=max_new_tokens, eos_token_id=self.stop,
                   pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop[0],
                   repetition_penalty=repetition_penalty)
         if temperature and temperature > 0:
-            kw.update(do_sample=True, temperature=temperature, top_p=top_p)
+            kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)   # 0: no top-k
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
@@ -98,24 +118,33 @@ class ChatEngine:
     # created under inference_mode (e.g. FSDP's cached params) cannot be saved for backward later.
 
     def stream_chat(self, messages: list[dict], *, system_prompt: str | None = None, max_new_tokens: int = 256,
-                    temperature: float = 0.0, top_p: float = 0.9, repetition_penalty: float = 1.0) -> Iterator[str]:
+                    temperature: float = 0.0, top_p: float = 0.9, top_k: int | None = None,
+                    repetition_penalty: float = 1.0, seed: int | None = None) -> Iterator[str]:
         """Yield the reply so far, growing, until an end token or `max_new_tokens`.
 
-        `system_prompt=None` uses the one saved with the model; "" means none."""
+        `system_prompt=None` uses the one saved with the model; "" means none. `top_k=None`: the
+        model's default (see __init__); 0: off. `seed` makes a sampled reply repeatable."""
         input_ids = self.prepare(messages, system_prompt, max_new_tokens)
-        # the fast path samples with temperature + top-p only: a model whose generation config adds top_k
-        # (Qwen2 ships 20) samples through generate, so CPU and GPU draw from the same distribution
-        top_k = getattr(getattr(self.model, "generation_config", None), "top_k", None)
+        top_k = self.top_k if top_k is None else top_k
+        from inference.fast_decode import stream_text
+
+        if self.batcher is not None:
+            tokens = self.batcher.tokens(input_ids[0].tolist(), max_new_tokens, temperature, top_p, top_k,
+                                         repetition_penalty, seed)
+            try:
+                yield from stream_text(self.tokenizer, tokens)
+            finally:
+                tokens.close()             # the consumer went away: the row leaves the batch next step
+            return
+        if seed is not None:
+            torch.manual_seed(seed)
         if (self.fast is not None and repetition_penalty == 1.0 and not (temperature and top_k)
                 and self.fast.fits(input_ids.shape[1] + max_new_tokens)):
-            from inference.fast_decode import stream_text
-
-            with self._lock:
-                yield from stream_text(self.tokenizer, self.fast.tokens(input_ids, max_new_tokens, self.stop,
-                                                                        temperature, top_p))
+            # the fast path samples with temperature + top-p; with a top-k it samples through generate
+            yield from self._stream_fast(input_ids, max_new_tokens, temperature, top_p, stream_text)
             return
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        kwargs = self._gen_kwargs(max_new_tokens, temperature, top_p, repetition_penalty)
+        kwargs = self._gen_kwargs(max_new_tokens, temperature, top_p, repetition_penalty, top_k)
         errors: list[BaseException] = []
         stop = threading.Event()       # set when the consumer goes away (Stop pressed, client disconnected)
 
@@ -144,6 +173,37 @@ class ChatEngine:
         thread.join()
         if errors:
             raise errors[0]
+
+    def _stream_fast(self, input_ids, max_new_tokens, temperature, top_p, stream_text) -> Iterator[str]:
+        """The CUDA static-cache decoder, run by a worker thread that holds the lock, so a consumer that
+        pauses or leaves never keeps the model locked: leaving stops the worker after one token."""
+        out: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        done = object()
+
+        def run():
+            try:
+                with self._lock:
+                    for tid in self.fast.tokens(input_ids, max_new_tokens, self.stop, temperature, top_p):
+                        if stop.is_set():
+                            break
+                        out.put(tid)
+            except BaseException as exc:
+                out.put(exc)
+            out.put(done)
+
+        def drain():
+            while (item := out.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            yield from stream_text(self.tokenizer, drain())
+        finally:
+            stop.set()
 
     def chat(self, messages: list[dict], **kwargs) -> str:
         """The whole reply at once (greedy by default)."""

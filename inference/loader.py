@@ -39,6 +39,7 @@ class Loaded:
     note: str                     # one line for logs and UIs: what runs where
 
     def engine(self, fast_decode: bool | str = "auto", **kwargs) -> ChatEngine:
+        # max_batch=SERVING_BATCH (inference/engine.py) for front ends that serve several users at once
         """The chat engine every front end uses. fast_decode "auto": on a CUDA GPU with unquantized
         weights, the compiled CUDA-graph decode (inference/fast_decode.py: 416 vs 58 tokens/s for a 1.8B
         model on an H200, docs/BENCHMARKS.md); `generate` on CPU and for 4/8-bit models. The

@@ -27,8 +27,10 @@ def served(merged_model):
 
     from inference import load
     from inference.api import create_app
+    from inference.engine import SERVING_BATCH
 
-    engine = load(merged_model, device="cpu").engine()
+    engine = load(merged_model, device="cpu").engine(max_batch=SERVING_BATCH)      # as `python -m inference.api`
+    assert engine.batcher is not None
     port = _port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, "lumi", KEY), host="127.0.0.1", port=port,
                                            log_level="warning"))
@@ -106,6 +108,7 @@ def test_twenty_concurrent_streams_all_finish(served):
     with ThreadPoolExecutor(20) as pool:
         got = list(pool.map(one, range(20)))
     assert got == [want] * 20
+    assert engine.batcher.peak >= 2, "the 20 streams were never decoded together"
 
 
 def test_a_client_that_disconnects_frees_the_engine(served):
@@ -114,7 +117,7 @@ def test_a_client_that_disconnects_frees_the_engine(served):
     engine, url = served
     body = {"model": "lumi", "messages": [{"role": "user", "content": "Tell me a long story."}],
             "max_tokens": 2000, "stream": True}
-    engine.stop, saved = [engine.tokenizer.vocab_size - 1], engine.stop       # it would never stop on its own
+    engine.batcher.stop = set()                                           # it would never stop on its own
     try:
         with httpx.stream("POST", f"{url}/chat/completions", json=body,
                           headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
@@ -122,8 +125,11 @@ def test_a_client_that_disconnects_frees_the_engine(served):
                 if i >= 6:
                     break                                   # leave mid-stream: the connection closes
     finally:
-        time.sleep(1.0)
-        engine.stop = saved
+        deadline = time.monotonic() + 1.0
+        while engine.batcher.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.batcher.stop = set(engine.stop)
+    assert engine.batcher.running == 0, "the abandoned reply is still being decoded"
     start = time.monotonic()
     r = client(url).chat.completions.create(model="lumi", messages=Q, max_tokens=4)
     assert time.monotonic() - start < 5 and r.choices[0].message.content

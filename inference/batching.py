@@ -1,0 +1,254 @@
+"""Continuous batching: concurrent chat requests share one running batch, each streaming its own tokens.
+
+    batcher = Batcher(model, stop_ids=[...], max_batch=8)
+    for token_id in batcher.tokens(prompt_ids, max_new_tokens=256, temperature=0.7, top_p=0.9): ...
+
+`ChatEngine(max_batch=N)` (inference/engine.py) serves every `stream_chat` through this, so the Gradio
+app, the Streamlit demo and the OpenAI-compatible API answer several users at once instead of one after
+another. Batch-1 decoding reads every weight for one token; a batch of B reads them once for B tokens,
+so B streams cost little more than one per step (docs/BENCHMARKS.md, "Serving many at once").
+
+How it works: one worker thread owns the model. Each turn it admits one waiting request (a batch-1
+prefill into its own KV cache, which is then left-padded and stacked onto the running batch's cache),
+then makes one decode step for every running request: a single forward pass of shape (B, 1) with a 2-D
+attention mask that hides each row's padding and per-row position ids, so a row's logits are the ones it
+would get alone. Rows that end (stop token, token cap, consumer gone) leave the batch at once; columns
+that only padding occupies are cut off. Each row samples with its own settings and its own generator
+(greedy, or temperature / top-k / top-p / repetition penalty through transformers' logits processors).
+
+transformers' `generate` cannot do this (a call's batch is fixed from start to end) and its own
+continuous-batching manager needs paged attention kernels; this works on any device with the plain
+`DynamicCache` of Llama-family models. The worker holds the engine lock only during one step, so a
+training-time sample chat or `greedy_ids` on the same model waits at most one step.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+_END = object()          # put on a request's queue after its last token
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    generator: torch.Generator | None
+    out: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    length: int = 0          # real (unpadded) tokens of this row in the KV cache
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature or self.temperature <= 0
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.repetition_penalty and self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if not self.greedy:
+            procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k:
+                procs.append(TopKLogitsWarper(self.top_k))
+            if self.top_p is not None and self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+def supports(model) -> bool:
+    """Whether this model's cache is the plain per-layer key/value kind the batcher can pad and stack
+    (Llama, Qwen2 without sliding windows, Mistral ...); others are served one at a time by generate."""
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:        # a config DynamicCache cannot read: not a model family we batch
+        return False
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+class Batcher:
+    def __init__(self, model, stop_ids: list[int], max_batch: int = 8, lock: threading.Lock | None = None):
+        self.model = model
+        self.stop = set(stop_ids)
+        self.max_batch = max_batch
+        self.lock = lock or threading.Lock()
+        self._waiting: queue.Queue[_Request] = queue.Queue()
+        self._active: list[_Request] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None        # (B, T) 1 = real token, 0 = left padding
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.peak = 0            # the most rows ever decoded in one step (tests, benchmarks)
+
+    # --- the consumer side -------------------------------------------------------------------------
+    def tokens(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None) -> Iterator[int]:
+        """The reply's token ids as they are decoded (stop token excluded). Closing the iterator (a
+        consumer that goes away) takes the request out of the batch at the next step."""
+        gen = None
+        if temperature and temperature > 0:
+            gen = torch.Generator(device=self.model.device)
+            gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        req = _Request(list(prompt), max_new_tokens, temperature, top_p, top_k or 0, repetition_penalty, gen)
+        self._ensure_worker()
+        self._waiting.put(req)
+        self._wake.set()
+        try:
+            while True:
+                item = req.out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            req.cancelled.set()
+            self._wake.set()
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    def _ensure_worker(self) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+                self._thread.start()
+
+    # --- the worker ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            if not self._active and self._waiting.empty():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._drop_cancelled()
+                if len(self._active) < self.max_batch and not self._waiting.empty():
+                    self._admit(self._waiting.get())
+                if self._active:
+                    self._step()
+            except BaseException as exc:      # a failed step fails every running request, not the server
+                for req in self._active:
+                    req.out.put(exc)
+                self._active, self._cache, self._mask = [], None, None
+
+    def _forward(self, **kwargs) -> torch.Tensor:
+        with self.lock, torch.no_grad():
+            return self.model(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1, :].float()
+
+    def _admit(self, req: _Request) -> None:
+        if req.cancelled.is_set():
+            req.out.put(_END)
+            return
+        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([req.prompt], device=self.model.device)
+        logits = self._forward(input_ids=ids, cache=cache)
+        req.length = len(req.prompt)
+        if self._emit(req, self._pick([req], logits)[0]):
+            return                               # ended on its first token: it never joins
+        self._join(req, cache)
+
+    def _join(self, req: _Request, cache: DynamicCache) -> None:
+        new_len = req.length
+        if self._cache is None:
+            self._cache, self._mask = cache, torch.ones(1, new_len, dtype=torch.long, device=self.model.device)
+            self._active = [req]
+            return
+        cur_len = self._mask.shape[1]
+        width = max(cur_len, new_len)
+        for mine, theirs in zip(self._cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], dim=0)
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], dim=0)
+        row = torch.ones(1, new_len, dtype=torch.long, device=self._mask.device)
+        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(row, width, dim=1)], dim=0)
+        self._active.append(req)
+
+    def _step(self) -> None:
+        reqs = self._active
+        self.peak = max(self.peak, len(reqs))
+        last = torch.tensor([[r.generated[-1]] for r in reqs], device=self.model.device)
+        positions = torch.tensor([[r.length] for r in reqs], device=self.model.device)
+        self._mask = torch.cat([self._mask, torch.ones(len(reqs), 1, dtype=torch.long, device=self._mask.device)], 1)
+        logits = self._forward(input_ids=last, attention_mask=self._mask, position_ids=positions, cache=self._cache)
+        keep = []
+        for i, (req, tok) in enumerate(zip(reqs, self._pick(reqs, logits))):
+            req.length += 1
+            if not self._emit(req, tok):
+                keep.append(i)
+        if len(keep) < len(reqs):
+            self._keep(keep)
+
+    def _pick(self, reqs: list[_Request], logits: torch.Tensor) -> list[int]:
+        """The next token of each row: argmax for plain greedy rows (one call for all of them), the
+        row's own processors and generator otherwise."""
+        out = logits.argmax(-1).tolist()
+        for i, req in enumerate(reqs):
+            procs = req.processors()
+            if not procs:
+                continue
+            seen = torch.tensor([req.prompt + req.generated], device=logits.device)
+            scores = procs(seen, logits[i:i + 1])
+            if req.greedy:
+                out[i] = int(scores.argmax(-1))
+            else:
+                probs = torch.softmax(scores, dim=-1)
+                out[i] = int(torch.multinomial(probs, 1, generator=req.generator))
+        return out
+
+    def _emit(self, req: _Request, tok: int) -> bool:
+        """Hand TOK to the consumer; True when the request has ended (and is told so)."""
+        if req.cancelled.is_set():
+            req.out.put(_END)
+            return True
+        req.generated.append(tok)
+        ended = tok in self.stop or len(req.generated) >= req.max_new_tokens
+        if tok not in self.stop:
+            req.out.put(tok)
+        if ended:
+            req.out.put(_END)
+        return ended
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, r in enumerate(self._active) if not r.cancelled.is_set()]
+        for r in self._active:
+            if r.cancelled.is_set():
+                r.out.put(_END)
+        if len(keep) < len(self._active):
+            self._keep(keep)
+
+    def _keep(self, rows: list[int]) -> None:
+        """Keep only ROWS of the running batch, then cut the columns that are padding in every row."""
+        if not rows:
+            self._active, self._cache, self._mask = [], None, None
+            return
+        self._active = [self._active[i] for i in rows]
+        index = torch.tensor(rows, device=self._mask.device)
+        mask = self._mask[index]
+        first = int(mask.any(0).nonzero()[0])     # the first column some row still uses
+        self._mask = mask[:, first:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """T padded with zeros on the left of DIM up to WIDTH (keys/values: (B, heads, T, d), dim 2)."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

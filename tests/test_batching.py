@@ -1,0 +1,115 @@
+"""Continuous batching in the core (inference/batching.py): concurrent chats decoded in one running
+batch give, token for token, the replies each gets alone; rows join mid-way and leave when done or
+abandoned; seeded sampling repeats; the engine's sampling is explicit on every path."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+QUESTIONS = ["你是谁", "Who are you?", "What is the capital of France?", "3 + 4 = ?", "Tell me about yourself."]
+
+
+@pytest.fixture(scope="module")
+def loaded(merged_model):
+    from inference import load
+
+    return load(merged_model, device="cpu")
+
+
+def _ask(q):
+    return [{"role": "user", "content": q}]
+
+
+def _concurrently(fn, n: int, stagger: float = 0.0) -> list:
+    out = [None] * n
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(i))) for i in range(n)]
+    for t in threads:
+        t.start()
+        time.sleep(stagger)
+    for t in threads:
+        t.join(timeout=120)
+    return out
+
+
+def test_a_batch_of_four_equals_each_reply_alone(loaded):
+    from inference.batching import Batcher
+
+    engine = loaded.engine(max_batch=4)
+    assert isinstance(engine.batcher, Batcher)
+    alone_engine = loaded.engine()                       # no batcher: plain generate, one at a time
+    assert alone_engine.batcher is None
+    alone = [alone_engine.chat(_ask(q), max_new_tokens=40) for q in QUESTIONS[:4]]
+    # prompts of different lengths started a little apart: rows join a batch already decoding, padded
+    together = _concurrently(lambda i: engine.chat(_ask(QUESTIONS[i]), max_new_tokens=40), 4, stagger=0.02)
+    assert together == alone
+    assert engine.batcher.peak >= 2, "the requests never shared a decode step"
+
+
+def test_batched_token_ids_equal_generate(loaded):
+    """The batcher's own token stream (ids, not text) against transformers' generate, greedy."""
+    import torch
+
+    from inference.batching import Batcher
+    from inference.chat_format import prompt_ids, with_system
+
+    model, tok = loaded.model, loaded.tokenizer
+    engine = loaded.engine()
+    batcher = Batcher(model, engine.stop, max_batch=8)
+    prompts = [prompt_ids(tok, with_system(_ask(q), loaded.system_prompt)) for q in QUESTIONS]
+    got = _concurrently(lambda i: list(batcher.tokens(prompts[i], 24)), len(prompts))
+    for p, g in zip(prompts, got):
+        ids = torch.tensor([p])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                             eos_token_id=engine.stop, pad_token_id=engine.stop[0])[0, len(p):].tolist()
+        assert g == [t for t in out if t not in engine.stop][:24]
+
+
+def test_an_abandoned_stream_leaves_the_batch_and_the_others_finish(loaded):
+    engine = loaded.engine(max_batch=4)
+    want = engine.chat(_ask("Who are you?"), max_new_tokens=24)
+    engine.batcher.stop = set()                       # the first reply would never end on its own
+    long = engine.stream_chat(_ask("Tell me a long story."), max_new_tokens=2000)
+    for _, _text in zip(range(3), long):
+        pass
+    assert engine.batcher.running == 1
+    engine.batcher.stop = set(engine.stop)
+    other = engine.stream_chat(_ask("Who are you?"), max_new_tokens=24)
+    first = next(other)                               # it joined the running batch at once
+    long.close()                                      # the consumer goes away
+    deadline = time.monotonic() + 1.0
+    while engine.batcher.running > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rest = list(other)
+    assert (rest[-1] if rest else first) == want
+    deadline = time.monotonic() + 1.0
+    while engine.batcher.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.batcher.running == 0
+
+
+def test_seeded_sampling_repeats_in_a_batch_and_alone(loaded):
+    engine = loaded.engine(max_batch=4)
+    kw = dict(max_new_tokens=24, temperature=1.0, top_p=0.95, seed=1234)
+    alone = engine.chat(_ask("Write a haiku about autumn."), **kw)
+    together = _concurrently(lambda i: engine.chat(_ask("Write a haiku about autumn." if i == 0 else QUESTIONS[i]),
+                                                   **kw), 3)
+    assert together[0] == alone
+    unseeded = {engine.chat(_ask("Write a haiku about autumn."), max_new_tokens=24, temperature=1.5, top_p=1.0)
+                for _ in range(4)}
+    assert len(unseeded) > 1, "sampling without a seed drew the same reply four times"
+
+
+def test_top_k_is_explicit_on_every_path(loaded):
+    """transformers' generate falls back to top-k 50 when none is given; the engine always passes one:
+    the model's own (here none -> 0, off), or the caller's."""
+    engine = loaded.engine()
+    assert engine.top_k == int(loaded.model.generation_config.top_k or 0)
+    kw = engine._gen_kwargs(16, 0.7, 0.9, 1.0, engine.top_k)
+    assert kw["top_k"] == engine.top_k and kw["do_sample"]
+    loaded.model.generation_config.top_k = 20            # a model that ships one (Qwen2 does)
+    try:
+        assert loaded.engine().top_k == 20
+    finally:
+        loaded.model.generation_config.top_k = None
