@@ -3,6 +3,7 @@
     python -m publish model merged/ --to openxlab:alice/lumi          # OPENXLAB_USER + OPENXLAB_TOKEN
     python -m publish model merged/ --to hf:alice/lumi [--private]    # HF_TOKEN (Hub API; --via git)
     python -m publish model merged/ --to git:/srv/git/lumi.git --dry-run
+    python -m publish model merged/ --to hf:alice/lumi --gguf q8_0    # + lumi-q8_0.gguf, Ollama Modelfile
 
 The dir is validated first (config, weights, tokenizer, chat template, no LFS pointer stubs), a
 model card README.md is added unless the dir has one, and the repo is made to mirror the dir:
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path, PurePosixPath
 
 from inference.assistant_file import ASSISTANT_FILE, PATH_KEYS
@@ -21,6 +23,7 @@ from publish.bundle import Bundle
 from inference.repo_files import HUB_ID
 from publish.card import model_card
 from publish.deliver import deliver, report
+from publish.gguf import gguf_bundle
 from publish.targets import parse_target
 from publish.validate import validate_model_dir
 from inference.errors import UserError
@@ -59,9 +62,10 @@ def public_assistant_file(model_dir: Path) -> Path | bytes:
     return (json.dumps(public, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
 
 
-def model_bundle(model_dir: Path, target) -> Bundle:
+def model_bundle(model_dir: Path, target, extra: Bundle | None = None) -> Bundle:
     files = validate_model_dir(model_dir)
     bundle: Bundle = {f.as_posix(): model_dir / f for f in files}
+    bundle.update(extra or {})                      # generated files (--gguf), listed in the card too
     if ASSISTANT_FILE in bundle:
         bundle[ASSISTANT_FILE] = public_assistant_file(model_dir)
     if "README.md" not in bundle:
@@ -71,10 +75,19 @@ def model_bundle(model_dir: Path, target) -> Bundle:
 
 
 def publish_model(model_dir, to: str, message: str | None = None, private: bool = False, dry_run: bool = False,
-                  via: str = "auto", echo=print):
+                  via: str = "auto", gguf: str | None = None, echo=print):
+    if not gguf:
+        return _publish(model_dir, to, message, private, dry_run, via, None, echo)
+    validate_model_dir(Path(model_dir))             # a broken dir fails before the export, not after it
+    with tempfile.TemporaryDirectory(prefix="publish-gguf-") as tmp:
+        extra = gguf_bundle(model_dir, gguf, repo_name(parse_target(to, repo_type="model")), Path(tmp), echo=echo)
+        return _publish(model_dir, to, message, private, dry_run, via, extra, echo)
+
+
+def _publish(model_dir, to, message, private, dry_run, via, extra, echo):
     model_dir = Path(model_dir)
     target = parse_target(to, repo_type="model")
-    bundle = model_bundle(model_dir, target)
+    bundle = model_bundle(model_dir, target, extra)
     result = deliver(bundle, target, message or f"Publish model {model_dir.resolve().name}", private=private,
                      dry_run=dry_run, via=via, echo=echo)
     report(result, target, echo)
@@ -94,7 +107,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m publish model", description=__doc__.split("\n")[0])
     p.add_argument("model_dir", help="a merged model dir (python -m trainer merge ...)")
     add_common(p)
+    p.add_argument("--gguf", metavar="QUANT", help="also push a GGUF (f16, bf16, q8_0 or q4_0) and an Ollama "
+                                                   "Modelfile (python -m trainer export-gguf)")
     args = p.parse_args(argv)
-    publish_model(args.model_dir, args.to, args.message, args.private, args.dry_run, args.via,
+    publish_model(args.model_dir, args.to, args.message, args.private, args.dry_run, args.via, args.gguf,
                   echo=lambda s: print(s, flush=True))
     return 0

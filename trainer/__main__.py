@@ -11,6 +11,7 @@
     eval               identity / leakage / retention scores of a model or every checkpoint; best/
     convert            a checkpoint -> a clean adapter dir (like xtuner convert pth_to_hf)
     merge              an adapter + its base -> a full model dir
+    export-gguf        a merged model -> one GGUF file (f16/bf16/q8_0/q4_0) + an Ollama Modelfile
     convert-internlm2  InternLM2 (remote code) -> the native Llama layout
     chat               chat in the terminal (streaming; RESET clears, EXIT quits; --image for LLaVA)
     repeat, mm-*       LLaVA-style multimodal: data, build, train, export, demo (trainer/multimodal/)
@@ -41,6 +42,7 @@ COMMANDS = {
     "copy-cfg": "trainer.commands.copy_cfg",
     "train": "trainer.commands.train",
     "merge": "trainer.export.merge",
+    "export-gguf": "trainer.commands.export_gguf",
     "eval": "trainer.commands.eval",
     "convert": "trainer.export.convert",
     "convert-internlm2": "trainer.export.internlm2",

@@ -1,1 +1,1 @@
-"""Export: checkpoint -> clean adapter, adapter + base -> merged model, InternLM2 -> Llama layout."""
+"""Export: checkpoint -> clean adapter, adapter + base -> merged model, InternLM2 -> Llama layout, GGUF."""
