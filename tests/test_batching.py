@@ -113,3 +113,22 @@ def test_top_k_is_explicit_on_every_path(loaded):
         assert loaded.engine().top_k == 20
     finally:
         loaded.model.generation_config.top_k = None
+
+
+def test_the_serving_benchmark_runs_end_to_end(tmp_path, merged_model):
+    """bench/serve_load.py --smoke: real server, real clients, every engine; every reply runs to max_tokens
+    (usage counts the reply's text re-encoded, so a special token decoded away can make it one short)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "serve.json"
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "bench" / "serve_load.py"), "--smoke", "--model", str(merged_model),
+                    "--engine", "batched", "serial", "generate", "--out", str(out)], check=True, cwd=repo, timeout=600)
+    runs = json.loads(out.read_text())["runs"]
+    assert {(r["engine"], r["streams"]) for r in runs} == {(e, n) for e in ("batched", "serial", "generate") for n in (1, 2)}
+    for r in runs:
+        assert all(7 * r["streams"] <= rep["tokens"] <= 8 * r["streams"] for rep in r["repeats"]), r
+        assert r["aggregate_tok_s"] > 0

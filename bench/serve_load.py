@@ -1,0 +1,236 @@
+"""Serving load: N concurrent streaming clients through the OpenAI-compatible API on loopback.
+
+    python bench/serve_load.py --model smollm2 --streams 1,4,16 --out serve-cpu.json     # 2 CPU cores
+    python bench/serve_load.py --model /tmp/bench/model-internlm2-1.8b --streams 1,4,16 --engine batched fast \
+        --out serve-gpu.json                                                                # one GPU
+    python bench/serve_load.py --table serve-cpu.json serve-gpu.json                        # markdown
+    python bench/serve_load.py --smoke                                                      # tiny base, CPU
+
+Each engine is served by a real uvicorn server (inference/api.py) in this process; the clients are the
+official `openai` client, one thread each, all sent at once. Engines: `batched` (what `python -m
+inference.api` serves: continuous batching, inference/batching.py), `serial` (the engine without a
+batcher: one request at a time through `generate`, the previous design) and, on CUDA, `fast` (serial
+through the compiled static-cache decoder); and, as the reference without any server, `generate`: one
+`model.generate` call over all N prompts at once (transformers' own static batching, left-padded, no
+streaming, no HTTP). Every reply is exactly `--max-tokens` long (stop tokens
+ignored, like vLLM's `--ignore-eos`), so runs compare the same work. Per level: aggregate tokens/s (all
+tokens / wall time), per-stream tokens/s after the first token, time to first token p50 / p95; each
+level is repeated (`--repeats`) and every repeat is kept in the JSON; the table shows the median and
+the spread (min-max). The ratio column is the aggregate against the same engine's one stream, measured
+in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROMPTS = ["Tell me a long story about a lighthouse keeper.", "Explain how a bicycle works, in detail.",
+           "写一篇关于秋天的短文。", "Describe your ideal weekend, step by step.", "What should I know before adopting a cat?",
+           "Write a letter to a friend who moved abroad.", "Explain photosynthesis to a ten-year-old.",
+           "列出学习编程的十个建议，并逐条解释。"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(engine):
+    import uvicorn
+
+    from inference.api import create_app
+
+    port = _port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}/v1"
+
+
+def one_stream(url: str, prompt: str, max_tokens: int, t0: float) -> dict:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
+    first = None
+    usage = None
+    for chunk in client.chat.completions.create(model="bench", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=max_tokens, stream=True,
+                                                stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
+            first = time.perf_counter()
+        if chunk.usage:
+            usage = chunk.usage
+    end = time.perf_counter()
+    tokens = usage.completion_tokens
+    return {"ttft_s": first - t0, "end_s": end - t0, "tokens": tokens,
+            "stream_tok_s": (tokens - 1) / (end - first) if end > first and tokens > 1 else None}
+
+
+def level(url: str, n: int, max_tokens: int) -> dict:
+    out = [None] * n
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, one_stream(url, PROMPTS[i % len(PROMPTS)],
+                                                                                  max_tokens, t0)))
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = max(s["end_s"] for s in out)
+    ttft = sorted(s["ttft_s"] for s in out)
+    return {"streams": n, "wall_s": wall, "tokens": sum(s["tokens"] for s in out),
+            "aggregate_tok_s": sum(s["tokens"] for s in out) / wall,
+            "per_stream_tok_s": statistics.median(s["stream_tok_s"] for s in out if s["stream_tok_s"]),
+            "ttft_p50_s": statistics.median(ttft), "ttft_p95_s": ttft[min(n - 1, round(0.95 * (n - 1)))],
+            "per_stream": out}
+
+
+def reference(loaded, n: int, max_tokens: int) -> dict:
+    """One `model.generate` over N prompts (left-padded), no streaming, no server: the plain library."""
+    import torch
+
+    from inference.chat_format import prompt_ids, with_system
+
+    tok, model = loaded.tokenizer, loaded.model
+    rows = [prompt_ids(tok, with_system([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], loaded.system_prompt))
+            for i in range(n)]
+    width = max(map(len, rows))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=pad)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    tokens = (out.shape[1] - width) * n
+    return {"streams": n, "wall_s": wall, "tokens": tokens, "aggregate_tok_s": tokens / wall,
+            "per_stream_tok_s": tokens / n / wall, "ttft_p50_s": wall, "ttft_p95_s": wall}
+
+
+def build_engine(loaded, kind: str):
+    from inference.engine import SERVING_BATCH
+
+    if kind == "batched":
+        engine = loaded.engine(fast_decode=False, max_batch=max(SERVING_BATCH, 16))
+        engine.batcher.stop = set()                     # every reply runs to max_tokens
+    elif kind == "serial":
+        engine = loaded.engine(fast_decode=False)
+        engine.stop = [loaded.tokenizer.vocab_size - 1]     # an id it practically never picks: runs to max_tokens
+    elif kind == "fast":
+        engine = loaded.engine(fast_decode="compile")
+        if engine.fast is None:
+            raise SystemExit("--engine fast needs a CUDA GPU")
+        engine.stop = [loaded.tokenizer.vocab_size - 1]     # an id it practically never picks: runs to max_tokens
+    else:
+        raise SystemExit(f"unknown engine {kind}")
+    return engine
+
+
+def run(model: str, engines: list[str], streams: list[int], max_tokens: int, repeats: int, device: str) -> dict:
+    import torch
+
+    from inference import load
+    from trainer.bases.registry import resolve_model
+
+    model_dir = resolve_model(model) if not Path(model).is_dir() else Path(model)
+    loaded = load(str(model_dir), device=device)
+    result = {"model": str(model_dir), "note": loaded.note, "max_tokens": max_tokens, "repeats": repeats,
+              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "versions": versions(), "date": time.strftime("%Y-%m-%d"), "runs": []}
+    for kind in engines:
+        if kind == "generate":
+            reference(loaded, 1, 8)                    # warm-up
+            for n in streams:
+                reps = [reference(loaded, n, max_tokens) for _ in range(repeats)]
+                result["runs"].append(summarise(kind, n, reps))
+            continue
+        engine = build_engine(loaded, kind)
+        server, thread, url = serve(engine)
+        t = time.perf_counter()
+        one_stream(url, PROMPTS[0], max_tokens, t)     # warm-up: first call costs (compile, allocator)
+        for n in streams:
+            reps = [level(url, n, max_tokens) for _ in range(repeats)]
+            result["runs"].append(summarise(kind, n, reps))
+        server.should_exit = True
+        thread.join(timeout=10)
+    return result
+
+
+def summarise(kind: str, n: int, reps: list[dict]) -> dict:
+    row = {"engine": kind, "streams": n, "repeats": reps}
+    for key in ("aggregate_tok_s", "per_stream_tok_s", "ttft_p50_s", "ttft_p95_s"):
+        vals = [r[key] for r in reps]
+        row[key] = statistics.median(vals)
+        row[key + "_range"] = [min(vals), max(vals)]
+    print(f"{kind:8} {n:3} streams: {row['aggregate_tok_s']:8.1f} tok/s aggregate, "
+          f"{row['per_stream_tok_s']:7.1f} per stream, ttft p50 {row['ttft_p50_s']:.2f} s", flush=True)
+    return row
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    return {n: md.version(n) for n in ("torch", "transformers", "fastapi", "uvicorn", "openai")}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | device | engine | streams | aggregate tok/s (min-max) | x one stream | per-stream tok/s "
+             "| TTFT p50 / p95 s |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for res in results:
+        device = res["gpu"] or f"CPU x{res['threads']} threads"
+        ones = {r["engine"]: r["aggregate_tok_s"] for r in res["runs"] if r["streams"] == 1}
+        for r in res["runs"]:
+            lo, hi = r["aggregate_tok_s_range"]
+            base = ones.get(r["engine"])
+            ratio = f"{r['aggregate_tok_s'] / base:.2f}" if base else "n/a"
+            lines.append(f"| {Path(res['model']).name} | {device} | {r['engine']} | {r['streams']} | "
+                         f"{r['aggregate_tok_s']:.1f} ({lo:.1f}-{hi:.1f}) | {ratio} | {r['per_stream_tok_s']:.1f} | "
+                         f"{r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2", help="a model dir, or a base name (smollm2, tiny)")
+    p.add_argument("--engine", nargs="+", default=["batched", "serial"], choices=["batched", "serial", "fast", "generate"])
+    p.add_argument("--streams", default="1,4,16")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out")
+    p.add_argument("--table", nargs="+", metavar="JSON")
+    p.add_argument("--smoke", action="store_true", help="CPU, 1 and 2 streams, 8 tokens (default model: tiny)")
+    a = p.parse_args(argv)
+    if a.table:
+        print(table([json.loads(Path(f).read_text()) for f in a.table]))
+        return 0
+    if a.smoke:
+        a.streams, a.max_tokens, a.repeats, a.device = "1,2", 8, 1, "cpu"
+        a.model = a.model if a.model != "smollm2" else "tiny"
+    res = run(a.model, a.engine, [int(s) for s in a.streams.split(",")], a.max_tokens, a.repeats, a.device)
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    print(table([res]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
