@@ -1,22 +1,27 @@
-"""Fetch a model repo once: `git clone` + `git lfs pull` into a cache dir; later starts reuse it.
+"""Fetch a model repo once into a cache dir; later starts reuse it and update it when the remote moved.
 
     python -m inference.fetch MODEL_REPO [--cache DIR]     # prints the local model dir
 
-MODEL_REPO is any git remote: an OpenXLab repo (`https://code.openxlab.org.cn/USER/REPO.git`), a
-Hugging Face repo URL or bare id (`USER/REPO` -> `https://huggingface.co/USER/REPO`), an ssh/file URL,
-or a local repo path. The clone lands in `$OWN_ASSISTANT_CACHE/repos/<slug>` (default
-`~/.cache/own-assistant`).
+MODEL_REPO is an OpenXLab repo or any git remote (`https://code.openxlab.org.cn/USER/REPO.git`, an
+ssh/file URL, a local repo path): `git clone` + `git lfs pull`; or a Hugging Face id or page URL
+(`USER/REPO`, `https://huggingface.co/USER/REPO`): `huggingface_hub.snapshot_download`
+(inference/hub_download.py; `HF_ENDPOINT` points it elsewhere). A `.git` URL on the Hub stays git.
+The copy lands in `$OWN_ASSISTANT_CACHE/repos/<slug>` (default `~/.cache/own-assistant`).
 
 - A private repo's token comes from `MODEL_REPO_TOKEN` (or a `user:token@` part of the URL, which is
   stripped); the user name is the URL's user part, else the repo owner (OpenXLab wants the account
-  name). git and git-lfs get it through a GIT_ASKPASS script that reads it from their
-  environment: it never appears in a command line, the remote URL, `.git/config` or the log, and the
-  credential helpers are switched off for these calls so none of them stores it.
+  name). It is refused over plain `http://` except to localhost. git and git-lfs get it through the
+  one credential helper of inference/credentials.py, which answers only for the repo URL's host: an
+  LFS endpoint on another host (a repo's `.lfsconfig`) gets nothing. It never appears in a command
+  line, the remote URL, `.git/config` or the log. Every URL follows `--` on git's command line.
 - The clone skips LFS smudging (`GIT_LFS_SKIP_SMUDGE=1`), then `git lfs pull` downloads the weights
   with its progress in the log. A marker written last (`.git/own-assistant-fetched`) says the fetch
-  completed; a later start finds it and touches no network. A start killed midway leaves no marker:
-  the next one resumes (LFS objects already downloaded are kept) or, if the clone itself is
-  unusable, removes it and clones again. A file lock keeps two starts from fetching at once.
+  completed. A start killed midway leaves no marker: the next one resumes (LFS objects already
+  downloaded are kept) or, if the clone itself is unusable, removes it and clones again. A file lock
+  keeps two starts from fetching at once.
+- A later start asks the remote for its HEAD (`git ls-remote`, one round trip, no download) and, when
+  it moved, fetches the new commit and its LFS files into the same clone: a Space with a persistent
+  cache serves a newly published model after a restart. An unreachable remote keeps the cached copy.
 """
 from __future__ import annotations
 
@@ -28,28 +33,24 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from inference.atomic import cache_root, locked
+from inference.credentials import check_transport, git_credentials, mask, secret_forms
 from inference.errors import UserError
 from inference.repo_files import HUB_ID
 
 log = logging.getLogger("own_assistant.fetch")
 
-MARKER = "own-assistant-fetched"          # inside .git/: written last, so its presence means "complete"
+MARKER = "own-assistant-fetched"          # inside .git/ (.cache/ for a Hub download): written last = complete
 HF_ENDPOINT = "https://huggingface.co"
-ASKPASS = """#!/bin/sh
-# Answers git's username/password prompts from the environment: the token is never in argv or a file.
-case "$1" in
-  Username*|username*) printf '%s\\n' "$OWN_ASSISTANT_GIT_USER" ;;
-  *) printf '%s\\n' "$OWN_ASSISTANT_GIT_TOKEN" ;;
-esac
-"""
+
+
+def hf_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
 
 
 def repos_root() -> Path:
@@ -61,6 +62,9 @@ def parse_source(spec: str) -> tuple[str, str | None, str | None]:
     spec = spec.strip()
     if not spec:
         raise UserError("MODEL_REPO is empty -- set it to a git URL, a Hugging Face id (user/name) or a local repo")
+    if spec.startswith("-"):            # git would read it as an option (`--upload-pack=...` runs a command)
+        raise UserError(f"MODEL_REPO {spec.split()[0]!r}: starts with '-' -- give a git URL, a Hugging Face id "
+                        "or a local repo path")
     local = Path(spec).expanduser()
     if local.exists() or spec.startswith(("/", "./", "../", "~")):
         return str(local.resolve()), None, None
@@ -71,13 +75,23 @@ def parse_source(spec: str) -> tuple[str, str | None, str | None]:
         host = parts.hostname or ""
         netloc = host + (f":{parts.port}" if parts.port else "")
         path = parts.path.rstrip("/")
-        if host == "huggingface.co":          # a browser URL of the repo page -> the repo itself
+        if f"{parts.scheme}://{netloc}" in (HF_ENDPOINT, hf_endpoint()):   # a repo page URL -> the repo itself
             path = re.sub(r"/(tree|blob|resolve)/.*$", "", path)
         owner = path.strip("/").split("/")[0] or None
         return urlunsplit((parts.scheme, netloc, path, "", "")), parts.username or owner, parts.password
     if HUB_ID.match(spec):
-        return f"{HF_ENDPOINT}/{spec}", spec.split("/")[0], None
+        return f"{hf_endpoint()}/{spec}", spec.split("/")[0], None
     raise UserError(f"MODEL_REPO {spec!r}: not a git URL, a Hugging Face id (user/name) or an existing local path")
+
+
+def hub_repo(url: str) -> tuple[str, str] | None:
+    """(endpoint, USER/REPO) when `url` names a Hugging Face model repo (not a `.git` URL), else None."""
+    for endpoint in {HF_ENDPOINT, hf_endpoint()}:
+        rest = url.removeprefix(endpoint + "/") if url.startswith(endpoint + "/") else None
+        if rest and HUB_ID.match(rest) and not rest.endswith(".git") and rest.split("/")[0] not in (
+                "spaces", "datasets"):
+            return endpoint, rest
+    return None
 
 
 def slug(url: str) -> str:
@@ -87,42 +101,35 @@ def slug(url: str) -> str:
     return f"{readable}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
 
 
-def completed(target: Path, url: str) -> bool:
-    marker = target / ".git" / MARKER
+def marker_path(target: Path) -> Path:
+    return target / (".git" if (target / ".git").is_dir() else ".cache") / MARKER
+
+
+def completed(target: Path, url: str) -> str | None:
+    """The commit a finished fetch of `url` left in `target` ("" when unknown), or None: not finished."""
+    marker = marker_path(target)
     if not marker.is_file():
-        return False
+        return None
     try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("url") == url
+        data = json.loads(marker.read_text(encoding="utf-8"))
     except ValueError:
-        return False
+        return None
+    return (data.get("commit") or "") if data.get("url") == url else None
 
 
-@contextmanager
-def git_env(user: str | None, token: str | None):
-    """Environment for git/git-lfs: never prompt on a terminal; the token only via GIT_ASKPASS."""
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_LFS_SKIP_SMUDGE": "1"}
-    if not token:
-        yield env
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="own-assistant-askpass-"))
-    try:
-        script = tmp / "askpass.sh"
-        script.write_text(ASKPASS, encoding="utf-8")
-        script.chmod(0o700)
-        env.update(GIT_ASKPASS=str(script), OWN_ASSISTANT_GIT_USER=user or "git", OWN_ASSISTANT_GIT_TOKEN=token)
-        yield env
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def write_marker(target: Path, url: str, commit: str) -> None:
+    marker = marker_path(target)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"url": url, "commit": commit}) + "\n", encoding="utf-8")
+    os.replace(tmp, marker)
 
 
-def _git(args: list[str], env: dict, token: str | None, cwd=None, progress_file: Path | None = None) -> None:
+def _git(args: list[str], env: dict, forms: list[str], cwd=None, progress_file: Path | None = None) -> None:
     """Run git, logging its stderr lines (progress throttled) with the token masked; output on failure."""
-    # An empty credential.helper resets the list: no configured helper stores the token we hand out.
-    cmd = ["git", *(["-c", "credential.helper="] if token else []), *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(["git", *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     tail: list[str] = []
     stop = threading.Event()
-    mask = (lambda s: s.replace(token, "***")) if token else (lambda s: s)
     if progress_file is not None:
         threading.Thread(target=_log_lfs_progress, args=(progress_file, stop), daemon=True).start()
     last = 0.0
@@ -131,7 +138,7 @@ def _git(args: list[str], env: dict, token: str | None, cwd=None, progress_file:
         buf += chunk
         *lines, buf = re.split(rb"[\r\n]", buf)
         for raw in lines:
-            line = mask(raw.decode("utf-8", "replace").strip())
+            line = mask(raw.decode("utf-8", "replace").strip(), forms)
             if not line:
                 continue
             tail = (tail + [line])[-5:]
@@ -142,7 +149,7 @@ def _git(args: list[str], env: dict, token: str | None, cwd=None, progress_file:
     rc = proc.wait()
     stop.set()
     if buf.strip():
-        tail.append(mask(buf.decode("utf-8", "replace").strip()))
+        tail.append(mask(buf.decode("utf-8", "replace").strip(), forms))
     if rc != 0:
         raise subprocess.CalledProcessError(rc, args[0], stderr="\n".join(tail))
 
@@ -198,61 +205,119 @@ def check_tools() -> None:
                             "for a Space; `apt-get install git git-lfs` elsewhere)") from None
 
 
+def remote_head(url: str, env: dict) -> str | None:
+    """The commit the remote's HEAD points at (`git ls-remote`: one round trip), or None when unknown."""
+    try:
+        out = subprocess.run(["git", "ls-remote", "--", url, "HEAD"], env=env, capture_output=True, text=True,
+                             timeout=60)
+    except (subprocess.TimeoutExpired, OSError):        # no git at all: the cached clone still serves
+        return None
+    sha = out.stdout.split("\t")[0].strip() if out.returncode == 0 else ""
+    return sha or None
+
+
 def fetch(spec: str, token: str | None = None, cache_dir=None) -> Path:
-    """Clone + LFS-pull MODEL_REPO into the cache (once) and return the local dir."""
+    """Clone + LFS-pull MODEL_REPO into the cache (once; again when the remote moved) and return the local dir."""
     url, user, url_token = parse_source(spec)
     token = token or url_token
+    check_transport(url, token, "MODEL_REPO")
     root = Path(cache_dir) if cache_dir else repos_root()
     target = root / slug(url)
-    if not completed(target, url) and url.startswith("/") and not Path(url).exists():
+    hub = hub_repo(url)
+    if completed(target, url) is None and url.startswith("/") and not Path(url).exists():
         raise UserError(f"MODEL_REPO {url}: no such directory -- give a git URL, a Hugging Face id or an "
                         "existing repo path")
     with locked(root / f"{target.name}.lock"):
-        if completed(target, url):
-            log.info("model repo %s: using the clone in %s (delete it to fetch again)", url, target)
+        if hub:
+            from inference.hub_download import hub_commit, hub_snapshot
+
+            have = completed(target, url)
+            commit = hub_commit(hub[1], hub[0], token, target, have)
+            if commit == have:
+                log.info("model repo %s: using the copy in %s (commit %s)", url, target, commit[:12])
+                return target
+            marker_path(target).unlink(missing_ok=True)   # not complete again until the new commit is all there
+            hub_snapshot(hub[1], hub[0], token, target, commit)
+            write_marker(target, url, commit)
             return target
-        check_tools()
-        with git_env(user, token) as env:
-            if target.exists() and _usable_clone(target, url, env):
-                log.info("model repo %s: resuming an interrupted fetch in %s", url, target)
-                (target / ".git" / "index.lock").unlink(missing_ok=True)    # left by a killed git
-                _run_step(["reset", "-q", "--hard", "HEAD"], env, token, url, target)  # restore a cut checkout
+        with git_credentials(url, user, token) as extra:
+            env = {**os.environ, "GIT_LFS_SKIP_SMUDGE": "1", **extra}
+            forms = secret_forms(user, token)
+            have = completed(target, url)
+            if have is not None:
+                head = remote_head(url, env)
+                if head is None or head == have:
+                    log.info("model repo %s: using the clone in %s%s", url, target,
+                             "" if head else " (the remote did not answer: it may be newer)")
+                    return target
+                log.info("model repo %s: the remote moved to %s (cached: %s): updating %s", url, head[:12],
+                         have[:12] or "unknown", target)
+                marker_path(target).unlink()         # not complete again until the new commit is all there
+                check_tools()
+                _update(url, env, forms, target)
             else:
-                if target.exists():
-                    log.info("model repo %s: removing an unusable half-finished clone in %s", url, target)
-                    shutil.rmtree(target)
-                log.info("model repo %s: git clone into %s", url, target)
-                try:
-                    _git(["clone", "--progress", url, str(target)], env, token)
-                except subprocess.CalledProcessError as exc:
-                    shutil.rmtree(target, ignore_errors=True)
-                    raise UserError(f"MODEL_REPO {url}: git clone failed: {_reason(exc)}{_hint(url, token)}") from None
+                check_tools()
+                _clone_or_resume(url, env, forms, target, token)
             # Without git-lfs hooks installed for this repo (a fresh HOME, no global `git lfs install`),
             # `git lfs pull` downloads the objects but skips the checkout: the weights stay pointer stubs.
-            _run_step(["lfs", "install", "--local"], env, token, url, target)
+            _run_step(["lfs", "install", "--local"], env, forms, url, target)
             log.info("model repo %s: git lfs pull (downloading the weights)", url)
             progress = target / ".git" / "lfs-progress.log"
             progress.unlink(missing_ok=True)
-            _run_step(["lfs", "pull"], {**env, "GIT_LFS_PROGRESS": str(progress)}, token, url, target, progress)
+            _run_step(["lfs", "pull"], {**env, "GIT_LFS_PROGRESS": str(progress)}, forms, url, target, progress)
             progress.unlink(missing_ok=True)
         commit = subprocess.run(["git", "-C", str(target), "rev-parse", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
-        marker = target / ".git" / MARKER
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"url": url, "commit": commit}) + "\n", encoding="utf-8")
-        os.replace(tmp, marker)
+        write_marker(target, url, commit)
         log.info("model repo %s: fetched commit %s into %s", url, commit[:12], target)
     return target
 
 
-def _run_step(args, env, token, url, target: Path, progress: Path | None = None) -> None:
+def _clone_or_resume(url: str, env: dict, forms: list[str], target: Path, token: str | None) -> None:
+    if target.exists() and _usable_clone(target, url, env):
+        log.info("model repo %s: resuming an interrupted fetch in %s", url, target)
+        (target / ".git" / "index.lock").unlink(missing_ok=True)    # left by a killed git
+        _run_step(["reset", "-q", "--hard", "HEAD"], env, forms, url, target)  # restore a cut checkout
+        return
+    if target.exists():
+        log.info("model repo %s: removing an unusable half-finished clone in %s", url, target)
+        shutil.rmtree(target)
+    log.info("model repo %s: git clone into %s", url, target)
     try:
-        _git(args, env, token, cwd=target, progress_file=progress)
+        _git(["clone", "--progress", "--", url, str(target)], env, forms)
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        raise UserError(f"MODEL_REPO {url}: git clone failed: {_reason(exc)}{_hint(url, token)}") from None
+
+
+def _update(url: str, env: dict, forms: list[str], target: Path) -> None:
+    """Bring a finished clone to the remote's HEAD; its LFS objects already here are kept."""
+    (target / ".git" / "index.lock").unlink(missing_ok=True)
+    _run_step(["fetch", "-q", "--no-tags", "--", url, "+HEAD:refs/own-assistant/remote-head"], env, forms, url,
+              target)
+    _run_step(["reset", "-q", "--hard", "refs/own-assistant/remote-head"], env, forms, url, target)
+
+
+def _run_step(args, env, forms, url, target: Path, progress: Path | None = None) -> None:
+    try:
+        _git(args, env, forms, cwd=target, progress_file=progress)
     except subprocess.CalledProcessError as exc:
         # Keep the clone: the next start resumes; LFS objects already downloaded are not fetched again.
-        hint = (" -- the weights are missing from the remote's LFS storage (push them with `git lfs push --all "
-                "origin`) or the token lacks access; the next start resumes" if args[0] == "lfs" else "")
-        raise UserError(f"MODEL_REPO {url}: git {' '.join(args)} failed: {_reason(exc)}{hint}") from None
+        hint = _lfs_hint(url, target) if args[0] == "lfs" else ""
+        raise UserError(f"MODEL_REPO {url}: git {' '.join(a for a in args if a != url)} failed: "
+                        f"{_reason(exc)}{hint}") from None
+
+
+def _lfs_hint(url: str, target: Path) -> str:
+    """Why `git lfs pull` failed, as far as we can tell without asking the server again."""
+    lfs_url = subprocess.run(["git", "-C", str(target), "config", "-f", ".lfsconfig", "--get", "lfs.url"],
+                             capture_output=True, text=True).stdout.strip()
+    if lfs_url and urlsplit(lfs_url).netloc.rpartition("@")[2] != urlsplit(url).netloc.rpartition("@")[2]:
+        return (f" -- the repo's .lfsconfig sends LFS to {urlsplit(lfs_url).netloc.rpartition('@')[2] or lfs_url}, "
+                "another host, which never gets MODEL_REPO_TOKEN (it goes only to the repo's own host): "
+                "ask the owner to serve the LFS files from there or make them public")
+    return (" -- the weights are missing from the remote's LFS storage (push them with `git lfs push --all "
+            "origin`) or the token lacks access; the next start resumes")
 
 
 def main(argv=None) -> int:

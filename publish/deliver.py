@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from publish.bundle import Bundle
 from publish.credentials import Masker, resolve
+from inference.credentials import check_transport
 from publish.gitops import Result, push_bundle
 from publish.targets import Target
 from inference.errors import UserError
@@ -37,6 +38,7 @@ def deliver(bundle: Bundle, target: Target, message: str, *, private: bool = Fal
     if via == "api" and target.scheme != "hf":
         raise UserError(f"--via api works only for hf: targets, not {target.display}")
     creds = resolve(target, required=not dry_run)
+    check_transport(target.url, creds.token if creds else None, f"target {target.display}")
     if target.scheme == "hf" and via != "git":
         from publish.hub import upload_bundle
 

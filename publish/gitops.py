@@ -6,8 +6,9 @@ patterns and every file over 5 MB, stage, check that each of those is a real LFS
 a 130-byte stub or a multi-GB blob in git), commit only if something changed, push the LFS objects
 (`git lfs push`) and then the branch, and confirm the remote now points at the new commit.
 
-Every git call runs without prompts, with credentials only through `credentials.askpass_env`,
-and with its output passed through the token `Masker` before it is printed or raised.
+Every git call runs without prompts, with credentials only through `credentials.askpass_env` (scoped
+to the target's host), with `--` before the URL, and with its output passed through the token
+`Masker` before it is printed or raised.
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def require_git_lfs(git: Git) -> None:
 def remote_state(git: Git, target: Target) -> tuple[str, dict[str, str]]:
     """(branch to publish to, {ref: sha}) from one `git ls-remote`; an empty remote gives main, {}."""
     try:
-        out = git("ls-remote", "--symref", target.url)
+        out = git("ls-remote", "--symref", "--", target.url)
     except GitFailed as exc:
         raise UserError(f"cannot read {target.display}: {_reason(exc.output, target)}") from None
     refs, branch = {}, None
@@ -190,7 +191,7 @@ def push_bundle(bundle: Bundle, target: Target, creds: Credentials | None, messa
                 dry_run: bool = False, echo=print, verify=None) -> Result:
     """`verify()` runs once the change list is known and non-empty, before anything is written."""
     masker = Masker(creds)
-    with askpass_env(creds) as env:
+    with askpass_env(creds, target.url) as env:
         git = Git(env, masker, echo)
         require_git_lfs(git)
         branch, refs = remote_state(git, target)
@@ -198,7 +199,7 @@ def push_bundle(bundle: Bundle, target: Target, creds: Credentials | None, messa
         work = Path(tempfile.mkdtemp(prefix="publish-git-"))
         try:
             git("init", "-q", "-b", branch, str(work))
-            git("remote", "add", "origin", target.url, cwd=work)
+            git("remote", "add", "--", "origin", target.url, cwd=work)
             git("lfs", "install", "--local", "--skip-repo", cwd=work)
             git("config", "lfs.locksverify", "false", cwd=work)    # model repos use no LFS locks
             if head:

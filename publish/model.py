@@ -8,8 +8,10 @@
 The dir is validated first (config, weights, tokenizer, chat template, no LFS pointer stubs), a
 model card README.md is added unless the dir has one, and the repo is made to mirror the dir:
 weights go through git-lfs, re-publishing an unchanged dir makes no commit, a changed dir makes
-exactly one. `--dry-run` lists what would change and writes nothing remote. The pushed
-`assistant.json` leaves out the local paths it recorded (the dir's own copy is not touched).
+exactly one. Hidden files (a stray `.env`) are never published and a symlink out of the dir is
+refused (publish/validate.py). `--dry-run` lists the files that would change and writes nothing
+remote. The pushed `assistant.json` leaves out the local paths it recorded (the dir's own copy is
+not touched).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from publish.card import model_card
 from publish.deliver import deliver, report
 from publish.gguf import gguf_bundle
 from publish.targets import parse_target
-from publish.validate import validate_model_dir
+from publish.validate import left_out, validate_model_dir
 from inference.errors import UserError
 
 
@@ -88,6 +90,8 @@ def _publish(model_dir, to, message, private, dry_run, via, extra, echo):
     model_dir = Path(model_dir)
     target = parse_target(to, repo_type="model")
     bundle = model_bundle(model_dir, target, extra)
+    if skipped := left_out(model_dir):
+        echo(f"not published (hidden files and dirs never are): {', '.join(skipped)}")
     result = deliver(bundle, target, message or f"Publish model {model_dir.resolve().name}", private=private,
                      dry_run=dry_run, via=via, echo=echo)
     report(result, target, echo)

@@ -6,29 +6,55 @@ index names), a tokenizer (`tokenizer.json`, `tokenizer.model`, or vocab files) 
 `tokenizer_config.json`). No file may be a git-lfs pointer stub standing in for the real thing:
 the classic "uploaded 130-byte weights" mistake.
 
+Only what a model needs is published: hidden files and dirs (a stray `.env`, `.git/`, `.cache/`) and
+`__pycache__` are left out, and a symlink that leads out of the dir (a link to `~/.ssh`) stops the
+run with one line: its target would otherwise be uploaded.
+
     from publish.validate import validate_model_dir
     validate_model_dir("merged/")          # raises UserError listing everything missing
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from inference.errors import UserError
 from inference.repo_files import is_lfs_pointer
 
-SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
+SKIP_NAMES = {"__pycache__"}       # besides every hidden name (starting with ".")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
+def is_left_out(name: str) -> bool:
+    return name.startswith(".") or name in SKIP_NAMES
+
+
+def left_out(model_dir: Path) -> list[str]:
+    """The top-level names never published (`.env`, `.git/`): for the note that says so."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in Path(model_dir).iterdir() if is_left_out(p.name))
+
+
+def _refuse_escaping_link(model_dir: Path, path: Path) -> None:
+    root = model_dir.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise UserError(f"{path}: a symlink to {path.resolve()}, outside {model_dir} -- refusing to publish it "
+                        "(copy the file into the dir or remove the link)")
+
+
 def model_files(model_dir: Path) -> list[Path]:
-    """Every file that would be published, relative to `model_dir`, sorted (hidden tool dirs skipped)."""
+    """Every file that would be published, relative to `model_dir`, sorted. Hidden names are skipped; a
+    symlink leaving the dir raises UserError; symlinked dirs are not followed."""
     out = []
-    for p in sorted(model_dir.rglob("*")):
-        rel = p.relative_to(model_dir)
-        if p.is_file() and not SKIP_DIRS.intersection(rel.parts[:-1]) and rel.name != ".gitattributes":
-            out.append(rel)
-    return out
+    for dirpath, dirnames, filenames in os.walk(model_dir):          # never follows directory links
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not is_left_out(d)]
+        for name in dirnames + filenames:
+            if not is_left_out(name) and (here / name).is_symlink():
+                _refuse_escaping_link(model_dir, here / name)
+        out += [(here / f).relative_to(model_dir) for f in filenames
+                if not is_left_out(f) and (here / f).is_file()]
+    return sorted(out)
 
 
 def _json(path: Path, problems: list[str]) -> dict | None:

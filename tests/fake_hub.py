@@ -1,6 +1,7 @@
 """A small local stand-in for a Hugging Face Hub / OpenXLab git server, for offline publish tests.
 
 Every repo is a real bare git repo on disk plus a git-lfs object store, served three ways:
+- file downloads at /{id}/resolve/{rev}/{path} (HEAD + GET, as `snapshot_download` uses them);
 - the Hub API parts that `create_repo` + `upload_folder` use (huggingface_hub 2.4, with
   HF_HUB_DISABLE_XET=1): POST /api/repos/create, /api/validate-yaml, /api/{type}s/{id}/preupload/{rev},
   /api/{type}s/{id}/commit/{rev} (NDJSON, written as a git commit), GET .../tree/{rev}, .../revision/{rev};
@@ -33,6 +34,7 @@ REPO = r"(?P<type>spaces/)?(?P<id>[\w.-]+/[\w.-]+?)"
 API = re.compile(r"^/api/(?P<type>models|spaces|datasets)/(?P<id>[\w.-]+/[\w.-]+)(?:/(?P<op>preupload|commit|tree|"
                  r"revision)/(?P<rev>[^/]+)(?P<rest>/.*)?)?$")
 LFS = re.compile(rf"^/{REPO}\.git/info/lfs/(?P<what>objects/batch|objects/(?P<oid>[0-9a-f]{{64}})|locks/verify|locks)$")
+RESOLVE = re.compile(rf"^/{REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 GIT = re.compile(rf"^/{REPO}(?:\.git)?(?P<rest>/(?:info/refs|git-upload-pack|git-receive-pack|HEAD))$")
 
 
@@ -47,6 +49,8 @@ class FakeHub:
     def __init__(self, root: Path, token: str | None = None, user: str = "alice"):
         self.root, self.token, self.user = Path(root), token, user
         self.requests: list[tuple[str, str]] = []      # (method, path): what clients did
+        self.authorizations: list[str] = []            # every Authorization header received ("" = none)
+        self.any_login = False       # True: a host that asks for a login and takes any (one harvesting tokens)
         self.lock = threading.Lock()
         hub = self
 
@@ -186,6 +190,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _authorized(self, git_style: bool) -> bool:
         hub = self.hub
+        if hub.any_login:
+            return bool(self.headers.get("Authorization"))
         if hub.token is None:
             return True
         auth = self.headers.get("Authorization", "")
@@ -213,9 +219,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self._route("PUT")
 
+    def do_HEAD(self):
+        self._route("HEAD")
+
     def _route(self, method: str):
         path, _, query = self.path.partition("?")
         self.hub.requests.append((method, path))
+        self.hub.authorizations.append(self.headers.get("Authorization", ""))
         body = self._body()
         if path == "/api/validate-yaml":
             return self._validate_yaml(body)
@@ -225,6 +235,10 @@ class _Handler(BaseHTTPRequestHandler):
             if not self._authorized(False):
                 return self._deny(False)
             return self._api(method, m["type"][:-1], m["id"], m["op"], body)
+        if m := RESOLVE.match(path):
+            if not self._authorized(False):
+                return self._deny(False)
+            return self._resolve(method, "space" if m["type"] else "model", m["id"], m["file"])
         if m := LFS.match(path):
             repo_type = "space" if m["type"] else "model"
             if m["oid"]:                   # object storage: a pre-signed URL in real life
@@ -307,6 +321,24 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha,
                                     "pullRequestUrl": None})
         self._json(404, {"error": f"unsupported {method} {op}"})
+
+    def _resolve(self, method: str, repo_type: str, repo_id: str, path: str):
+        """File download (`hf_hub_download`): the content at main, with the Hub's metadata headers."""
+        entry = self.hub.tree(repo_id, repo_type).get(path)
+        if entry is None:
+            return self._send(404, b'{"error": "Entry not found"}', headers={"X-Error-Code": "EntryNotFound"})
+        data = self.hub.files(repo_id, repo_type)[path]
+        headers = {"X-Repo-Commit": self.hub.head(repo_id, repo_type), "ETag": f'"{entry["blob"]}"'}
+        if entry["lfs"]:
+            headers.update({"X-Linked-Etag": f'"{entry["lfs"]["oid"]}"', "X-Linked-Size": str(len(data))})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if method != "HEAD":
+            self.wfile.write(data)
 
     # --- git-lfs -------------------------------------------------------------------------------
     def _lfs_batch(self, repo_id: str, repo_type: str, req: dict):

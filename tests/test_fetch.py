@@ -7,11 +7,17 @@ second fetch runs no git command at all (the remote may even be gone); a fetch k
 objects missing on the remote give a clear error and no completion marker; against a local smart
 HTTP server that demands Basic auth the token reaches git only through GIT_ASKPASS -- never in a git
 command line, `.git/`, the log or a configured credential store -- and without it the error names
-MODEL_REPO_TOKEN instead of hanging on a prompt.
+MODEL_REPO_TOKEN instead of hanging on a prompt. Credentials are scoped (inference/credentials.py): a
+repo whose `.lfsconfig` sends LFS to a second server never hands that server the token (its log of
+Authorization headers is empty), and the fetch then either succeeds without it or fails in one line
+naming the other host; a token over plain http:// to a non-local host is refused before any network;
+every URL follows `--`. A later start asks the remote for its HEAD (`git ls-remote`, nothing else)
+and updates a cached clone the remote moved past, LFS weights included.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import shutil
@@ -25,6 +31,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 
+from fake_hub import FakeHub
 from inference.fetch import MARKER, fetch, parse_source, slug
 from inference.loader import check_model_dir
 from inference.errors import UserError
@@ -102,20 +109,25 @@ def test_model_repo_forms(tmp_path):
     assert a != b and "alice-lumi" in a and "/" not in a
 
 
-def test_fetch_once_then_no_git_at_all(model_repo, tmp_path, monkeypatch, caplog):
+def test_fetch_once_then_only_ls_remote(model_repo, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, "own_assistant.fetch")
     argv_log = argv_logging_git(tmp_path, monkeypatch)
     target = fetch(str(model_repo), cache_dir=tmp_path / "cache")
     check_model_dir(target)                                   # real weights, no LFS pointer left
     calls = argv_log.read_text()
-    assert "clone" in calls and "lfs pull" in calls
+    assert f"clone --progress -- {model_repo.resolve()} " in calls and "lfs pull" in calls   # `--` before the URL
     assert "git clone" in caplog.text and "git lfs pull" in caplog.text and "fetched commit" in caplog.text
 
-    moved = model_repo.rename(model_repo.with_name("gone.git"))    # the second start must not need it
+    argv_log.write_text("")                  # an unchanged remote: one cheap question, no download
+    assert fetch(str(model_repo), cache_dir=tmp_path / "cache") == target
+    assert argv_log.read_text().splitlines() == [f"ls-remote -- {model_repo.resolve()} HEAD"]
+
+    moved = model_repo.rename(model_repo.with_name("gone.git"))    # an unreachable remote keeps the cache
     try:
         argv_log.write_text("")
         assert fetch(str(model_repo), cache_dir=tmp_path / "cache") == target
-        assert argv_log.read_text() == ""                         # no git process at all
+        assert [c.split()[0] for c in argv_log.read_text().splitlines()] == ["ls-remote"]
+        assert "the remote did not answer" in caplog.text
     finally:
         moved.rename(model_repo)
 
@@ -239,3 +251,148 @@ def test_token_only_through_askpass(tmp_path, git_home, monkeypatch, caplog):
         for f in (clone / ".git").rglob("*"):
             assert not f.is_file() or token.encode() not in f.read_bytes(), f
     assert not (git_home / ".git-credentials").exists()
+
+
+def small_lfs_repo(bare: Path, files: dict[str, bytes]) -> Path:
+    """A bare repo on main whose *.safetensors go through git-lfs; `push_files` adds commits to it."""
+    git("init", "-q", "--bare", "-b", "main", str(bare))
+    return push_files(bare, files)
+
+
+def push_files(bare: Path, files: dict[str, bytes]) -> Path:
+    work = bare.with_name(bare.name + "-work")
+    if work.exists():
+        shutil.rmtree(work)
+    git("clone", "-q", str(bare), str(work))
+    git("checkout", "-q", "-B", "main", cwd=work)
+    git("lfs", "install", "--local", cwd=work)
+    git("lfs", "track", "*.safetensors", cwd=work)
+    for name, data in files.items():
+        (work / name).write_bytes(data)
+    git("add", "-A", cwd=work)
+    git("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "-m", "publish", cwd=work)
+    git("push", "-q", "origin", "main", cwd=work)
+    shutil.rmtree(work)
+    return bare
+
+
+def test_cached_clone_follows_a_new_publish(tmp_path, monkeypatch, caplog):
+    """The Space restarts with its cache kept: a model published since then is what it serves."""
+    caplog.set_level(logging.INFO, "own_assistant.fetch")
+    old, new = os.urandom(3000), os.urandom(5000)
+    remote = small_lfs_repo(tmp_path / "lumi.git", {"config.json": b'{"v": 1}', "model.safetensors": old})
+    target = fetch(str(remote), cache_dir=tmp_path / "cache")
+    assert (target / "model.safetensors").read_bytes() == old
+
+    push_files(remote, {"config.json": b'{"v": 2}', "model.safetensors": new})
+    head = git("rev-parse", "main", cwd=remote).strip()
+    assert fetch(str(remote), cache_dir=tmp_path / "cache") == target
+    assert (target / "config.json").read_bytes() == b'{"v": 2}'
+    assert (target / "model.safetensors").read_bytes() == new             # the new LFS object, pulled
+    assert git("rev-parse", "HEAD", cwd=target).strip() == head
+    assert f"the remote moved to {head[:12]}" in caplog.text
+    assert f'"commit": "{head}"' in (target / ".git" / MARKER).read_text()
+
+    argv_log = argv_logging_git(tmp_path, monkeypatch)         # and now it is current: nothing more to do
+    assert fetch(str(remote), cache_dir=tmp_path / "cache") == target
+    assert [c.split()[0] for c in argv_log.read_text().splitlines()] == ["ls-remote"]
+
+
+def test_token_over_plain_http_refused_and_urls_never_options(tmp_path, monkeypatch):
+    argv_log = argv_logging_git(tmp_path, monkeypatch)
+    for url in ("http://models.example.com/alice/lumi.git", "http://bob:tok-in-url-123@models.example.com/a/b.git"):
+        with pytest.raises(UserError, match=r"plain http:// to models\.example\.com .* use https://") as err:
+            fetch(url, token=None if "@" in url else "tok-123456", cache_dir=tmp_path / "c")
+        assert "tok-" not in str(err.value) and "\n" not in str(err.value)
+    assert argv_log.read_text() == ""                        # refused before any git process
+    r = subprocess.run([sys.executable, "-m", "inference.fetch", "http://models.example.com/alice/lumi.git",
+                        "--cache", str(tmp_path / "c")], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "MODEL_REPO_TOKEN": "tok-123456", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "plain http://" in r.stderr, r.stderr
+    # loopback is fine without TLS (a local test server or proxy): refused only later, by the server
+    with pytest.raises(UserError, match="git clone failed"):
+        fetch("http://127.0.0.1:9/alice/lumi.git", token="tok-123456", cache_dir=tmp_path / "c")
+
+    # A MODEL_REPO that reads like an option: never an option to git (`--upload-pack` would run a command)
+    pwned = tmp_path / "pwned"
+    with pytest.raises(UserError, match="starts with '-'"):
+        fetch(f"--upload-pack=touch {pwned};false ://x", cache_dir=tmp_path / "c")
+    assert not pwned.exists()
+
+
+@pytest.mark.parametrize("lfs_server", ["open", "asks-for-a-login"])
+def test_lfs_on_another_host_never_gets_the_token(tmp_path, git_home, monkeypatch, caplog, lfs_server):
+    """The repo's .lfsconfig sends LFS to a second server: only the repo's own host may get the token."""
+    caplog.set_level(logging.INFO, "own_assistant.fetch")
+    token = "tok-" + base64.b16encode(os.urandom(8)).decode()
+    repo_host = FakeHub(tmp_path / "a", token=token, user="alice").start()
+    lfs_host = FakeHub(tmp_path / "b")
+    lfs_host.any_login = lfs_server != "open"        # 401 without a login, and any login will do: it harvests
+    lfs_host.start()
+    try:
+        weights = os.urandom(4000)
+        oid = hashlib.sha256(weights).hexdigest()
+        lfs_host.create("alice/lumi", initial=False)
+        (lfs_host.lfs_dir("alice/lumi") / oid).write_bytes(weights)
+        repo_host.create("alice/lumi", initial=False)
+        repo_host.commit("alice/lumi", "model", [
+            ("file", ".gitattributes", b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"),
+            ("file", ".lfsconfig", f"[lfs]\n\turl = {lfs_host.url}/alice/lumi.git/info/lfs\n".encode()),
+            ("file", "config.json", b"{}"), ("lfs", "model.safetensors", oid, len(weights))], "model")
+        url = f"{repo_host.url}/alice/lumi.git"
+        if lfs_server == "open":
+            target = fetch(url, token=token, cache_dir=tmp_path / "cache")
+            assert (target / "model.safetensors").read_bytes() == weights
+        else:
+            with pytest.raises(UserError) as err:
+                fetch(url, token=token, cache_dir=tmp_path / "cache")
+            line = str(err.value)
+            assert "\n" not in line and "git lfs pull failed" in line and ".lfsconfig" in line, line
+            assert lfs_host.url.split("//")[1] in line and token not in line
+    finally:
+        repo_host.stop()
+        lfs_host.stop()
+    basic = "Basic " + base64.b64encode(f"alice:{token}".encode()).decode()
+    assert basic in repo_host.authorizations                   # the repo's own host did get it
+    assert any("/info/lfs/objects/batch" in p for _, p in lfs_host.requests)   # LFS really went there ...
+    assert lfs_host.authorizations and not any(lfs_host.authorizations)        # ... with no Authorization
+    assert token not in caplog.text
+
+
+def test_hub_id_goes_through_the_hub_api(tmp_path, monkeypatch, caplog):
+    """USER/REPO: snapshot_download with the token for the Hub only; no git; a new commit is followed."""
+    import huggingface_hub.constants
+
+    caplog.set_level(logging.INFO, "own_assistant.fetch")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)    # the "Hub" is on loopback
+    token = "hf_" + base64.b16encode(os.urandom(8)).decode()
+    hub = FakeHub(tmp_path / "hub", token=token).start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    argv_log = argv_logging_git(tmp_path, monkeypatch)
+    try:
+        weights = os.urandom(3000)
+        oid = hashlib.sha256(weights).hexdigest()
+        hub.create("alice/lumi")
+        (hub.lfs_dir("alice/lumi") / oid).write_bytes(weights)
+        hub.commit("alice/lumi", "model", [("file", "config.json", b'{"v": 1}'),
+                                           ("lfs", "model.safetensors", oid, len(weights))], "model")
+        with pytest.raises(UserError, match="MODEL_REPO_TOKEN") as err:
+            fetch("alice/lumi", cache_dir=tmp_path / "cache")                 # private: no token, one line
+        assert "\n" not in str(err.value)
+        target = fetch("alice/lumi", token=token, cache_dir=tmp_path / "cache")
+        assert (target / "model.safetensors").read_bytes() == weights
+        assert (target / "config.json").read_bytes() == b'{"v": 1}'
+
+        hub.requests.clear()
+        assert fetch("alice/lumi", token=token, cache_dir=tmp_path / "cache") == target
+        assert hub.requests == [("GET", "/api/models/alice/lumi")]             # one question, no download
+
+        hub.commit("alice/lumi", "model", [("file", "config.json", b'{"v": 2}')], "new config")
+        assert fetch("alice/lumi", token=token, cache_dir=tmp_path / "cache") == target
+        assert (target / "config.json").read_bytes() == b'{"v": 2}'
+    finally:
+        hub.stop()
+    client_git = [c for c in argv_log.read_text().splitlines() if c.split()[0] in ("clone", "ls-remote", "lfs")]
+    assert client_git == []                                # no git on our side (the fake hub runs its own)
+    assert set(hub.authorizations) == {"", f"Bearer {token}"}      # "": the call made without a token
+    assert token not in caplog.text

@@ -112,7 +112,7 @@ def test_hf_git_fallback(merged_model, tmp_path, hub, env):
     assert '"private": true' in (hub.repo_dir("alice/lumi-git") / "fake-hub.json").read_text()
     assert hub.tree("alice/lumi-git")["model.safetensors"]["lfs"] is not None
     clone = tmp_path / "clone"
-    with askpass_env(Credentials("alice", TOKEN, "test")) as extra:
+    with askpass_env(Credentials("alice", TOKEN, "test"), f"{hub.url}/alice/lumi-git.git") as extra:
         genv = {**env, **extra}
         subprocess.run(["git", "clone", "-q", f"{hub.url}/alice/lumi-git.git", str(clone)], env=genv, check=True)
         subprocess.run(["git", "lfs", "install", "--local"], cwd=clone, env=genv, check=True, capture_output=True)

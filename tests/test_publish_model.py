@@ -3,8 +3,8 @@
 Proves: a fresh clone + `git lfs pull` of the published repo gives the model dir byte for byte, with
 the weights as real LFS objects (pointers before the pull, full size after); the model card is
 there and its "how to chat" code runs; republishing is a no-op; a changed dir makes exactly one
-commit that mirrors it; `--dry-run` writes nothing; bad input fails in one line with exit 2 and the
-remote untouched.
+commit that mirrors it; `--dry-run` lists exactly the files the push then sends (a stray `.env`
+not among them) and writes nothing; bad input fails in one line with exit 2 and the remote untouched.
 """
 from __future__ import annotations
 
@@ -137,14 +137,27 @@ def test_pushed_assistant_file_names_no_local_path(tmp_path):
     assert public_assistant_file(tmp_path) == tmp_path / "assistant.json"
 
 
-def test_dry_run_writes_nothing(merged_model, tmp_path, env):
+def test_dry_run_lists_exactly_the_files_and_writes_nothing(merged_model, tmp_path, env):
+    model = tmp_path / "model"
+    shutil.copytree(merged_model, model)
+    (model / ".env").write_text("HF_TOKEN=hf_not_for_anyone\n")         # a stray dotfile: never published
+    (model / "extra").mkdir()
+    (model / "extra" / "notes.txt").write_text("kept\n")
     remote = bare(tmp_path / "empty.git")
     before = remote_snapshot(remote)
-    r = publish("model", str(merged_model), "--to", str(remote), "--dry-run", env=env)
+    r = publish("model", str(model), "--to", str(remote), "--dry-run", env=env)
     assert r.returncode == 0, r.stderr
     assert "dry run" in r.stdout and "A model.safetensors" in r.stdout and "LFS" in r.stdout
+    listed = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("  A ")}
+    expected = {p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file() and p.name != ".env"}
+    assert listed == expected | {"README.md", ".gitattributes"}, listed ^ (expected | {"README.md", ".gitattributes"})
+    assert "not published (hidden files and dirs never are): .env" in r.stdout
     assert remote_snapshot(remote) == before
     assert git("ls-remote", str(remote)) == ""
+
+    r = publish("model", str(model), "--to", str(remote), env=env)           # and the push sends exactly those
+    assert r.returncode == 0, r.stderr
+    assert set(git("ls-tree", "-r", "--name-only", "main", cwd=remote).split()) == listed
 
 
 @pytest.fixture

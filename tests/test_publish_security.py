@@ -5,6 +5,10 @@ Proves: the token is in none of: the server's stored repo (git objects, refs, co
 working clone publish pushed from (its .git/config, objects, LFS copies; kept here on purpose), a
 fresh clone, the user's home (no credential helper stored it), stdout/stderr (even with git's curl
 tracing on), or the one-line errors of a push the server rejects, a wrong token, an unreachable host.
+A token is never sent over plain http:// to a non-local host (one line, exit 2, nothing contacted).
+Only what a model needs is published: a stray `.env` (or any hidden file or dir) stays home and the
+output says so; a symlink leading out of the model dir (a file or a dir) stops the run in one line
+with the remote untouched.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import pytest
 
 import publish
 
-from fake_hub import FakeHub, isolated_git_env
+from fake_hub import FakeHub, isolated_git_env, remote_snapshot
 
 ROOT = Path(publish.__file__).resolve().parent.parent    # the project root: `python -m publish` runs there
 TOKEN = f"oxt-{uuid.uuid4().hex}"
@@ -93,7 +97,7 @@ def test_token_never_lands_anywhere(merged_model, tmp_path, hub, monkeypatch, ca
     from publish.credentials import Credentials, askpass_env
 
     clone = tmp_path / "fresh"
-    with askpass_env(Credentials("alice", TOKEN, "test")) as extra:
+    with askpass_env(Credentials("alice", TOKEN, "test"), f"{hub.url}/alice/lumi.git") as extra:
         env = {**os.environ, **extra}
         subprocess.run(["git", "clone", "-q", f"{hub.url}/alice/lumi.git", str(clone)], env=env, check=True)
         subprocess.run(["git", "lfs", "install", "--local"], cwd=clone, env=env, check=True, capture_output=True)
@@ -129,3 +133,62 @@ def test_failed_push_says_what_failed_without_token(merged_model, tmp_path, hub,
     assert len(lines) == 1 and expected in lines[0], r.stdout + r.stderr
     assert TOKEN not in r.stdout + r.stderr and TOKEN[::-1] not in r.stdout + r.stderr
     assert hub.head("alice/lumi") is None                    # no branch was created
+
+
+def test_token_never_sent_over_plain_http(merged_model, tmp_path):
+    env = {**isolated_git_env(tmp_path / "home"), "OPENXLAB_ENDPOINT": "http://models.example.invalid",
+           "OPENXLAB_USER": "alice", "OPENXLAB_TOKEN": TOKEN, "GIT_TRACE": "1"}
+    r = subprocess.run([sys.executable, "-m", "publish", "model", str(merged_model), "--to", "openxlab:alice/lumi"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "plain http:// to models.example.invalid" in lines[0], r.stdout + r.stderr
+    assert "ls-remote" not in r.stdout + r.stderr            # refused before git was started (GIT_TRACE)
+    assert TOKEN not in r.stdout + r.stderr
+
+
+def bare(path: Path) -> Path:
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(path)], check=True)
+    return path
+
+
+def test_hidden_files_stay_home_and_links_out_are_refused(merged_model, tmp_path):
+    env = isolated_git_env(tmp_path / "home")
+    model = tmp_path / "lumi"
+    shutil.copytree(merged_model, model)
+    secret = f"sk-{uuid.uuid4().hex}"
+    (model / ".env").write_text(f"OPENAI_API_KEY={secret}\n")
+    (model / ".cache").mkdir()
+    (model / ".cache" / "notes").write_text(secret)
+    (model / "extra").mkdir()
+    (model / "extra" / ".netrc").write_text(f"machine x password {secret}\n")
+    (model / "extra" / "notes.txt").write_text("kept\n")
+    remote = bare(tmp_path / "lumi.git")
+    publish_cmd = [sys.executable, "-m", "publish", "model", str(model), "--to", f"git:{remote}"]
+    r = subprocess.run(publish_cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "not published (hidden files and dirs never are): .cache/, .env" in r.stdout
+    names = subprocess.run(["git", "ls-tree", "-r", "--name-only", "main"], cwd=remote, capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert "extra/notes.txt" in names and "model.safetensors" in names
+    assert not [n for n in names if n != ".gitattributes" and any(p.startswith(".") for p in n.split("/"))]
+    assert secret.encode() not in all_bytes(remote)
+
+    outside = tmp_path / "outside"
+    (outside / ".ssh").mkdir(parents=True)
+    (outside / ".ssh" / "id_ed25519").write_text(f"PRIVATE KEY {secret}\n")
+    for name, link_to in (("id_ed25519", outside / ".ssh" / "id_ed25519"), ("ssh", outside / ".ssh"),
+                          ("extra/up", Path("../../outside/.ssh/id_ed25519"))):
+        (model / name).symlink_to(link_to)
+        before = remote_snapshot(remote)
+        for args in ([], ["--dry-run"]):
+            r = subprocess.run(publish_cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 2, r.stdout
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and "symlink" in lines[0] and "outside" in lines[0] and name in lines[0], lines
+            assert secret not in r.stdout + r.stderr
+        assert remote_snapshot(remote) == before
+        (model / name).unlink()
+    (model / "tokenizer-link.json").symlink_to("tokenizer.json")        # a link that stays inside is fine
+    r = subprocess.run(publish_cmd + ["--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "A tokenizer-link.json" in r.stdout, r.stderr
