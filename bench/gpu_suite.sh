@@ -18,6 +18,8 @@
 #   multi:   ours on 1 and on 2 GPUs (same global batch, loss curves), FSDP full fine-tuning of a 14B shape
 #   scale3:  (session 3) the 1.8B preset's micro-batch 16 on 1 vs 2 GPUs (bench/multi_gpu.py scaling), at
 #            2,048-token rows and at the preset's own 1,024
+#   serve5:  (session 5) bench/serve_load.py on the 1.8B shape: plain generate, the batcher, the compiled
+#            decoder and the serial generate path at 1/4/16 streams; the compiled decoder's cold first call
 #   big3:    (session 3) full fine-tuning of the 7B shape with fp32 master weights: one GPU (out of memory?)
 #            and FSDP2 on two, with each process's memory on each GPU
 set -u
@@ -75,7 +77,7 @@ torch.cuda.synchronize(); print(f"CEILING copy {2 * 2**31 * 10 / (time.perf_coun
 EOF
 export PEAK_TFLOPS=$(grep -o 'matmul [0-9]*' "$L/ceilings.log" | grep -o '[0-9]*' || echo 780)
 python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-[ "$STAGE" = big3 ] || step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
+[ "$STAGE" = big3 ] || [ "$STAGE" = serve5 ] || step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
 ls -la $R
 
 case "$STAGE" in
@@ -186,6 +188,21 @@ scale3)
 big3)
   step big_single 200 python3 bench/multi_gpu.py big --root $R --engine single --steps 3 --limit 190
   step big_fsdp 260 python3 bench/multi_gpu.py big --root $R --engine fsdp --steps 5 --limit 250
+  ;;
+serve5)  # session 5: many streams at once through the API (issue 17), the decode paths (issue 19), 1.8B shape
+  # random weights with SmolLM2's real tokenizer (carried in .whl/smol-tok): ids decode to text as a trained
+  # model's do; vocabulary 49,152 instead of InternLM2's 92,544
+  M=$R/model-1.8b-smolvocab
+  SL="python3 bench/serve_load.py --model $M --max-tokens 128 --repeats 2"
+  step serve_build 150 python3 bench/serve_load.py --random-shape internlm2-1.8b --tokenizer .whl/smol-tok \
+    --model $M --engine generate --streams 1 --max-tokens 8 --repeats 1 --out $R/serve_build.json
+  step serve_main 240 $SL --engine generate batched fast --streams 1,4,16 --out $R/serve_gpu.json
+  step serve_serial 120 $SL --engine serial --streams 1,4 --out $R/serve_serial.json
+  rm -rf /tmp/ind-decode
+  step decode_cold 120 python3 bench/decode_speed.py --model $M --impl compile --cache-dir /tmp/ind-decode \
+    --out $R/decode_cold.json
+  python3 bench/serve_load.py --table $R/serve_gpu.json $R/serve_serial.json | tee $L/serve_table.txt
+  [ -f .whl/diag.py ] && step diag 90 python3 .whl/diag.py $M
   ;;
 esac
 snap

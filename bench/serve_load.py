@@ -6,8 +6,8 @@
     python bench/serve_load.py --table serve-cpu.json serve-gpu.json                        # markdown
     python bench/serve_load.py --smoke                                                      # tiny base, CPU
 
-Each engine is served by a real uvicorn server (inference/api.py) in this process; the clients are the
-official `openai` client, one thread each, all sent at once. Engines: `batched` (what `python -m
+Each engine is served by a real uvicorn server (inference/api.py) in a process of its own; the clients
+are the official `openai` client in this process, one thread each, all sent at once. Engines: `batched` (what `python -m
 inference.api` serves: continuous batching, inference/batching.py), `serial` (the engine without a
 batcher: one request at a time through `generate`, the previous design) and, on CUDA, `fast` (serial
 through the compiled static-cache decoder); and, as the reference without any server, `generate`: one
@@ -46,19 +46,39 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def serve(engine):
+def serve_forever(model_dir: str, kind: str, port: int, device: str) -> int:
+    """The server process: ENGINE on MODEL_DIR behind uvicorn until killed. The clients run in another
+    process, as they would on other machines: in one process their threads (SSE parsing) would take the
+    GIL from the decode loop and the benchmark would measure that contention, not the server."""
     import uvicorn
 
+    from inference import load
     from inference.api import create_app
 
+    engine = build_engine(load(model_dir, device=device), kind)
+    uvicorn.run(create_app(engine, "bench"), host="127.0.0.1", port=port, log_level="warning")
+    return 0
+
+
+def start_server(model_dir: Path, kind: str, device: str):
+    import subprocess
+    import urllib.request
+
     port = _port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    return server, thread, f"http://127.0.0.1:{port}/v1"
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--model", str(model_dir), "--port", str(port),
+                             "--device", device])
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the {kind} server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"the {kind} server did not start")
 
 
 def one_stream(url: str, prompt: str, max_tokens: int, t0: float) -> dict:
@@ -75,8 +95,10 @@ def one_stream(url: str, prompt: str, max_tokens: int, t0: float) -> dict:
         if chunk.usage:
             usage = chunk.usage
     end = time.perf_counter()
-    tokens = usage.completion_tokens
-    return {"ttft_s": first - t0, "end_s": end - t0, "tokens": tokens,
+    # every reply runs to max_tokens (stop tokens ignored): that is the count; usage re-encodes the text,
+    # which merges or drops tokens a random model's ids decode to, so it is kept only as a check
+    tokens = max_tokens
+    return {"ttft_s": first - t0, "end_s": end - t0, "tokens": tokens, "usage_tokens": usage.completion_tokens,
             "stream_tok_s": (tokens - 1) / (end - first) if end > first and tokens > 1 else None}
 
 
@@ -143,6 +165,33 @@ def build_engine(loaded, kind: str):
     return engine
 
 
+def random_model(shape: str, tokenizer_dir: Path, out: Path) -> Path:
+    """A random-weight model of a named shape (bench/train_speed.py SHAPES) with a real tokenizer's vocabulary,
+    so its ids decode to text the way a trained model's do (the streaming path decodes every token)."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from train_speed import SHAPES
+
+    if (out / "config.json").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    fields = {**SHAPES[shape], "vocab_size": len(tok)}
+    config = LlamaConfig(**fields, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                         eos_token_id=end, pad_token_id=tok.pad_token_id, dtype="bfloat16")
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=[end], pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def run(model: str, engines: list[str], streams: list[int], max_tokens: int, repeats: int, device: str) -> dict:
     import torch
 
@@ -150,27 +199,29 @@ def run(model: str, engines: list[str], streams: list[int], max_tokens: int, rep
     from trainer.bases.registry import resolve_model
 
     model_dir = resolve_model(model) if not Path(model).is_dir() else Path(model)
-    loaded = load(str(model_dir), device=device)
-    result = {"model": str(model_dir), "note": loaded.note, "max_tokens": max_tokens, "repeats": repeats,
+    loaded = load(str(model_dir), device=device) if "generate" in engines else None
+    result = {"model": str(model_dir), "max_tokens": max_tokens, "repeats": repeats,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "versions": versions(), "date": time.strftime("%Y-%m-%d"), "runs": []}
     for kind in engines:
         if kind == "generate":
             reference(loaded, 1, 8)                    # warm-up
+            result["note"] = loaded.note
             for n in streams:
                 reps = [reference(loaded, n, max_tokens) for _ in range(repeats)]
                 result["runs"].append(summarise(kind, n, reps))
             continue
-        engine = build_engine(loaded, kind)
-        server, thread, url = serve(engine)
-        t = time.perf_counter()
-        one_stream(url, PROMPTS[0], max_tokens, t)     # warm-up: first call costs (compile, allocator)
-        for n in streams:
-            reps = [level(url, n, max_tokens) for _ in range(repeats)]
-            result["runs"].append(summarise(kind, n, reps))
-        server.should_exit = True
-        thread.join(timeout=10)
+        proc, url = start_server(model_dir, kind, device)
+        try:
+            one_stream(url, PROMPTS[0], max_tokens, time.perf_counter())   # warm-up: compile, allocator
+            for n in streams:
+                reps = [level(url, n, max_tokens) for _ in range(repeats)]
+                result["runs"].append(summarise(kind, n, reps))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    del loaded
     return result
 
 
@@ -210,6 +261,9 @@ def table(results: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="a model dir, or a base name (smollm2, tiny)")
+    p.add_argument("--random-shape", help="instead: a random model of this shape (bench/train_speed.py SHAPES), "
+                   "written to --model, with the vocabulary of --tokenizer")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer dir for --random-shape")
     p.add_argument("--engine", nargs="+", default=["batched", "serial"], choices=["batched", "serial", "fast", "generate"])
     p.add_argument("--streams", default="1,4,16")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -217,14 +271,20 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--out")
     p.add_argument("--table", nargs="+", metavar="JSON")
+    p.add_argument("--serve", choices=["batched", "serial", "fast"], help=argparse.SUPPRESS)   # the server process
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--smoke", action="store_true", help="CPU, 1 and 2 streams, 8 tokens (default model: tiny)")
     a = p.parse_args(argv)
+    if a.serve:
+        return serve_forever(a.model, a.serve, a.port, a.device)
     if a.table:
         print(table([json.loads(Path(f).read_text()) for f in a.table]))
         return 0
     if a.smoke:
         a.streams, a.max_tokens, a.repeats, a.device = "1,2", 8, 1, "cpu"
         a.model = a.model if a.model != "smollm2" else "tiny"
+    if a.random_shape:
+        random_model(a.random_shape, a.tokenizer, Path(a.model))
     res = run(a.model, a.engine, [int(s) for s in a.streams.split(",")], a.max_tokens, a.repeats, a.device)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))

@@ -271,14 +271,22 @@ class StaticDecoder:
 
 
 def stream_text(tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
-    """The growing reply text, as `TextIteratorStreamer(skip_special_tokens=True)` would show it."""
+    """The growing reply text, as `TextIteratorStreamer(skip_special_tokens=True)` would show it.
+
+    Incremental: each token decodes only a short window (from the start of the previous piece), not the
+    whole reply, so a token costs the same at the end of a long reply as at its start -- with many
+    streams served at once the decoding was a per-step cost that grew with every reply's length. The
+    window starts one piece back because a piece's text can depend on the token before it (a leading
+    space, a byte of a multi-byte character)."""
     ids: list[int] = []
     text = ""
+    start = done = 0              # window start; ids[:done] are already in `text`
     for tid in token_ids:
         ids.append(tid)
-        new = tokenizer.decode(ids, skip_special_tokens=True)
-        if new.endswith("\ufffd"):          # half of a multi-byte character: wait for the rest
+        before = tokenizer.decode(ids[start:done], skip_special_tokens=True)
+        after = tokenizer.decode(ids[start:], skip_special_tokens=True)
+        if after.endswith("\ufffd") or len(after) <= len(before):   # half a character, or nothing shown yet
             continue
-        if new != text:
-            text = new
-            yield text
+        text += after[len(before):]
+        start, done = done, len(ids)
+        yield text
