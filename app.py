@@ -94,23 +94,30 @@ def start(env=None) -> Backend:
                       "`MODEL_REPO` or `MODEL_PATH` to serve your own assistant")
         from inference.image_chat import LoadedLlava, load_served
         loaded = load_served(model_dir) or load(model_dir)
+        # building the engine is part of starting: the batcher and the CUDA decoder allocate here
+        engine = loaded.engine(max_batch=SERVING_BATCH)
     except UserError as exc:
-        return failed(str(exc))
+        return failed(one_line(str(exc)))
     except Exception as exc:  # noqa: BLE001 -- a bad model must not take the page down; the log keeps the trace
         log.exception("loading the model failed")
-        return failed(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        return failed(one_line(f"{type(exc).__name__}: {exc}"))
     log.info("serving %s", loaded.note)
     multimodal = isinstance(loaded, LoadedLlava)
     note = f"**Model:** {source}  \n**Running on:** {loaded.note}"
     if multimodal:
         note += "  \n**Images:** attach one with 📎; the chat is about the newest image"
-    engine = loaded.engine(max_batch=SERVING_BATCH)
     if getattr(engine, "fast", None) is not None:   # CUDA: compile + capture now, not on the first visitor's turn
         try:
             engine.fast.warm_up(1024)
         except Exception:  # noqa: BLE001 -- the first request builds it again and falls back if it must
             log.exception("warming up the fast decode failed")
     return Backend(engine, loaded.system_prompt or "", note, multimodal=multimodal)
+
+
+def one_line(text: str) -> str:
+    """The page and the chat answer show one line: the first non-empty one (a CUDA error's advice and
+    a library's multi-line message stay in the log)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), text.strip() or "unknown error")
 
 
 def failed(reason: str) -> Backend:

@@ -26,6 +26,28 @@ from inference.chat_format import prompt_ids, with_system
 from inference.errors import UserError
 from inference.llava_model import IMAGE_TOKEN, expand_image_tokens, pixel_values, with_image_tag
 from inference.llava_model import LLAVA_FILE, image_token_count, is_llava_dir, load_base, load_projector
+
+
+def fit_image_chat(tokenizer, messages: list[dict], budget: int, image_id: int) -> list[int]:
+    """`fit_to_context` for a chat about an image: the prompt exactly as sent (image tag in the first
+    user turn that survives) within `budget` tokens. The oldest user/assistant pairs go first; as a last
+    resort the head up to the image and the newest tokens stay, so the image is never cut away.
+    Measured on the tagged rendering: the tag moves to another turn when its turn is dropped."""
+    msgs = list(messages)
+    while True:
+        ids = prompt_ids(tokenizer, with_image_tag(msgs))
+        if len(ids) <= budget:
+            return ids
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        if len(msgs) - first > 1:
+            del msgs[first:first + 2]
+            continue
+        head = ids.index(image_id) + 1 if image_id in ids else 0
+        if head >= budget:              # a system prompt alone too long: the image, then the newest tokens
+            return [image_id] + ids[len(ids) - (budget - 1):]
+        return ids[:head] + ids[len(ids) - (budget - head):]
+
+
 class ImageChatEngine(ChatEngine):
     """ChatEngine whose conversations are about one image (None: plain text). Only the prompt differs:
     the image tag goes into the first user turn that survives context trimming (so the image is never
@@ -61,12 +83,13 @@ class ImageChatEngine(ChatEngine):
     def prepare(self, messages, system_prompt, max_new_tokens) -> torch.Tensor:
         system = self.system_prompt if system_prompt is None else system_prompt
         msgs = with_system([{"role": m["role"], "content": m["content"]} for m in messages], system or None)
-        budget = max(16, self.max_context - max_new_tokens - self.n_image_tokens)
-        _, kept = fit_to_context(self.tokenizer, msgs, budget)
-        if self.image is None:
-            kept = [{"role": m["role"], "content": m["content"].replace(IMAGE_TOKEN, "")} for m in kept]
-            return torch.tensor([prompt_ids(self.tokenizer, kept)], device=self.model.device)
-        ids = prompt_ids(self.tokenizer, with_image_tag(kept))
+        if self.image is None:        # a typed "<image>" is text here, not a placeholder without pixels
+            msgs = [{"role": m["role"], "content": m["content"].replace(IMAGE_TOKEN, "")} for m in msgs]
+            ids, _ = fit_to_context(self.tokenizer, msgs, max(16, self.max_context - max_new_tokens))
+            return torch.tensor([ids], device=self.model.device)
+        # the image's one tag token becomes n_image_tokens placeholders: the text gets what is left
+        budget = max(16, self.max_context - max_new_tokens - (self.n_image_tokens - 1))
+        ids = fit_image_chat(self.tokenizer, msgs, budget, self.image_id)
         ids, _ = expand_image_tokens(ids, None, self.image_id, self.n_image_tokens)
         return torch.tensor([ids], device=self.model.device)
 

@@ -190,6 +190,40 @@ def test_bad_sources_explain_themselves(app, merged_model, tmp_path, caplog):
         assert "git-lfs pointer" in str(reply)                         # ... and as the answer
 
 
+def test_every_start_error_is_one_line_on_the_page(tiny_base, monkeypatch, caplog):
+    """Issue 16: `loaded.engine(...)` sat outside the error handling, so an engine that failed to start
+    (the batcher or the CUDA decoder allocating) took the app down with a traceback. Now loading and
+    starting the engine fail alike: one line on the page and as every chat answer, the trace in the log."""
+    import inference.image_chat
+    from inference.errors import UserError
+
+    app = import_app(tiny_base)                  # a text model: load_served says None, `load` loads it
+
+    class Loaded:
+        note, system_prompt = "tiny on CPU (float32)", ""
+
+        def __init__(self, error):
+            self.error = error
+
+        def engine(self, **kwargs):
+            raise self.error
+
+    monkeypatch.setattr(inference.image_chat, "load_served", lambda model_dir: None)
+    caplog.set_level(logging.INFO)
+    cases = [(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+              "RuntimeError: CUDA error: out of memory"),
+             (UserError("\nthe model is too big for this machine\n  try a 4-bit load"),
+              "the model is too big for this machine")]
+    for error, line in cases:
+        monkeypatch.setattr(app, "load", lambda model_dir, error=error: Loaded(error))
+        backend = app.start({"MODEL_PATH": str(tiny_base)})
+        assert backend.engine is None and backend.error == f"⚠️ The model could not be loaded: {line}"
+        assert backend.note == f"⚠️ **Model not loaded:** {line}"
+        assert list(app.chat_fn(backend)("hi", [], "", 0.0, 0.9, 16)) == [backend.error]
+        app.build_demo(backend)                  # the page builds around it
+    assert "Traceback" in caplog.text            # the unexpected one keeps its trace, in the log only
+
+
 def test_twenty_concurrent_chats(app):
     from gradio_client import Client
 

@@ -115,7 +115,8 @@ def test_maybe_launch_runs_workers_and_a_worker_trains(monkeypatch, tmp_path):
     gpus = types.SimpleNamespace(gpus=2, fsdp=False, deepspeed=None, cpu_procs=0)
     rc = distributed.maybe_launch(qlora, gpus, ["p", "--gpus", "2"], echo=lambda s: None,
                                   run=lambda cmd, **kw: ran.append((cmd, kw)) or 0)
-    assert rc == 0 and ran[0][0][-6:] == ["train", "p", "--set", "batch_size=4", "--set", "grad_accum=2"] and ran[0][1] == {}
+    assert rc == 0 and ran[0][0][-6:] == ["train", "p", "--set", "batch_size=4", "--set", "grad_accum=2"]
+    assert ran[0][1]["env"].get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")   # GPUs not hidden
     with pytest.raises(UserError, match="--gpus 0: must be >= 1"):
         distributed.maybe_launch(qlora, types.SimpleNamespace(gpus=0, fsdp=False, deepspeed=None, cpu_procs=0), ["p"])
     cpu = types.SimpleNamespace(gpus=1, fsdp=False, deepspeed=None, cpu_procs=2)
@@ -128,6 +129,45 @@ def test_maybe_launch_runs_workers_and_a_worker_trains(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert distributed.maybe_launch(qlora, gpus, ["p"], run=lambda cmd, **kw: 1 / 0) is None
+
+
+def test_the_launcher_picks_its_port_and_a_launch_that_never_started_is_retried(monkeypatch, tmp_path):
+    """No port is picked and released here (another process could take it before the launcher binds):
+    the launcher gets port 0 and picks its own; a launch that failed before any worker started (the
+    window left there) is run again, a run whose workers started and then failed is not."""
+    qlora = TrainConfig(model=str(tmp_path / "base"), bits=4, work_dir=str(tmp_path / "w"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpus = types.SimpleNamespace(gpus=2, fsdp=False, deepspeed=None, cpu_procs=0)
+    cmd = distributed.launch_command(["tiny"], 2)
+    assert cmd[cmd.index("--main_process_port") + 1] == "0"
+
+    def launcher(outcomes):
+        calls = []
+
+        def run(cmd, env):
+            calls.append(cmd)
+            worker_started, rc = outcomes[len(calls) - 1]
+            if worker_started:         # what a worker does first: maybe_launch in the worker's process
+                with pytest.MonkeyPatch.context() as mp:
+                    for key, value in {**env, "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+                        mp.setenv(key, value)
+                    mp.setattr(torch.cuda, "is_available", lambda: False)
+                    assert distributed.maybe_launch(qlora, gpus, ["p"]) is None
+            return rc
+        return run, calls
+
+    said = []
+    run, calls = launcher([(False, 1), (True, 0)])          # EADDRINUSE in the launcher, then a good launch
+    assert distributed.maybe_launch(qlora, gpus, ["p", "--gpus", "2"], echo=said.append, run=run) == 0
+    assert len(calls) == 2 and "before any worker started" in said[-1]
+    run, calls = launcher([(True, 3)])                      # the training itself failed: not run twice
+    assert distributed.maybe_launch(qlora, gpus, ["p", "--gpus", "2"], echo=said.append, run=run) == 3
+    assert len(calls) == 1
+    run, calls = launcher([(False, 1)] * 5)                 # a launcher that never starts: given up on
+    assert distributed.maybe_launch(qlora, gpus, ["p", "--gpus", "2"], echo=said.append, run=run) == 1
+    assert len(calls) == distributed.LAUNCH_TRIES
 
 
 def auto_paths(config: dict, prefix: str = "") -> set[str]:

@@ -220,3 +220,44 @@ def test_served_llava_falls_back_when_the_gpu_is_too_small(mm_llm, mm_tower, mm_
         assert next(loaded.model.parameters()).device.type == "cpu"
     chat.load_served(mm_merged, device="cpu")                 # an explicit device is taken as asked
     assert len(asked) == 2
+
+
+def test_a_long_image_chat_is_trimmed_to_the_context_like_a_text_chat(tiny_base, tmp_path):
+    """Issue 16: the image engine re-rendered the untrimmed messages and overflowed the context. Now the
+    prompt as sent (image placeholders included) plus the reply fits max_context: the oldest pairs go
+    first, the image and the newest question stay; one message too long alone keeps the head up to the
+    image and its newest tokens. No training needed: a tiny LLaVA assembled from the tiny base."""
+    from PIL import Image
+
+    from inference.image_chat import ImageChatEngine
+    from inference.llava_model import build_llava
+
+    model, processor = build_llava(str(tiny_base), "tiny")
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    context, max_new = 160, 16
+    engine = ImageChatEngine(model, processor, image, max_context=context)
+    tok, image_id, n = processor.tokenizer, engine.image_id, engine.n_image_tokens
+
+    def text(ids):
+        return tok.decode([t for t in ids if t != image_id], skip_special_tokens=True)
+
+    turns = []
+    for i in range(20):
+        turns += [{"role": "user", "content": f"question {i} about the colour"},
+                  {"role": "assistant", "content": f"answer {i} is red"}]
+    turns.append({"role": "user", "content": "and the newest question"})
+    ids = engine.prepare(turns, None, max_new)[0].tolist()
+    assert len(ids) + max_new <= context and ids.count(image_id) == n
+    assert "newest question" in text(ids) and "question 0 " not in text(ids)
+    kept = ids
+    ids = engine.prepare(turns[2:], None, max_new)[0].tolist()       # trimmed as far as needed, no further
+    assert ids == kept
+
+    long = [{"role": "user", "content": "blue " * 300 + "tell me the colour"}]
+    ids = engine.prepare(long, None, max_new)[0].tolist()
+    full = engine.prepare([{"role": "user", "content": "tell me the colour"}], None, max_new)[0].tolist()
+    assert len(ids) + max_new <= context and ids.count(image_id) == n
+    head = full.index(image_id) + n                                  # the system prompt and the image stay
+    assert ids[:head] == full[:head] and text(ids).endswith(text(full[-8:]))
+    assert len(engine.greedy_ids(long, max_new)) <= max_new          # the model takes it

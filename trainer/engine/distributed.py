@@ -33,9 +33,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from inference import atomic
@@ -43,6 +43,11 @@ from inference.errors import UserError
 
 DEEPSPEED_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
 LAUNCH_FLAGS = ("--gpus", "--fsdp", "--deepspeed", "--cpu-procs")
+# The launcher's rendezvous port is picked by accelerate in the launcher itself (port 0), not here: a port
+# picked and released here could be taken before the launcher binds it. The window left there is closed
+# by launching again when the launcher failed before any worker started (each worker touches this file).
+STARTED_FILE = "OWN_ASSISTANT_WORKER_STARTED"
+LAUNCH_TRIES = 3
 
 
 def add_arguments(parser) -> None:
@@ -77,12 +82,6 @@ def strip_launch_flags(argv: list[str]) -> list[str]:
             continue
         out.append(arg)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_config(stage: str) -> dict:
@@ -120,7 +119,7 @@ def launch_command(train_argv: list[str], gpus: int, fsdp: bool = False, deepspe
                    batch_size: int | None = None, grad_accum: int | None = None, port: int | None = None) -> list[str]:
     """`accelerate launch ... -m trainer train ARGV` for `gpus` processes on this machine."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-           "--num_processes", str(gpus), "--main_process_port", str(port or free_port()),
+           "--num_processes", str(gpus), "--main_process_port", str(port or 0),
            "--mixed_precision", "no", "--dynamo_backend", "no"]   # the Trainer's bf16/fp16 flag decides
     if fsdp:
         cmd += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
@@ -212,6 +211,8 @@ def maybe_launch(cfg, args, argv: list[str], echo=print, run=run_launcher) -> in
     if is_worker():
         import torch
 
+        if os.environ.get(STARTED_FILE):
+            Path(os.environ[STARTED_FILE]).touch()      # the launch worked: a failure from here on is real
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # device_map "cuda" = this rank's GPU
         return None
@@ -228,9 +229,17 @@ def maybe_launch(cfg, args, argv: list[str], echo=print, run=run_launcher) -> in
     ds_file = write_deepspeed_config(cfg.work_dir, args.deepspeed) if args.deepspeed else None
     cmd = launch_command(strip_launch_flags(argv), procs, args.fsdp, ds_file, batch_size=batch, grad_accum=accum)
     mode = "FSDP2" if args.fsdp else f"DeepSpeed {args.deepspeed}" if args.deepspeed else "DDP"
-    env = None
+    env = dict(os.environ)
     if args.cpu_procs:    # hide any GPU: every worker then trains on the CPU and the Trainer picks gloo
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        env["CUDA_VISIBLE_DEVICES"] = ""
         mode += " on CPU processes, gloo"
     echo(f"launching {procs} processes ({mode}); {note}")
-    return run(cmd, env=env) if env else run(cmd)
+    with tempfile.TemporaryDirectory(prefix="launch-") as tmp:
+        started = Path(tmp) / "started"
+        env[STARTED_FILE] = str(started)
+        for attempt in range(1, LAUNCH_TRIES + 1):
+            rc = run(cmd, env=env)
+            if rc == 0 or started.exists() or attempt == LAUNCH_TRIES:
+                return rc
+            echo(f"the launcher failed before any worker started (try {attempt} of {LAUNCH_TRIES}; e.g. its "
+                 "rendezvous port was taken in the meantime) -- launching again")

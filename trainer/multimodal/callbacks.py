@@ -1,5 +1,6 @@
 """Trainer callbacks of the LLaVA stages: sample chats about the evaluation images, and the files that
-make every checkpoint usable on its own (projector, processor, llava.json).
+make every checkpoint usable on its own (projector, processor, llava.json), each written whole or not at
+all (inference/atomic.py).
 """
 from __future__ import annotations
 
@@ -8,16 +9,19 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from inference.atomic import write_text
 from trainer.engine.callbacks import SampleChats
 from inference.llava_model import LLAVA_FILE, PROJECTOR_FILE
 from trainer.multimodal.model import save_projector
+
+
 def write_run_files(out_dir, model, processor, info: dict) -> None:
     """projector.safetensors + processor/tokenizer + llava.json (stage, how to rebuild the base)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_projector(model, out_dir / PROJECTOR_FILE)
     processor.save_pretrained(out_dir)
-    (out_dir / LLAVA_FILE).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    write_text(out_dir / LLAVA_FILE, json.dumps(info, ensure_ascii=False, indent=2))
 
 
 class SampleImageChats(SampleChats):

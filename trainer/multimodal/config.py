@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
 from trainer.engine.config import ConfigError, TrainConfig, check_keys, key_lines, resolve_preset
+from inference.atomic import write_text
 from inference.errors import UserError
 
 
@@ -91,5 +91,4 @@ def load_mm_config(name_or_path: str, overrides: dict | None = None, sets=()) ->
 
 
 def save_mm_config(cfg: MultimodalConfig, path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), allow_unicode=True, sort_keys=False),
-                          encoding="utf-8")
+    write_text(path, yaml.safe_dump(dataclasses.asdict(cfg), allow_unicode=True, sort_keys=False))

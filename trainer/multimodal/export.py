@@ -9,17 +9,17 @@
     rebuild the base) and `assistant.json` -- small; chat with `chat LLM --visual-encoder CLIP --llava OUT`.
 (b) `--merge`: one standalone dir in transformers' LLaVA format: the base rebuilt, projector loaded,
     LoRA merged; `LlavaForConditionalGeneration.from_pretrained(OUT)` and `AutoProcessor` load it.
-Written to a temporary dir and moved into place: a failed export leaves nothing behind.
+Written through inference/atomic.py (a temporary dir moved into place, usual permissions): a failed export
+leaves nothing behind.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from inference.atomic import check_new_dir, new_dir
 from inference.device import pick
 from inference.loader import ASSISTANT_FILE, read_system_prompt
 from inference.errors import UserError
@@ -55,17 +55,11 @@ def export_adapter(trained, out) -> Path:
 
     trained, out = Path(trained), Path(out)
     read_run_info(trained)
-    _check_out(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with new_dir(out) as tmp:
         for name in ADAPTER_FILES:
             if (trained / name).is_file():
                 shutil.copy2(trained / name, tmp / name)
         AutoProcessor.from_pretrained(trained).save_pretrained(tmp)
-        _move(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -76,7 +70,7 @@ def export_merged(trained, out, model=None, visual_encoder=None, dtype: str = "f
     from inference.image_chat import apply_trained
     trained, out = Path(trained), Path(out)
     info = read_run_info(trained)
-    _check_out(out)
+    check_new_dir(out)                   # before the base is rebuilt, not after
     placement = pick(device, dtype)
     llava, _ = load_base(base_for(info, model, visual_encoder), placement.dtype, placement.device)
     llava = apply_trained(llava, trained)
@@ -85,18 +79,6 @@ def export_merged(trained, out, model=None, visual_encoder=None, dtype: str = "f
     processor = AutoProcessor.from_pretrained(trained)
     return save_llava(llava, processor, out, read_system_prompt(trained), trained_from=str(trained),
                       stage=info.get("stage"))
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: already exists and is not empty -- choose a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-
-def _move(tmp: Path, out: Path) -> None:
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
 
 
 def main(argv=None) -> int:

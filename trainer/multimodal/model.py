@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from inference.atomic import new_dir
+from inference.atomic import new_dir, new_file
 from inference.device import pick
 from inference.errors import UserError
 from inference.llava_model import build_llava, image_token_count, is_llava_dir, load_projector
@@ -63,11 +63,14 @@ def trained_projector(model):
 
 
 def save_projector(model, path) -> None:
-    from safetensors.torch import save_file
+    """projector.safetensors, whole or not at all: a checkpoint killed mid-save never holds half a file,
+    and the file gets the usual permissions (safetensors' own writer leaves a private 0600 file)."""
+    from safetensors.torch import save
 
     module = trained_projector(model)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "module": "multi_modal_projector"})
+    with new_file(path, "wb") as f:        # a few MB at most: serialised in memory, then written
+        f.write(save(state, metadata={"format": "pt", "module": "multi_modal_projector"}))
 
 
 def main(argv=None) -> int:

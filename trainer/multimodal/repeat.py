@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from inference.atomic import new_file
 from trainer.data.formats import read_records, write_jsonl
 from inference.errors import UserError
 
@@ -27,15 +26,8 @@ def repeat(src, out, n: int) -> int:
         raise UserError(f"{out}: output is the input file -- choose another output path")
     records = [rec for _, rec in read_records(src)] * n
     if out.suffix == ".json":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(records, f, ensure_ascii=False, indent=1)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with new_file(out) as f:          # whole or not at all, with a plain file's permissions
+            json.dump(records, f, ensure_ascii=False, indent=1)
     else:
         write_jsonl(out, records)
     return len(records)

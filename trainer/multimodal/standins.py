@@ -109,7 +109,9 @@ def train_tiny_vision(captions_path, out_dir, steps: int = 200, seed: int = 0, f
         opt.zero_grad()
         loss.backward()
         opt.step()
-    out_dir = Path(out_dir)
-    tower.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    from inference.atomic import new_dir
+
+    with new_dir(out_dir) as tmp:          # whole or not at all: a half-saved tower would load as garbage
+        tower.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)

@@ -19,8 +19,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from inference.atomic import new_dir
 from inference.device import pick
 from inference.loader import write_assistant_file
 from trainer.engine import checkpoints
@@ -116,16 +115,16 @@ def check_resume_stage(checkpoint: Path | None, cfg: MultimodalConfig) -> None:
 
 
 def save_final(trainer, model, processor, cfg: MultimodalConfig, info: dict, work_dir: Path) -> Path:
-    """WORK_DIR/final, written beside and renamed into place: never half-written."""
-    final, tmp = work_dir / "final", work_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.stage == "finetune":
-        trainer.save_model(str(tmp))          # the PEFT adapter (the projector inside as a saved module)
-        (tmp / "training_args.bin").unlink(missing_ok=True)
-    write_run_files(tmp, model, processor, info)
-    write_assistant_file(tmp, cfg.system_prompt, base_model=str(info["base"].get("llava") or info["base"]["llm"]))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    """WORK_DIR/final through inference/atomic.py, as the text engine's: written beside, swapped in only
+    when complete (an older final/ stays until then), usual permissions; a failure leaves nothing."""
+    final = work_dir / "final"
+    with new_dir(final, replace=True) as tmp:
+        if cfg.stage == "finetune":
+            trainer.save_model(str(tmp))          # the PEFT adapter (the projector inside as a saved module)
+            (tmp / "training_args.bin").unlink(missing_ok=True)
+        write_run_files(tmp, model, processor, info)
+        write_assistant_file(tmp, cfg.system_prompt,
+                             base_model=str(info["base"].get("llava") or info["base"]["llm"]))
     return final
 
 
