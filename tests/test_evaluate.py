@@ -112,6 +112,45 @@ def test_best_checkpoint_rule():
     assert eval_report.choose_best([{**_row(10, 1.0, 0.0, None)}], 1.0) is None   # no base, no choice
 
 
+def test_training_keeps_best_by_the_rule_on_known_scores(tmp_path, monkeypatch):
+    """The training-time path (trainer/engine/eval_callback.py: score at each save, copy best/ the moment
+    a checkpoint becomes the best, write eval_report.json) on hand-made scores whose answer is known,
+    tolerance 0.1 (floor 0.9): step 10 knows little; step 20 is good; step 30 knows more but forgot too
+    much (retention 0.5, under the floor); step 40 equals 20 in identity and leaks less -> best is 40,
+    best/ holds step 40's files. A rule that ignored the floor picks 30, one that ignored leakage 20,
+    one that kept the first best 20, one that took the last checkpoint would pass only by luck of order
+    (step 50, worse, comes after)."""
+    import types
+
+    from trainer.engine import eval_callback
+    from trainer.evaluation.evaluate import Scores
+
+    known = {10: Scores(0.4, 0.0, 0.1, 0.99), 20: Scores(0.9, 0.02, 0.1, 0.95), 30: Scores(1.0, 0.0, 0.1, 0.5),
+             40: Scores(0.9, 0.0, 0.1, 0.92), 50: Scores(0.8, 0.0, 0.1, 0.97)}
+    step = {"now": 0}
+    monkeypatch.setattr(eval_callback, "score", lambda *a, **k: known[step["now"]])
+    work = tmp_path / "run"
+    callback = eval_callback.IdentityEval.__new__(eval_callback.IdentityEval)     # no model or data to load
+    callback.cfg = types.SimpleNamespace(retention_tolerance=0.1, system_prompt=None)
+    callback.work_dir, callback.base_dir, callback.max_new_tokens, callback.rows = work, tmp_path / "base", 8, []
+    callback.es = types.SimpleNamespace(source="heldout.jsonl", identity=[1] * 23, general=[1] * 40)
+    callback.ref = types.SimpleNamespace(scores=Scores(0.0, 0.0, 0.1, 1.0))
+    callback._engine = lambda model, system_prompt: None
+    said = []
+    callback.log = said.append
+    model = types.SimpleNamespace(training=False, config=types.SimpleNamespace(use_cache=True), eval=lambda: None)
+    for s in known:
+        (work / f"checkpoint-{s}").mkdir(parents=True)
+        (work / f"checkpoint-{s}" / "adapter_model.safetensors").write_text(f"weights of step {s}")
+        step["now"] = s
+        callback.on_save(types.SimpleNamespace(output_dir=str(work)), types.SimpleNamespace(
+            global_step=s, is_world_process_zero=True), None, model=model)
+    report = json.loads((work / "eval_report.json").read_text(encoding="utf-8"))
+    assert Path(report["best"]).name == "checkpoint-40"
+    assert (work / "best" / "adapter_model.safetensors").read_text() == "weights of step 40"
+    assert [line.endswith("best so far") for line in said] == [True, True, False, True, False]
+
+
 def test_no_best_says_what_to_do():
     rows = [_row(150, 1.0, 0.0, 0.74), {**_row(450, 1.0, 0.0, 0.81), "path": "w/final"}]
     hint = eval_report.no_best_hint(rows, tolerance=0.1)
@@ -191,7 +230,7 @@ def test_train_with_eval_identity_then_eval_cli(tiny_base, identity_files, small
     report = json.loads((work / "eval_report.json").read_text(encoding="utf-8"))
     steps = [r["step"] for r in report["checkpoints"]]
     assert steps == [8, 16] and report["base"]["retention"] == 1.0
-    assert report["best"] == eval_report.choose_best(report["checkpoints"], 1.0)["path"]
+    assert report["best"] in [r["path"] for r in report["checkpoints"]] and (work / "best").is_dir()
     assert (work / "eval_report.png").stat().st_size > 1000
     _load_best(work / "best", tiny_base)
 

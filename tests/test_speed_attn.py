@@ -52,6 +52,31 @@ def test_flex_model_matches_sdpa_on_packed_rows_and_generates_with_sdpa(tiny_bas
     assert flex.config._attn_implementation == "flex_attention"
 
 
+def test_flex_gradients_match_sdpa_on_packed_rows(tiny_base):
+    """A training step through FlexAttention (what `attn_implementation: flex_attention` trains with on
+    CUDA) gives sdpa's gradients on packed rows, every parameter. Needs FlexAttention's backward: torch
+    has none on the CPU, so here it skips with torch's own reason; on a GPU it runs."""
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    ids = torch.randint(5, 1000, (2, 96), device=device)
+    pos = torch.cat([torch.arange(40), torch.arange(56)]).repeat(2, 1).to(device)
+    grads = {}
+    for impl in ("sdpa", "flex_attention"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation=impl, dtype=torch.float32,
+                                                     device_map={"": device})
+        model.train()
+        try:
+            model(input_ids=ids, position_ids=pos, labels=ids).loss.backward()
+        except NotImplementedError as exc:
+            pytest.skip(f"no FlexAttention backward on {device}: {exc}")
+        grads[impl] = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["sdpa"].keys() == grads["flex_attention"].keys() and grads["sdpa"]
+    for name, want in grads["sdpa"].items():
+        torch.testing.assert_close(grads["flex_attention"][name], want, rtol=1e-3, atol=1e-5)
+
+
 def test_flex_falls_back_to_sdpa_for_cpu_training(tiny_base, caplog):
     from inference.device import pick
     from trainer.engine.train import load_model_for_training

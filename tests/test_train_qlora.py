@@ -30,33 +30,51 @@ def test_bits_4_loads_nf4_double_quant_bf16_compute_on_cpu(tiny_base):
 def test_generating_between_steps_leaves_the_4bit_backward_intact(tiny_base):
     """Sample chats run the model in eval mode without grad between training steps. On a CPU with
     AVX512-BF16, bitsandbytes would then repack the 4-bit weights for inference and every later
-    backward through them would be wrong (the lower layers' adapter gradients shrank ~300x)."""
+    backward through them would be wrong (the lower layers' adapter gradients shrank ~300x). Without
+    AVX512-BF16 there is no repack and nothing to check: skipped with the reason. The control (the
+    guard undone) shows the check fails where the bug exists."""
+    from bitsandbytes.functional import has_avx512bf16
+
     from inference.device import pick
     from trainer.engine.config import load_config
     from trainer.engine.train import load_model_for_training
 
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks 4-bit weights here, so the "
+                    "guard (trainer/engine/train.py keep_4bit_training_layout) has nothing to prevent")
     cfg = load_config("tiny", {"model": str(tiny_base)}, ["bits=4", "lora_dropout=0"])
-    torch.manual_seed(0)
-    model = load_model_for_training(cfg, tiny_base, pick("cpu", "fp32"))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:         # non-zero, so gradients reach layer 0 through the frozen 4-bit layers
-            torch.nn.init.normal_(param, std=0.02)
     ids = torch.randint(5, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
 
-    def layer0_grads():
-        model.train()
-        model.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if "layers.0." in n and "lora_A" in n}
+    def grads_around_a_sample_chat(guarded: bool):
+        torch.manual_seed(0)
+        model = load_model_for_training(cfg, tiny_base, pick("cpu", "fp32"))
+        quantized = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+        assert quantized and not any(m.support_avx512bf16_for_cpu for m in quantized)   # the guard is on
+        if not guarded:
+            for m in quantized:
+                m.support_avx512bf16_for_cpu = True
+        for name, param in model.named_parameters():
+            if "lora_B" in name:     # non-zero, so gradients reach layer 0 through the frozen 4-bit layers
+                torch.nn.init.normal_(param, std=0.02)
 
-    before = layer0_grads()
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=ids[:, :5])             # what a sample chat does
-    after = layer0_grads()
+        def layer0_grads():
+            model.train()
+            model.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            return {n: p.grad.clone() for n, p in model.named_parameters() if "layers.0." in n and "lora_A" in n}
+
+        before = layer0_grads()
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids[:, :5])             # what a sample chat does
+        return before, layer0_grads()
+
+    before, after = grads_around_a_sample_chat(guarded=True)
     assert before and before.keys() == after.keys()
     for name in before:
         torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-7)
+    before, after = grads_around_a_sample_chat(guarded=False)       # the bug, reproduced: the check sees it
+    assert any(not torch.allclose(after[n], before[n], rtol=1e-4, atol=1e-7) for n in before)
 
 
 @pytest.fixture(scope="module")
