@@ -193,16 +193,18 @@ serve5)  # session 5: many streams at once through the API (issue 17), the decod
   # random weights with SmolLM2's real tokenizer (carried in .whl/smol-tok): ids decode to text as a trained
   # model's do; vocabulary 49,152 instead of InternLM2's 92,544
   M=$R/model-1.8b-smolvocab
-  SL="python3 bench/serve_load.py --model $M --max-tokens 128 --repeats 2"
+  SL="python3 bench/serve_load.py --model $M --max-tokens 128 --repeats ${REPEATS:-3}"
   step serve_build 150 python3 bench/serve_load.py --random-shape internlm2-1.8b --tokenizer .whl/smol-tok \
     --model $M --engine generate --streams 1 --max-tokens 8 --repeats 1 --out $R/serve_build.json
-  step serve_main 240 $SL --engine generate batched fast --streams 1,4,16 --out $R/serve_gpu.json
-  step serve_serial 120 $SL --engine serial --streams 1,4 --out $R/serve_serial.json
-  rm -rf /tmp/ind-decode
-  step decode_cold 120 python3 bench/decode_speed.py --model $M --impl compile --cache-dir /tmp/ind-decode \
-    --out $R/decode_cold.json
-  python3 bench/serve_load.py --table $R/serve_gpu.json $R/serve_serial.json | tee $L/serve_table.txt
+  step serve_main 200 $SL --engine generate batched fast --streams 1,4,16 --out $R/serve_gpu.json
+  [ "${SWITCH:-0}" = 1 ] && step serve_si1 80 $SL --engine batched --streams 1,16 --switch-interval 0.001 --out $R/serve_si1.json
+  [ "${SWITCH:-0}" = 1 ] && step serve_si20 80 $SL --engine batched --streams 1,16 --switch-interval 0.02 --out $R/serve_si20.json
+  [ "${SERIAL:-0}" = 1 ] && step serve_serial 120 $SL --engine serial --streams 1,4 --out $R/serve_serial.json
   [ -f .whl/diag.py ] && step diag 90 python3 .whl/diag.py $M
+  [ "${COLD:-0}" = 1 ] && { rm -rf /tmp/ind-decode; step decode_cold 120 python3 bench/decode_speed.py --model $M \
+    --impl compile --cache-dir /tmp/ind-decode --out $R/decode_cold.json; }
+  python3 bench/serve_load.py --table $R/serve_gpu.json | tee $L/serve_table.txt
+  grep -h DIAG $L/diag.log
   ;;
 esac
 snap

@@ -46,7 +46,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def serve_forever(model_dir: str, kind: str, port: int, device: str) -> int:
+def serve_forever(model_dir: str, kind: str, port: int, device: str, switch_interval: float | None = None) -> int:
     """The server process: ENGINE on MODEL_DIR behind uvicorn until killed. The clients run in another
     process, as they would on other machines: in one process their threads (SSE parsing) would take the
     GIL from the decode loop and the benchmark would measure that contention, not the server."""
@@ -55,18 +55,20 @@ def serve_forever(model_dir: str, kind: str, port: int, device: str) -> int:
     from inference import load
     from inference.api import create_app
 
+    if switch_interval:
+        sys.setswitchinterval(switch_interval)
     engine = build_engine(load(model_dir, device=device), kind)
     uvicorn.run(create_app(engine, "bench"), host="127.0.0.1", port=port, log_level="warning")
     return 0
 
 
-def start_server(model_dir: Path, kind: str, device: str):
+def start_server(model_dir: Path, kind: str, device: str, switch_interval: float | None = None):
     import subprocess
     import urllib.request
 
     port = _port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--model", str(model_dir), "--port", str(port),
-                             "--device", device])
+                             "--device", device] + (["--switch-interval", str(switch_interval)] if switch_interval else []))
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -192,7 +194,8 @@ def random_model(shape: str, tokenizer_dir: Path, out: Path) -> Path:
     return out
 
 
-def run(model: str, engines: list[str], streams: list[int], max_tokens: int, repeats: int, device: str) -> dict:
+def run(model: str, engines: list[str], streams: list[int], max_tokens: int, repeats: int, device: str,
+        switch_interval: float | None = None) -> dict:
     import torch
 
     from inference import load
@@ -200,7 +203,7 @@ def run(model: str, engines: list[str], streams: list[int], max_tokens: int, rep
 
     model_dir = resolve_model(model) if not Path(model).is_dir() else Path(model)
     loaded = load(str(model_dir), device=device) if "generate" in engines else None
-    result = {"model": str(model_dir), "max_tokens": max_tokens, "repeats": repeats,
+    result = {"model": str(model_dir), "max_tokens": max_tokens, "repeats": repeats, "switch_interval": switch_interval,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "versions": versions(), "date": time.strftime("%Y-%m-%d"), "runs": []}
@@ -209,13 +212,15 @@ def run(model: str, engines: list[str], streams: list[int], max_tokens: int, rep
             reference(loaded, 1, 8)                    # warm-up
             result["note"] = loaded.note
             for n in streams:
+                reference(loaded, n, max_tokens)       # untimed warm-up of this batch size
                 reps = [reference(loaded, n, max_tokens) for _ in range(repeats)]
                 result["runs"].append(summarise(kind, n, reps))
             continue
-        proc, url = start_server(model_dir, kind, device)
+        proc, url = start_server(model_dir, kind, device, switch_interval)
         try:
             one_stream(url, PROMPTS[0], max_tokens, time.perf_counter())   # warm-up: compile, allocator
             for n in streams:
+                level(url, n, max_tokens)      # untimed: the first pass at a new batch size pays warm-up
                 reps = [level(url, n, max_tokens) for _ in range(repeats)]
                 result["runs"].append(summarise(kind, n, reps))
         finally:
@@ -250,9 +255,10 @@ def table(results: list[dict]) -> str:
         ones = {r["engine"]: r["aggregate_tok_s"] for r in res["runs"] if r["streams"] == 1}
         for r in res["runs"]:
             lo, hi = r["aggregate_tok_s_range"]
+            engine = r["engine"] + (f" (switch interval {res['switch_interval']} s)" if res.get("switch_interval") else "")
             base = ones.get(r["engine"])
             ratio = f"{r['aggregate_tok_s'] / base:.2f}" if base else "n/a"
-            lines.append(f"| {Path(res['model']).name} | {device} | {r['engine']} | {r['streams']} | "
+            lines.append(f"| {Path(res['model']).name} | {device} | {engine} | {r['streams']} | "
                          f"{r['aggregate_tok_s']:.1f} ({lo:.1f}-{hi:.1f}) | {ratio} | {r['per_stream_tok_s']:.1f} | "
                          f"{r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} |")
     return "\n".join(lines)
@@ -273,10 +279,11 @@ def main(argv=None) -> int:
     p.add_argument("--table", nargs="+", metavar="JSON")
     p.add_argument("--serve", choices=["batched", "serial", "fast"], help=argparse.SUPPRESS)   # the server process
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--switch-interval", type=float, help="the server's sys.setswitchinterval (default Python's 0.005 s)")
     p.add_argument("--smoke", action="store_true", help="CPU, 1 and 2 streams, 8 tokens (default model: tiny)")
     a = p.parse_args(argv)
     if a.serve:
-        return serve_forever(a.model, a.serve, a.port, a.device)
+        return serve_forever(a.model, a.serve, a.port, a.device, a.switch_interval)
     if a.table:
         print(table([json.loads(Path(f).read_text()) for f in a.table]))
         return 0
@@ -285,7 +292,8 @@ def main(argv=None) -> int:
         a.model = a.model if a.model != "smollm2" else "tiny"
     if a.random_shape:
         random_model(a.random_shape, a.tokenizer, Path(a.model))
-    res = run(a.model, a.engine, [int(s) for s in a.streams.split(",")], a.max_tokens, a.repeats, a.device)
+    res = run(a.model, a.engine, [int(s) for s in a.streams.split(",")], a.max_tokens, a.repeats, a.device,
+              a.switch_interval)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     print(table([res]))

@@ -97,6 +97,18 @@ class Batcher:
                top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None) -> Iterator[int]:
         """The reply's token ids as they are decoded (stop token excluded). Closing the iterator (a
         consumer that goes away) takes the request out of the batch at the next step."""
+        chunks = self.token_chunks(prompt, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        try:
+            for chunk in chunks:
+                yield from chunk
+        finally:
+            chunks.close()
+
+    def token_chunks(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                     top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None) -> Iterator[list[int]]:
+        """Like `tokens`, but each item is every token decoded since the consumer last asked: one token
+        while it keeps up; several once it falls behind, so a busy server does its per-reply work
+        (detokenising, one SSE event) once per wake-up instead of once per token."""
         gen = None
         if temperature and temperature > 0:
             gen = torch.Generator(device=self.model.device)
@@ -106,13 +118,24 @@ class Batcher:
         self._waiting.put(req)
         self._wake.set()
         try:
-            while True:
-                item = req.out.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            ended = False
+            while not ended:
+                items = [req.out.get()]
+                while True:
+                    try:
+                        items.append(req.out.get_nowait())
+                    except queue.Empty:
+                        break
+                chunk = []
+                for item in items:
+                    if item is _END:
+                        ended = True
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    chunk.append(item)
+                if chunk:
+                    yield chunk
         finally:
             req.cancelled.set()
             self._wake.set()

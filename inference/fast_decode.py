@@ -270,8 +270,9 @@ class StaticDecoder:
                       "fallback": self.fallback, "warmup_s": self.warmup_s}
 
 
-def stream_text(tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
-    """The growing reply text, as `TextIteratorStreamer(skip_special_tokens=True)` would show it.
+def stream_text(tokenizer, token_ids: Iterator[int | list[int]]) -> Iterator[str]:
+    """The growing reply text, as `TextIteratorStreamer(skip_special_tokens=True)` would show it. Items are
+    token ids, or lists of them (inference/batching.py hands over all tokens decoded since the last ask).
 
     Incremental: each token decodes only a short window (from the start of the previous piece), not the
     whole reply, so a token costs the same at the end of a long reply as at its start -- with many
@@ -281,8 +282,11 @@ def stream_text(tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
     ids: list[int] = []
     text = ""
     start = done = 0              # window start; ids[:done] are already in `text`
-    for tid in token_ids:
-        ids.append(tid)
+    for item in token_ids:
+        if isinstance(item, list):
+            ids.extend(item)
+        else:
+            ids.append(item)
         before = tokenizer.decode(ids[start:done], skip_special_tokens=True)
         after = tokenizer.decode(ids[start:], skip_special_tokens=True)
         if after.endswith("\ufffd") or len(after) <= len(before):   # half a character, or nothing shown yet
