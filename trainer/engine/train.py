@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from inference.device import pick
+from inference.device import cpu_has_amx, pick
 from inference.loader import check_model_dir, quantization_config, write_assistant_file
 from trainer.engine import checkpoints
 from trainer.engine import distributed
@@ -155,6 +155,9 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print, model_
     placement = pick("auto", cfg.dtype)
     if cfg.bits and placement.device == "cpu" and cfg.dtype == "auto":
         placement = pick("cpu", "fp32")
+    elif placement.device == "cpu" and cfg.dtype == "auto" and cfg.method == "lora" and cpu_has_amx():
+        # bf16 frozen weights under fp32 LoRA weights (PEFT keeps adapters in fp32): 1.55x on AMX CPUs
+        placement = pick("cpu", "bf16")
     checkpoint = prepare_work_dir(work_dir, model_dir, cfg, resume, echo, overwrite)   # fail fast, before loading
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
