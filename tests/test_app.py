@@ -9,7 +9,10 @@ it answers a fact question right) with a note saying so, and
 a space_config.json preset is read when the environment names no model; a
 missing repo, a repo without weights, LFS pointers never pulled and a double setting each give one
 clear line in the log and on the page (and as the chat answer), no traceback; 20 concurrent chats
-against the launched app are all answered; the GPU fallback picks 4-bit or CPU when memory is short.
+against the launched app are all answered; a port taken between its pick and the server's start
+costs nothing (retried, or the app reports the next port it bound); on a real GPU with too little
+free memory the loader falls back to 4-bit, else to the CPU, and says why (skipped, with the reason,
+where there is no CUDA GPU).
 A multimodal model (the tiny LLaVA of tests/conftest.py, merged export) gets an image box: through
 gradio_client with handle_file, each held-out image's colour question gets the engine's own greedy
 answer, which is the right colour; a follow-up without a file stays about that image; a file that is
@@ -17,45 +20,27 @@ no image is a one-line answer; a text model keeps the plain text box.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import re
 import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from inference.device import Placement, fit_gpu
+from inference.device import Placement
 from inference.loader import param_count
+from ports import serving, start_app, stop
 from test_fetch import make_model_repo
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "Lumi"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serving(demo):
-    """The demo launched in this process on a free loopback port; yields its URL."""
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
 
 
 def import_app(model_path: Path):
@@ -86,28 +71,19 @@ def test_model_repo_is_cloned_served_and_reused(app, merged_model, tmp_path, cap
     from gradio_client import Client
 
     remote = make_model_repo(merged_model, tmp_path / "lumi.git")
-    port, log_path, cache = free_port(), tmp_path / "app.log", tmp_path / "cache"
-    env = {**os.environ, "MODEL_REPO": str(remote), "OWN_ASSISTANT_CACHE": str(cache),
-           "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}
+    log_path, cache = tmp_path / "app.log", tmp_path / "cache"
+    env = {**os.environ, "MODEL_REPO": str(remote), "OWN_ASSISTANT_CACHE": str(cache)}
     env.pop("MODEL_PATH", None)
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, url = start_app([sys.executable, "app.py"], ROOT, env, log_path)   # listening: its log says so
     try:
-        url, client, deadline = f"http://127.0.0.1:{port}/", None, time.time() + 180
-        while client is None and proc.poll() is None and time.time() < deadline:
-            try:
-                client = Client(url, verbose=False)
-            except Exception:        # noqa: BLE001 -- not listening yet
-                time.sleep(0.5)
-        assert client is not None, log_path.read_text()
+        client = Client(url, verbose=False)
         partials = [str(p) for p in client.submit(message="你是谁", system_prompt="", temperature=0, top_p=0.9,
                                                   max_new_tokens=64, api_name="/chat")]
         assert len(partials) >= 3 and growing(partials), partials
         assert NAME in partials[-1]
         assert "CPU (float32)" in page_config(url)                    # the device is on the page
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
     text = log_path.read_text()
     assert "git clone into" in text and "Cloning into" in text and "git lfs pull" in text, text
     assert "fetched commit" in text and re.search(r"serving \S*lumi-\w+ on CPU \(float32\)", text), text
@@ -241,19 +217,97 @@ def test_twenty_concurrent_chats(app):
     assert all(NAME in a for q, a in zip(questions, answers) if q in ("你是谁", "Who are you?")), answers
 
 
-def test_gpu_too_small_falls_back(merged_model):
-    n = param_count(merged_model)
-    assert abs(n * 4 - (merged_model / "model.safetensors").stat().st_size) < 64 * 1024   # fp32 on disk
-    gpu = Placement("cuda", torch.bfloat16)
-    big = 8 * 10 ** 9
-    assert fit_gpu(big, gpu, free_bytes=80 * 2 ** 30, have_bnb=True) == (gpu, None, "")
-    placement, bits, why = fit_gpu(big, gpu, free_bytes=12 * 2 ** 30, have_bnb=True)
-    assert (placement, bits) == (gpu, 4) and "4-bit" in why
-    placement, bits, why = fit_gpu(big, gpu, free_bytes=12 * 2 ** 30, have_bnb=False)
-    assert (placement.device, placement.dtype, bits) == ("cpu", torch.float32, None) and "bitsandbytes" in why
-    assert fit_gpu(big, gpu, free_bytes=2 * 2 ** 30, have_bnb=True)[0].device == "cpu"   # even 4-bit won't fit
+def test_a_port_taken_after_the_pick_is_retried(app, merged_model, tmp_path, monkeypatch):
+    """The gap between picking a free port and the server binding it (tests/ports.py): here another
+    listener takes the picked port in that gap. The in-process demo retries, `python app.py` moves on to
+    the next free port and reports it; each ends up on a port it holds, and the test talks to it, not
+    to the squatter."""
+    import ports
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken, pick = squatter.getsockname()[1], ports.pick_port
+        picks = iter([taken, pick(), taken])
+        monkeypatch.setattr(ports, "pick_port", lambda: next(picks))
+        with serving(app.demo) as url:
+            assert url != f"http://127.0.0.1:{taken}/" and "CPU (float32)" in page_config(url)
+        env = {**os.environ, "MODEL_PATH": str(merged_model)}
+        env.pop("MODEL_REPO", None)
+        log_path = tmp_path / "app.log"
+        proc, url = start_app([sys.executable, "app.py"], ROOT, env, log_path)
+        try:
+            assert url != f"http://127.0.0.1:{taken}/" and "CPU (float32)" in page_config(url)
+        finally:
+            stop(proc)
+
+
+NO_GPU = ("needs a CUDA GPU: the fallback reads the GPU's free memory (torch.cuda.mem_get_info) and loads "
+          "4-bit there; on a CPU-only machine load() places the model on the CPU, with nothing to fall back from")
+
+
+def hold_gpu_memory(free: float) -> torch.Tensor:
+    """A real allocation that leaves about `free` bytes of this GPU free, as another process would."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.empty(max(torch.cuda.mem_get_info()[0] - int(free), 0), dtype=torch.uint8, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+def test_gpu_too_small_falls_back(tiny_base, tmp_path, monkeypatch):
+    """The serving loader (inference.load, what app.start calls) on a real GPU whose free memory a real
+    allocation cuts down, with a ~200M-parameter Llama: room for bf16 -> bf16 on the GPU; room for nf4
+    only -> 4-bit (bitsandbytes Linear4bit on the GPU) and a one-line note saying why; the same without
+    bitsandbytes, or with no room even for nf4 -> CPU fp32 and a note. Every loaded model answers."""
+    import bitsandbytes as bnb
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from inference.device import HEADROOM
+    from inference.loader import load
+
+    big = tmp_path / "big"
+    config = AutoConfig.from_pretrained(tiny_base)
+    config.update(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=16,
+                       num_key_value_heads=16, head_dim=64))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(big)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(big)
+    n = param_count(big)
+    assert n > 150_000_000
+    bf16_need, nf4_need = n * 2 * HEADROOM, n * 0.6 * HEADROOM
+    hi = [{"role": "user", "content": "hi"}]
+
+    def served(free: float | None) -> tuple[Placement, str, set, int, list]:
+        """(placement, note, devices of the weights, Linear4bit count, greedy reply ids) of load(big)
+        with about `free` bytes of the GPU free (None: all of it)."""
+        hold = hold_gpu_memory(free) if free is not None else None
+        loaded = load(big)                                    # device auto, bits None: the app's call
+        del hold
+        devices = {p.device.type for p in loaded.model.parameters()}
+        four_bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
+        ids = loaded.engine(fast_decode=False).greedy_ids(hi, 4)
+        return loaded.placement, loaded.note, devices, four_bit, ids
+
+    placement, note, devices, four_bit, ids = served(None)    # the whole GPU: as is
+    assert (placement.device, devices, four_bit) == ("cuda", {"cuda"}, 0) and "GPU too small" not in note, note
+    assert ids
+
+    placement, note, devices, four_bit, ids = served((nf4_need + bf16_need) / 2)
+    assert (placement.device, devices, four_bit) == ("cuda", {"cuda"}, 7 * 12), note   # q k v o gate up down
+    assert re.search(r", 4-bit on .*\(GPU too small \(\d+\.\d GiB needed in bfloat16, \d+\.\d GiB free\): "
+                     r"loading 4-bit\)$", note), note
+    assert ids
+
     cpu = Placement("cpu", torch.float32)
-    assert fit_gpu(big, cpu, free_bytes=0, have_bnb=True) == (cpu, None, "")
+    with monkeypatch.context() as mp:                          # bitsandbytes not installed (find_spec: None)
+        mp.setitem(sys.modules, "bitsandbytes", None)
+        placement, note, devices, four_bit, ids = served((nf4_need + bf16_need) / 2)
+    assert (placement, devices, four_bit) == (cpu, {"cpu"}, 0), note
+    assert note.endswith(" GiB free) and bitsandbytes is not installed: running on CPU)") and ids, note
+
+    placement, note, devices, four_bit, ids = served(nf4_need / 2)   # not even room for nf4
+    assert (placement, devices, four_bit) == (cpu, {"cpu"}, 0), note
+    assert note.endswith(" GiB free): running on CPU)") and ids, note
 
 
 def test_multimodal_model_takes_an_image_through_the_api(mm_merged, mm_colour_images, tmp_path):

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ import publish
 import yaml
 
 from fake_hub import isolated_git_env
+from ports import start_app, stop
 
 ROOT = Path(publish.__file__).resolve().parent.parent    # the project root: `python -m publish` runs there
 
@@ -34,12 +33,6 @@ def publish(*args, env) -> subprocess.CompletedProcess:
 
 def git(*args, cwd=None, env=None) -> str:
     return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=True).stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_publish_app_clone_imports_and_serves(merged_model, identity_files, tmp_path):
@@ -85,35 +78,21 @@ def test_publish_app_clone_imports_and_serves(merged_model, identity_files, tmp_
     # Serve: app.py from the clone, pointed at the model repo, answers through the /chat API.
     from gradio_client import Client
 
-    port = free_port()
     env.pop("PYTHONPATH", None)          # only the clone's own files may serve
     # A Space image has git-lfs installed and set up (`git lfs install`); the app's fetch relies on it.
     subprocess.run(["git", "lfs", "install"], env=env, check=True, capture_output=True)
-    run_env = {**env, "MODEL_REPO": str(model_repo), "GRADIO_SERVER_PORT": str(port),
-               "OWN_ASSISTANT_CACHE": str(tmp_path / "cache"),
-               "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-s", "app.py"], cwd=clone, env=run_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    run_env = {**env, "MODEL_REPO": str(model_repo), "OWN_ASSISTANT_CACHE": str(tmp_path / "cache"),
+               "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    proc, url = start_app([sys.executable, "-s", "app.py"], clone, run_env, tmp_path / "app.log")
     try:
-        url, deadline = f"http://127.0.0.1:{port}/", time.time() + 180
-        client = None
-        while client is None and time.time() < deadline and proc.poll() is None:
-            try:
-                client = Client(url, verbose=False)
-            except Exception:      # noqa: BLE001 -- not listening yet
-                time.sleep(1)
-        assert client is not None, f"app did not start: {proc.stdout.read() if proc.poll() is not None else ''}"
+        client = Client(url, verbose=False)
         # Greedy, no system prompt (as trained): the tuned model from the published repo names itself.
         partials = [str(p) for p in client.submit("你是谁？", "", 0.0, 0.9, 48, api_name="/chat")]
         assert not partials[-1].startswith("⚠️"), partials[-1]          # the app's "model not loaded" reply
         assert len(partials) >= 2 and all(b.startswith(a) for a, b in zip(partials, partials[1:]))
         assert identity_files["name"] in partials[-1], partials[-1]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def test_publish_app_to_hf_space(tmp_path):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import pytest
 import publish
 
 from fake_hub import FakeHub, isolated_git_env, remote_snapshot
+from ports import refused_port
 
 ROOT = Path(publish.__file__).resolve().parent.parent    # the project root: `python -m publish` runs there
 TOKEN = f"oxt-{uuid.uuid4().hex}"
@@ -106,12 +106,6 @@ def test_token_never_lands_anywhere(merged_model, tmp_path, hub, monkeypatch, ca
     assert TOKEN.encode() not in all_bytes(clone)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("case", ["rejected", "wrong-token", "unreachable"])
 def test_failed_push_says_what_failed_without_token(merged_model, tmp_path, hub, case):
     env = {**isolated_git_env(tmp_path / "home"), "OPENXLAB_ENDPOINT": hub.url, "OPENXLAB_USER": "alice",
@@ -124,10 +118,11 @@ def test_failed_push_says_what_failed_without_token(merged_model, tmp_path, hub,
         hook.chmod(0o755)
     elif case == "wrong-token":
         env["OPENXLAB_TOKEN"] = TOKEN[::-1]
-    else:
-        env["OPENXLAB_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
-    r = subprocess.run([sys.executable, "-m", "publish", "model", str(merged_model), "--to", "openxlab:alice/lumi"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    with refused_port() as port:             # held here, never listening: nothing else can answer on it
+        if case == "unreachable":
+            env["OPENXLAB_ENDPOINT"] = f"http://127.0.0.1:{port}"
+        r = subprocess.run([sys.executable, "-m", "publish", "model", str(merged_model), "--to",
+                            "openxlab:alice/lumi"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], r.stdout + r.stderr
