@@ -53,7 +53,11 @@ class ImageChatEngine(ChatEngine):
     the image tag goes into the first user turn that survives context trimming (so the image is never
     trimmed away), its token is expanded to the model's placeholders, and `generate` gets the pixels."""
 
-    def __init__(self, model, processor, image=None, system_prompt: str | None = None, max_context: int | None = None):
+    def __init__(self, model, processor, image=None, system_prompt: str | None = None, max_context: int | None = None,
+                 max_batch: int = 1):
+        # max_batch is accepted for the front ends' one call and not used: image chats are decoded one at a
+        # time through generate (the batcher stacks text-only prompts; each image chat carries its pixels)
+        del max_batch
         text_config = model.config.get_text_config()
         super().__init__(model, processor.tokenizer, system_prompt=system_prompt,
                          max_context=max_context or getattr(text_config, "max_position_embeddings", 2048))
