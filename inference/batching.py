@@ -49,12 +49,16 @@ class _Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     length: int = 0          # real (unpadded) tokens of this row in the KV cache
+    procs: LogitsProcessorList = field(init=False)
+
+    def __post_init__(self):
+        self.procs = self._processors()        # built once, applied every step
 
     @property
     def greedy(self) -> bool:
         return not self.temperature or self.temperature <= 0
 
-    def processors(self) -> LogitsProcessorList:
+    def _processors(self) -> LogitsProcessorList:
         procs = LogitsProcessorList()
         if self.repetition_penalty and self.repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
@@ -219,11 +223,10 @@ class Batcher:
         row's own processors and generator otherwise."""
         out = logits.argmax(-1).tolist()
         for i, req in enumerate(reqs):
-            procs = req.processors()
-            if not procs:
+            if not req.procs:
                 continue
             seen = torch.tensor([req.prompt + req.generated], device=logits.device)
-            scores = procs(seen, logits[i:i + 1])
+            scores = req.procs(seen, logits[i:i + 1])
             if req.greedy:
                 out[i] = int(scores.argmax(-1))
             else:

@@ -56,7 +56,7 @@ def fit_to_context(tokenizer, messages: list[dict], budget: int) -> tuple[list[i
 
 
 # Rows decoded together by a serving engine (app, Streamlit demo, API): 4 streams of the real base on
-# 2 CPU cores give ~2.4x the tokens/s of one (bench/serve_load.py, docs/BENCHMARKS.md).
+# 2 CPU cores give 2.3x the tokens/s of one (bench/serve_load.py, docs/BENCHMARKS.md).
 SERVING_BATCH = 8
 
 
@@ -76,9 +76,9 @@ class _IdStreamer(BaseStreamer):
     TextIteratorStreamer decodes inside the generate loop; with it, generate on an H100 ran at 62-64
     ms/token against 22 without (1.8B shape, .whl/diag.py in bench/gpu_suite.sh serve5, 2026-12-06)."""
 
-    def __init__(self):
+    def __init__(self, skip_prompt: bool = True):
         self.queue: queue.Queue = queue.Queue()
-        self._prompt_skipped = False
+        self._prompt_skipped = not skip_prompt
         self._ended = False
 
     def put(self, value):
@@ -200,10 +200,11 @@ class ChatEngine:
 
     def _stream_fast(self, input_ids, max_new_tokens, temperature, top_p, stream_text) -> Iterator[str]:
         """The CUDA static-cache decoder, run by a worker thread that holds the lock, so a consumer that
-        pauses or leaves never keeps the model locked: leaving stops the worker after one token."""
-        out: queue.Queue = queue.Queue()
+        pauses or leaves never keeps the model locked: leaving stops the worker after one token. The
+        tokens travel through the same `_IdStreamer` queue as the generate path's."""
+        streamer = _IdStreamer(skip_prompt=False)    # the decoder hands over new tokens only
         stop = threading.Event()
-        done = object()
+        errors: list[BaseException] = []
 
         def run():
             try:
@@ -211,23 +212,20 @@ class ChatEngine:
                     for tid in self.fast.tokens(input_ids, max_new_tokens, self.stop, temperature, top_p):
                         if stop.is_set():
                             break
-                        out.put(tid)
-            except BaseException as exc:
-                out.put(exc)
-            out.put(done)
-
-        def drain():
-            while (item := out.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                        streamer.queue.put([tid])
+            except BaseException as exc:  # surfaced to the caller below
+                errors.append(exc)
+            streamer.end()
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         try:
-            yield from stream_text(self.tokenizer, drain())
+            yield from stream_text(self.tokenizer, streamer.ids())
         finally:
             stop.set()
+        thread.join()
+        if errors:
+            raise errors[0]
 
     def chat(self, messages: list[dict], **kwargs) -> str:
         """The whole reply at once (greedy by default)."""
