@@ -49,6 +49,7 @@ class _Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     length: int = 0          # real (unpadded) tokens of this row in the KV cache
+    slot: int = -1           # SlotBatcher: the cache slot this request decodes in
     procs: LogitsProcessorList = field(init=False)
 
     def __post_init__(self):
@@ -170,7 +171,10 @@ class Batcher:
             except BaseException as exc:      # a failed step fails every running request, not the server
                 for req in self._active:
                     req.out.put(exc)
-                self._active, self._cache, self._mask = [], None, None
+                self._reset()
+
+    def _reset(self) -> None:
+        self._active, self._cache, self._mask = [], None, None
 
     def _forward(self, **kwargs) -> torch.Tensor:
         with self.lock, torch.no_grad():
@@ -206,10 +210,7 @@ class Batcher:
     def _step(self) -> None:
         reqs = self._active
         self.peak = max(self.peak, len(reqs))
-        last = torch.tensor([[r.generated[-1]] for r in reqs], device=self.model.device)
-        positions = torch.tensor([[r.length] for r in reqs], device=self.model.device)
-        self._mask = torch.cat([self._mask, torch.ones(len(reqs), 1, dtype=torch.long, device=self._mask.device)], 1)
-        logits = self._forward(input_ids=last, attention_mask=self._mask, position_ids=positions, cache=self._cache)
+        logits = self._decode(reqs)
         keep = []
         for i, (req, tok) in enumerate(zip(reqs, self._pick(reqs, logits))):
             req.length += 1
@@ -217,6 +218,13 @@ class Batcher:
                 keep.append(i)
         if len(keep) < len(reqs):
             self._keep(keep)
+
+    def _decode(self, reqs: list[_Request]) -> torch.Tensor:
+        """One forward pass of shape (B, 1): each row's last token at its own position; logits [B, V]."""
+        last = torch.tensor([[r.generated[-1]] for r in reqs], device=self.model.device)
+        positions = torch.tensor([[r.length] for r in reqs], device=self.model.device)
+        self._mask = torch.cat([self._mask, torch.ones(len(reqs), 1, dtype=torch.long, device=self._mask.device)], 1)
+        return self._forward(input_ids=last, attention_mask=self._mask, position_ids=positions, cache=self._cache)
 
     def _pick(self, reqs: list[_Request], logits: torch.Tensor) -> list[int]:
         """The next token of each row: argmax for plain greedy rows (one call for all of them), the
@@ -258,7 +266,7 @@ class Batcher:
     def _keep(self, rows: list[int]) -> None:
         """Keep only ROWS of the running batch, then cut the columns that are padding in every row."""
         if not rows:
-            self._active, self._cache, self._mask = [], None, None
+            self._reset()
             return
         self._active = [self._active[i] for i in rows]
         index = torch.tensor(rows, device=self._mask.device)
@@ -268,6 +276,56 @@ class Batcher:
         for layer in self._cache.layers:
             layer.keys = layer.keys[index, :, first:]
             layer.values = layer.values[index, :, first:]
+
+
+class SlotBatcher(Batcher):
+    """The same requests, sampling and cancellation, decoded in fixed cache slots (inference/slot_decode.py):
+    joining is a prefill into a free slot, leaving frees it, and each step is one compiled, graph-replayed
+    pass over all slots. For CUDA, where the dynamic cache's per-step host work is the cost."""
+
+    def __init__(self, model, stop_ids: list[int], max_batch: int = 8, lock: threading.Lock | None = None,
+                 max_len: int = 4096, **decoder_opts):
+        super().__init__(model, stop_ids, max_batch, lock)
+        from inference.slot_decode import SlotDecoder
+
+        self.decoder = SlotDecoder(model, slots=max_batch, length=max_len, **decoder_opts)
+        self._free = list(range(max_batch))[::-1]
+
+    def _reset(self) -> None:
+        self._active, self._free = [], list(range(self.max_batch))[::-1]
+
+    def _admit(self, req: _Request) -> None:
+        if req.cancelled.is_set():
+            req.out.put(_END)
+            return
+        room = self.decoder.length - len(req.prompt)       # the engine trims prompts to fit its context
+        if room <= 0:
+            req.out.put(ValueError(f"prompt of {len(req.prompt)} tokens does not fit the {self.decoder.length}-token "
+                                   f"cache slot"))
+            return
+        req.max_new_tokens = min(req.max_new_tokens, room)
+        req.slot = self._free.pop()
+        with self.lock:
+            logits = self.decoder.prefill(req.slot, torch.tensor([req.prompt])).float()
+        req.length = len(req.prompt)
+        if self._emit(req, self._pick([req], logits)[0]):
+            self._free.append(req.slot)                    # ended on its first token: it never joins
+            return
+        self._active.append(req)
+
+    def _decode(self, reqs: list[_Request]) -> torch.Tensor:
+        tokens, positions = [0] * self.max_batch, [0] * self.max_batch     # free slots decode a dummy token
+        for r in reqs:
+            tokens[r.slot], positions[r.slot] = r.generated[-1], r.length
+        window = self.decoder.window(max(r.length for r in reqs) + 1)
+        with self.lock:
+            logits = self.decoder.decode(tokens, positions, window)
+            return logits[torch.tensor([r.slot for r in reqs], device=logits.device)].float()
+
+    def _keep(self, rows: list[int]) -> None:
+        kept = set(rows)
+        self._free += [r.slot for i, r in enumerate(self._active) if i not in kept]
+        self._active = [self._active[i] for i in rows]
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

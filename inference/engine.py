@@ -99,7 +99,7 @@ class _IdStreamer(BaseStreamer):
 
 class ChatEngine:
     def __init__(self, model, tokenizer, system_prompt: str | None = None, max_context: int | None = None,
-                 fast_decode: bool | str = False, max_batch: int = 1):
+                 fast_decode: bool | str = False, max_batch: int = 1, batch_decoder: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
@@ -111,10 +111,7 @@ class ChatEngine:
         self.top_k = int(getattr(getattr(model, "generation_config", None), "top_k", None) or 0)
         self.batcher = None
         if max_batch > 1:
-            from inference.batching import Batcher, supports
-
-            if supports(model):
-                self.batcher = Batcher(model, self.stop, max_batch=max_batch, lock=self._lock)
+            self.batcher = self._batcher(max_batch, batch_decoder)
         # opt-in, CUDA only: static cache + CUDA-graph decode (inference/fast_decode.py); CPU keeps generate.
         # True is "compile" (the fused step; models it cannot handle fall back to "graph").
         self.fast = None
@@ -125,6 +122,23 @@ class ChatEngine:
             from inference.fast_decode import StaticDecoder
 
             self.fast = StaticDecoder(model, max_len=min(self.max_context, 4096), mode=mode)
+
+    def _batcher(self, max_batch: int, kind: str):
+        """kind "slots": fixed cache slots, one compiled graph-replayed step (inference/slot_decode.py);
+        "dynamic": the model's own forward over a stacked DynamicCache (any device); "auto": slots on CUDA
+        for the model families they handle, else dynamic. None: this model is served one at a time."""
+        from inference import decode_step
+        from inference.batching import Batcher, SlotBatcher, supports
+
+        if kind not in ("auto", "slots", "dynamic"):
+            raise ValueError(f"batch_decoder={kind!r}: expected 'auto', 'slots' or 'dynamic'")
+        length = min(self.max_context, 4096)
+        if kind == "slots" or (kind == "auto" and self.model.device.type == "cuda"
+                               and not getattr(self.model, "is_quantized", False)     # bnb layers: not captured
+                               and decode_step.unsupported(self.model, length) is None):
+            self.max_context = length             # a prompt and its reply must fit one slot
+            return SlotBatcher(self.model, self.stop, max_batch=max_batch, lock=self._lock, max_len=length)
+        return Batcher(self.model, self.stop, max_batch=max_batch, lock=self._lock) if supports(self.model) else None
 
     def _gen_kwargs(self, max_new_tokens, temperature, top_p, repetition_penalty, top_k: int = 0) -> dict:
         kw = dict(max_new_tokens=max_new_tokens, eos_token_id=self.stop,

@@ -47,16 +47,19 @@ def test_a_batch_of_four_equals_each_reply_alone(loaded):
     assert engine.batcher.peak >= 2, "the requests never shared a decode step"
 
 
-def test_batched_token_ids_equal_generate(loaded):
-    """The batcher's own token stream (ids, not text) against transformers' generate, greedy."""
+@pytest.mark.parametrize("kind", ["dynamic", "slots"])
+def test_batched_token_ids_equal_generate(loaded, kind):
+    """The batcher's own token stream (ids, not text) against transformers' generate, greedy. "slots" is
+    the CUDA decoder (fixed cache slots, inference/slot_decode.py) run eagerly: the same math, no graph."""
     import torch
 
-    from inference.batching import Batcher
+    from inference.batching import Batcher, SlotBatcher
     from inference.chat_format import prompt_ids, with_system
 
     model, tok = loaded.model, loaded.tokenizer
     engine = loaded.engine()
-    batcher = Batcher(model, engine.stop, max_batch=8)
+    batcher = Batcher(model, engine.stop, max_batch=8) if kind == "dynamic" else \
+        SlotBatcher(model, engine.stop, max_batch=8, max_len=256, compile=False, use_graph=False)
     prompts = [prompt_ids(tok, with_system(_ask(q), loaded.system_prompt)) for q in QUESTIONS]
     got = _concurrently(lambda i: list(batcher.tokens(prompts[i], 24)), len(prompts))
     for p, g in zip(prompts, got):
@@ -132,3 +135,33 @@ def test_the_serving_benchmark_runs_end_to_end(tmp_path, merged_model):
     for r in runs:
         assert all(7 * r["streams"] <= rep["tokens"] <= 8 * r["streams"] for rep in r["repeats"]), r
         assert r["aggregate_tok_s"] > 0
+
+
+def test_slots_are_reused_as_requests_come_and_go(loaded):
+    """Slot decoding with fewer slots than requests: later requests wait for a free slot, take the slot
+    an earlier one left (stale keys/values beyond their prompt are masked), and still decode exactly
+    what they decode alone; every slot is free again at the end."""
+    from inference.batching import SlotBatcher
+
+    alone = loaded.engine()
+    want = [alone.chat(_ask(q), max_new_tokens=30) for q in QUESTIONS]
+    engine = loaded.engine()
+    engine.batcher = SlotBatcher(loaded.model, engine.stop, max_batch=2, lock=engine._lock, max_len=256,
+                                 compile=False, use_graph=False)
+    got = _concurrently(lambda i: engine.chat(_ask(QUESTIONS[i]), max_new_tokens=30), len(QUESTIONS), stagger=0.01)
+    assert got == want
+    assert engine.batcher.peak == 2
+    assert sorted(engine.batcher._free) == [0, 1] and engine.batcher.running == 0
+
+
+def test_the_engine_picks_slots_on_cuda_only(loaded):
+    """auto: fixed slots where a graph pays (CUDA, Llama family, unquantized); the dynamic cache on CPU.
+    Slots also bound the context: a prompt and its reply must fit one slot."""
+    from inference.batching import Batcher, SlotBatcher
+
+    assert type(loaded.engine(max_batch=4).batcher) is Batcher
+    forced = loaded.engine(max_batch=4, batch_decoder="slots")
+    assert isinstance(forced.batcher, SlotBatcher)
+    assert forced.max_context == forced.batcher.decoder.length == min(loaded.model.config.max_position_embeddings, 4096)
+    with pytest.raises(ValueError, match="batch_decoder"):
+        loaded.engine(max_batch=4, batch_decoder="paged")
