@@ -92,6 +92,21 @@ def test_set_overrides_and_types():
     assert cfg.packing == "auto" and cfg.system_prompt == "You are Lumi."
     assert cfg.evaluation_inputs == ["a", "b"] and cfg.data == ["x.jsonl"]
     assert load_config("tiny", sets=["bits=none"]).bits is None
+    assert load_config("tiny", sets=["bits=auto", "memory_budget_gib=40"]).bits == "auto"
+    assert load_config("tiny", sets=["bits=AUTO"]).bits == "auto" and load_config("tiny", sets=["bits='4'"]).bits == 4
+
+
+def test_bits_auto_picks_bf16_lora_when_the_weights_fit_the_budget():
+    from trainer.engine.config import resolve_bits
+
+    b = 10**9
+    assert resolve_bits("cuda", int(1.9 * b), 24)[0] is None        # InternLM2-1.8B: 3.5 GiB of bf16 weights
+    bits, why = resolve_bits("cuda", int(7.6 * b), 24)                 # Qwen2.5-7B: 14.2 GiB > half of 24
+    assert bits == 4 and "4-bit" in why and "24 GiB" in why
+    assert resolve_bits("cuda", int(7.6 * b), 40)[0] is None          # a bigger budget: bf16
+    assert resolve_bits("cuda", int(6.4 * b), 24)[0] is None          # 11.9 GiB: just fits
+    assert resolve_bits("cuda", int(6.5 * b), 24)[0] == 4             # 12.1 GiB: just does not
+    assert resolve_bits("cpu", 70 * b, 24)[0] is None                 # never 4-bit on the CPU
 
 
 def test_yaml_number_without_dot_is_a_number(tmp_path):
@@ -106,8 +121,10 @@ def test_yaml_number_without_dot_is_a_number(tmp_path):
     (["train", "tiny", "--set", "lora_rank=8"], r"did you mean 'lora_r'"),
     (["train", "tiny", "--set", "lr=fast"], r"--set lr: lr must be a number"),
     (["train", "tiny", "--set", "lr_scheduler=cosin"], r"did you mean 'cosine'"),
-    (["train", "tiny", "--set", "bits=3"], r"bits must be 4, 8 or none"),
-    (["train", "tiny", "--set", "method=full", "--bits", "4"], r"bits 4/8 needs method lora"),
+    (["train", "tiny", "--set", "bits=3"], r"bits must be 4, 8, auto or none"),
+    (["train", "tiny", "--set", "method=full", "--bits", "4"], r"bits 4 needs method lora"),
+    (["train", "tiny", "--set", "method=full", "--bits", "auto"], r"bits auto needs method lora"),
+    (["train", "tiny", "--set", "memory_budget_gib=0"], r"memory_budget_gib must be > 0"),
 ])
 def test_bad_config_is_one_line_error(capsys, argv, pattern):
     rc, _, err = run(capsys, *argv)

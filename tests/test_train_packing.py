@@ -127,3 +127,50 @@ def test_packed_training_reaches_the_same_loss_in_fewer_passes(tiny_base, identi
     assert plain["loss"] < base - 2, (base, plain)                      # it learned something
     assert abs(packed["loss"] - plain["loss"]) < 0.1 * (base - plain["loss"]), (base, plain["loss"], packed["loss"])
     assert packed["passes"] * 2 <= plain["passes"], (packed["passes"], plain["passes"])
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_compiled_runs_pad_the_short_last_batch_to_full_rows_with_the_same_loss_and_gradients(tok_model, samples, packed):
+    """compile: true -> every micro-batch the Trainer's loader yields has batch_size rows (packed: of
+    max_length tokens), so the short last batch of an epoch is no new shape for torch.compile; the
+    added rows carry no label, so loss and gradients are exactly those of the real rows."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from trainer.engine.config import load_config
+    from trainer.engine.dataset import collator_for
+
+    rows = pack(samples, max_length=96) if packed else samples
+    batch_size = 4 if len(rows) % 4 else 3
+    assert len(rows) % batch_size, "the data must end in a short batch"
+    cfg = load_config("tiny", sets=["compile=true", f"batch_size={batch_size}", "max_length=160"])
+    model = AutoModelForCausalLM.from_pretrained(tok_model[1].name_or_path)
+    model.config.use_cache = False
+    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=batch_size, use_cpu=True,
+                             report_to=[], remove_unused_columns=False, dataloader_num_workers=0)
+    shapes = {tuple(b["input_ids"].shape) for b in Trainer(
+        model=model, args=args, train_dataset=rows, data_collator=collator_for(cfg, 0, packed)).get_train_dataloader()}
+    if packed:
+        assert shapes == {(batch_size, 160)}                   # one shape, the last batch too
+    else:
+        assert {s[0] for s in shapes} == {batch_size}
+    plain_loader = Trainer(model=model, args=args, train_dataset=rows,
+                           data_collator=collator_for(load_config("tiny"), 0, packed)).get_train_dataloader()
+    assert {len(b["input_ids"]) for b in plain_loader} == {batch_size, len(rows) % batch_size}    # the control
+
+    last = rows[len(rows) // batch_size * batch_size:]
+    padded, plain = collator_for(cfg, 0, packed)(last), Collator(pad_id=0, packed=packed)(last)
+    assert len(padded["input_ids"]) == batch_size and len(plain["input_ids"]) == len(last)
+    assert (padded["labels"][len(last):] == -100).all()
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_a, grads_a = loss_and_grads(plain)
+    loss_b, grads_b = loss_and_grads(padded)
+    assert torch.isfinite(loss_b) and grads_b.keys() == grads_a.keys()
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-4)

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model dir or embedded base name (overrides the config)")
     p.add_argument("--data", action="append", help="conversation file; repeat for several")
     p.add_argument("--work-dir", help="where checkpoints and the final adapter go")
-    p.add_argument("--bits", choices=["4", "8", "none"], help="4: QLoRA (nf4), 8: int8, none: no quantization")
+    p.add_argument("--bits", choices=["4", "8", "none", "auto"],
+                   help="4: QLoRA (nf4), 8: int8, none: no quantization, auto: none when bf16 fits memory_budget_gib")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set lr=1e-4")
     p.add_argument("--resume", nargs="?", const="latest", help="continue from the latest (or given) checkpoint")

@@ -137,7 +137,7 @@ class LogLine(TrainerCallback):
         eta = (state.max_steps - state.global_step) * elapsed / max(done, 1)
         rec = {"step": state.global_step, "max_steps": state.max_steps, "loss": logs["loss"],
                "lr": logs.get("learning_rate", 0.0), "tokens_per_s": round(tps, 1),
-               "peak_gib": round(peak_memory_gib(), 3), "elapsed_s": round(elapsed, 2),
+               "peak_gib": round(peak_memory_gib(), 3), "elapsed_s": round(elapsed, 4),
                "tokens": int(tokens)}     # exact count, all ranks: the rounded rate x time drifts by ~3% on short runs
         with self.scalars.open("a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")

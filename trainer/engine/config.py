@@ -33,7 +33,9 @@ class TrainConfig:
     system_prompt: str | None = None     # prepended to conversations without one; saved with the adapter
     # --- method ---
     method: str = "lora"                 # lora (an adapter; with bits 4 it is QLoRA) | full (every weight)
-    bits: int | None = None              # 4: nf4 + double quant, bf16 compute (QLoRA) | 8: int8 | None: off
+    bits: int | str | None = None        # 4: nf4 + double quant, bf16 compute (QLoRA) | 8: int8 | None: off |
+                                         # auto: none on CUDA when the bf16 weights fit memory_budget_gib, else 4
+    memory_budget_gib: float = 24.0      # bits auto: the GPU memory this run may use (`resolve_bits`)
     lora_r: int = 16                     # adapter rank: how much the update can express
     lora_alpha: int = 32                 # adapter scale is lora_alpha / lora_r
     lora_dropout: float = 0.05           # dropout on the adapter's input (0 for tiny data sets)
@@ -82,8 +84,9 @@ class TrainConfig:
             setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
         checks = [   # (key the message is about, holds, what to do)
             ("method", self.method in ("lora", "full"), "method must be 'lora' or 'full'"),
-            ("bits", self.bits in (None, 4, 8), "bits must be 4, 8 or none"),
-            ("bits", not (self.bits and self.method == "full"), "bits 4/8 needs method lora (QLoRA)"),
+            ("bits", self.bits in (None, 4, 8, "auto"), "bits must be 4, 8, auto or none"),
+            ("bits", not (self.bits and self.method == "full"), f"bits {self.bits} needs method lora (QLoRA)"),
+            ("memory_budget_gib", self.memory_budget_gib > 0, "memory_budget_gib must be > 0"),
             ("dtype", self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype must be auto, bf16, fp16 or fp32"),
             ("packing", self.packing in (True, False, "auto"), "packing must be true, false or auto"),
             ("lora_r", self.lora_r > 0 and self.lora_alpha > 0, "lora_r and lora_alpha must be > 0"),
@@ -113,6 +116,22 @@ class TrainConfig:
             close = difflib.get_close_matches(self.lr_scheduler, schedulers, n=1)
             hint = f" -- did you mean {close[0]!r}?" if close else f" -- one of: {', '.join(schedulers)}"
             raise ConfigError("lr_scheduler", f"unknown lr_scheduler {self.lr_scheduler!r}{hint}")
+
+
+BF16_SHARE = 0.5    # bits auto: bf16 weights may fill this share of the budget; the rest is activations,
+                    # the adapter and its optimizer state (1.8B shape: 3.5 GiB of weights, 15 GiB peak at 4 x 2,048)
+
+
+def resolve_bits(device: str, n_params: int, budget_gib: float) -> tuple[int | None, str]:
+    """`bits: auto` -> (bits, why): bf16 LoRA (no quantisation) on CUDA when the model's bf16 weights
+    take at most BF16_SHARE of the memory budget, else 4-bit QLoRA; on the CPU never 4-bit (the
+    weights stay in the CPU's dtype: bitsandbytes' CPU kernels are slower than plain matmuls there)."""
+    gib = n_params * 2 / 2**30
+    if device != "cuda":
+        return None, f"{gib:.1f} GiB of bf16 weights, on the CPU: no quantisation"
+    if gib <= BF16_SHARE * budget_gib:
+        return None, f"{gib:.1f} GiB of bf16 weights fit the {budget_gib:g} GiB budget: bf16 LoRA"
+    return 4, f"{gib:.1f} GiB of bf16 weights exceed {BF16_SHARE:.0%} of the {budget_gib:g} GiB budget: 4-bit QLoRA"
 
 
 class ConfigError(UserError):
@@ -148,6 +167,8 @@ def _coerce(name: str, kind: str, value):
             return value.lower()
         raise bad("true or false" + (" or auto" if "str" in kind else ""))
     if kind.startswith(("int", "float")):
+        if "str" in kind and isinstance(value, str) and not re.fullmatch(r"\s*[-+.\deE]+\s*", value):
+            return value.lower()                          # bits: auto
         if isinstance(value, bool):
             raise bad("a number")
         try:

@@ -94,19 +94,28 @@ def digest(rows: list[dict]) -> str:
 
 
 class Collator:
-    """Right-pads a batch; counts the real tokens it has served (for tokens/s in the log)."""
+    """Right-pads a batch; counts the real tokens it has served (for tokens/s in the log).
 
-    def __init__(self, pad_id: int, packed: bool):
+    `rows` / `width` keep the shapes static for a compiled model (`collator_for`): every batch gets
+    at least `rows` rows and `width` tokens. The rows added to an epoch's short last batch carry no
+    label (-100 everywhere), so the loss (a mean over labelled tokens) and the gradients are those of
+    the real rows; torch.compile never meets a new batch shape and never recompiles mid-run."""
+
+    def __init__(self, pad_id: int, packed: bool, rows: int | None = None, width: int | None = None):
         self.pad_id = pad_id
         self.packed = packed
+        self.rows, self.width = rows, width
         self.tokens_seen = 0
 
     def __call__(self, batch: list[dict]) -> dict:
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        pos = torch.zeros((len(batch), width), dtype=torch.long)
+        width = max(max(len(b["input_ids"]) for b in batch), self.width or 0)
+        n_rows = max(len(batch), self.rows or 0)
+        ids = torch.full((n_rows, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((n_rows, width), dtype=torch.long)
+        mask[len(batch):, 0] = 1       # a padding row attends to its first token: an all-masked row is NaN
+        pos = torch.zeros((n_rows, width), dtype=torch.long)      # in some sdpa kernels, and 0 x NaN = NaN
+        pos[len(batch):] = torch.arange(width)                    # packed: a padding row is its own segment
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
             ids[i, :n] = torch.tensor(b["input_ids"])
@@ -119,3 +128,12 @@ class Collator:
         if self.packed:
             return {"input_ids": ids, "labels": labels, "position_ids": pos}
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collator_for(cfg, pad_id: int, packed: bool) -> Collator:
+    """The training collator. With `compile` every micro-batch has `batch_size` rows (and packed rows
+    `max_length` tokens, which they nearly fill anyway): one shape for the whole run, where a short
+    last batch of an epoch used to cost a recompile of every compiled block (7 s on an H100)."""
+    if not getattr(cfg, "compile", False):
+        return Collator(pad_id, packed)
+    return Collator(pad_id, packed, rows=cfg.batch_size, width=cfg.max_length if packed else None)

@@ -11,7 +11,10 @@
 - `compile`: `torch.compile` of every decoder layer's norms, attention and MLP for training steps.
   The eager PEFT/bitsandbytes step launches thousands of small kernels; compiled blocks fuse the
   norms, rotary, SwiGLU, dropout and LoRA additions. Compiling the blocks (not the whole layer)
-  keeps gradient checkpointing's recompute outside the compiled graphs.
+  keeps gradient checkpointing's recompute outside the compiled graphs. The collator keeps the shapes
+  static meanwhile (`collator_for` in trainer/engine/dataset.py): every micro-batch has `batch_size` rows
+  (packed: of `max_length` tokens), label-less rows filling an epoch's short last batch, which used to
+  recompile every block (7 s on an H100, twice in a 2-epoch job).
 - `attn_implementation: flex_attention` (loaded by trainer/engine/train.py): packed rows hold many short
   conversations; sdpa gets them as a dense block-diagonal [row x row] mask and its masked kernel computes
   every score of the row, while FlexAttention's block mask skips the blocks between conversations

@@ -12,6 +12,7 @@ events in `runs/` when tensorboard is installed. Runs on CUDA when present, else
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -24,13 +25,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from inference.device import cpu_has_amx, pick
-from inference.loader import check_model_dir, quantization_config, write_assistant_file
+from inference.loader import check_model_dir, param_count, quantization_config, write_assistant_file
 from trainer.engine import checkpoints
 from trainer.engine import distributed
 from inference.atomic import replace_dir
 from trainer.engine.callbacks import LogLine, LossPlot, ProgressBar, SampleChats
-from trainer.engine.config import TrainConfig, save_config
-from trainer.engine.dataset import MIN_STEPS, Collator, choose_packing, digest, encode_files, optimizer_steps
+from trainer.engine.config import TrainConfig, resolve_bits, save_config
+from trainer.engine.dataset import MIN_STEPS, choose_packing, collator_for, digest, encode_files, optimizer_steps
 from inference.errors import UserError
 from trainer.engine.speed import apply_speedups
 from trainer.engine.eval_callback import IdentityEval
@@ -153,6 +154,10 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print, model_
     work_dir = Path(cfg.work_dir)
     model_dir = Path(model_dir) if model_dir is not None else check_model_dir(cfg.model)
     placement = pick("auto", cfg.dtype)
+    if cfg.bits == "auto":
+        bits, why = resolve_bits(placement.device, param_count(model_dir), cfg.memory_budget_gib)
+        cfg = dataclasses.replace(cfg, bits=bits)      # config.yaml, checkpoints and assistant.json record it
+        echo(f"bits auto: {why}")
     if cfg.bits and placement.device == "cpu" and cfg.dtype == "auto":
         placement = pick("cpu", "fp32")
     elif placement.device == "cpu" and cfg.dtype == "auto" and cfg.method == "lora" and cpu_has_amx():
@@ -193,7 +198,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print, model_
         from tqdm.auto import tqdm
 
         echo = tqdm.write         # log lines print above the bar instead of through it
-    collator = Collator(tokenizer.pad_token_id, packed=packed)
+    collator = collator_for(cfg, tokenizer.pad_token_id, packed)     # compile: static shapes, no recompiles
     on_gpu = placement.device == "cuda"
     args = TrainingArguments(
         output_dir=str(work_dir), per_device_train_batch_size=cfg.batch_size,
