@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite: the one command run on the lent 2 x H200 machine (docs/BENCHMARKS.md).
 #
-#   bash bench/gpu_suite.sh speed|final2|explore|final|multi      # on the GPU machine, from the repo root
+#   bash bench/gpu_suite.sh speed6|speed|final2|explore|final|multi      # on the GPU machine, from the repo root
 #
 # Needs, carried beside the repo in .whl/ (no registry there): the wheels of transformers 5.24.0,
 # peft 0.21.2 and bitsandbytes 0.50.2 (its CUDA 13 build), and .whl/tiny-base (the tiny base, for its
@@ -20,8 +20,16 @@
 #            2,048-token rows and at the preset's own 1,024
 #   serve5:  (session 5) bench/serve_load.py on the 1.8B shape: plain generate, the batcher, the compiled
 #            decoder and the serial generate path at 1/4/16 streams; the compiled decoder's cold first call
+#   serve6:  (session 6) the slot batcher (fixed cache slots, one compiled graph-replayed step) against the
+#            dynamic-cache batcher and plain generate, in the core (bench/batch_decode.py) and through the API
+#            (bench/serve_load.py) at 1/4/16 streams; the generate path's streaming cost at 1 stream
 #   big3:    (session 3) full fine-tuning of the 7B shape with fp32 master weights: one GPU (out of memory?)
 #            and FSDP2 on two, with each process's memory on each GPU
+#   speed6:  (session 6, issue 19; ONE GPU, H100 or H200) the strongest standard stacks vs ours, each run twice
+#            (--repeats 2) at 16 rows of 2,048 tokens per optimizer step: plain QLoRA (8 x 2, checkpointing,
+#            causal sdpa), ours with the course preset's speed settings (16 x 1), bf16 LoRA + per-layer
+#            compile (4 x 4, checkpointing); the report gives each run's median s/step, its min-max and the
+#            spread across repeats. STEPS (default 16) / WARMUP (4) trade steps for time: fewer, never missing runs
 set -u
 STAGE=${1:-explore}
 OUT=${OUT:-/tmp/out}
@@ -77,10 +85,24 @@ torch.cuda.synchronize(); print(f"CEILING copy {2 * 2**31 * 10 / (time.perf_coun
 EOF
 export PEAK_TFLOPS=$(grep -o 'matmul [0-9]*' "$L/ceilings.log" | grep -o '[0-9]*' || echo 780)
 python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-[ "$STAGE" = big3 ] || [ "$STAGE" = serve5 ] || step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
+[ "$STAGE" = big3 ] || [ "$STAGE" = serve5 ] || [ "$STAGE" = serve6 ] || step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
 ls -la $R
 
 case "$STAGE" in
+speed6)  # session 6 (issue 19): one GPU, each configuration twice in this call; ~5.5 min after prepare
+  export CUDA_VISIBLE_DEVICES=0
+  S="--steps ${STEPS:-16} --warmup ${WARMUP:-4} --repeats 2"
+  OURS="--batch 16 --ckpt --fused-loss --compile --attn flex_attention --extra-set fp32_upcast=false"
+  # the standard stacks at their fastest attention (causal: a packed row is one sequence; the report marks it);
+  # ours last: its compile is the longest (~2 min cold, the second repeat reads the inductor cache) and it gets
+  # what is left of the deadline -- a repeat cut short still leaves the first one's result
+  step plain_qlora 120 $TS run --impl plain_qlora --root $R --name plain_qlora --batch 8 --accum 2 --ckpt --attn causal $S
+  step bf16_lora 150 $TS run --impl bf16_lora --root $R --name bf16_lora --batch 4 --accum 4 --ckpt --compile --attn causal $S
+  step ours 260 env TORCH_LOGS=recompiles $TS run --impl ours --root $R --name ours $OURS $S
+  echo "ours: $(grep -c 'Recompiling function' $L/ours.log) recompiles (the first step's are expected; the epoch ends at step 23: STEPS=24 crosses it)"
+  DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours ours --budget 24
+  cat $L/report.log
+  ;;
 speed)   # session 2: the new speed fields against the baseline at 32k tokens per optimizer step; LLaVA
   S="--steps ${STEPS:-40} --warmup 8 --profile 2"
   NU="--extra-set fp32_upcast=false"
@@ -205,6 +227,20 @@ serve5)  # session 5: many streams at once through the API (issue 17), the decod
     --impl compile --cache-dir /tmp/ind-decode --out $R/decode_cold.json; }
   python3 bench/serve_load.py --table $R/serve_gpu.json | tee $L/serve_table.txt
   grep -h DIAG $L/diag.log
+  ;;
+serve6)  # session 6 (issue 17): the slot batcher on the 1.8B shape (random weights, SmolLM2's tokenizer)
+  M=$R/model-1.8b-smolvocab
+  step serve_build 150 python3 bench/serve_load.py --random-shape internlm2-1.8b --tokenizer .whl/smol-tok \
+    --model $M --engine generate --streams 1 --max-tokens 8 --repeats 1 --out $R/serve_build.json
+  BD="python3 bench/batch_decode.py --model $M --max-tokens 128 --repeats ${REPEATS:-3}"
+  step core_check 90 $BD --impl slots --streams 1,4 --max-tokens 16 --repeats 1 --out $R/core_check.json
+  step core 200 $BD --impl generate slots dynamic --streams 1,4,16 --out $R/core.json
+  step core_stream 60 $BD --impl generate stream --streams 1 --out $R/core_stream.json
+  SL="python3 bench/serve_load.py --model $M --max-tokens 128 --repeats ${REPEATS:-3}"
+  step serve_api 200 $SL --engine batched batched-dynamic --streams 1,4,16 --out $R/serve_api.json
+  for f in core core_stream; do [ -f $R/$f.json ] && python3 -c "import json,sys; sys.path.insert(0,'bench'); \
+    import batch_decode as b; print(b.table(json.load(open('$R/$f.json'))))" | tee -a $L/serve6_table.txt; done
+  [ -f $R/serve_api.json ] && python3 bench/serve_load.py --table $R/serve_api.json | tee -a $L/serve6_table.txt
   ;;
 esac
 snap

@@ -1,23 +1,27 @@
-"""QLoRA training speed: the standard stack vs our engine, same model shape, data, tokens per step.
+"""Training speed: the standard stacks vs our engine, same model shape, data, tokens per step.
 
     python bench/train_speed.py prepare --shape internlm2-1.8b --out /tmp/bench      # model dir + data
-    python bench/train_speed.py run --impl baseline --batch 8 --ckpt --name base_mb8 --root /tmp/bench
+    python bench/train_speed.py run --impl plain_qlora --batch 8 --accum 2 --ckpt --name pq --root /tmp/bench --repeats 2
     python bench/train_speed.py run --impl ours --batch 4 --accum 2 --compile --fused-loss --name ours --root /tmp/bench
     python bench/train_speed.py report /tmp/bench                                    # table + summary.json
-    python bench/train_speed.py --smoke                                              # all of it, tiny, on CPU
+    python bench/train_speed.py --smoke                                              # every impl, tiny, on CPU
 
 `prepare` writes a random-initialised model of the given shape (InternLM2-Chat-1.8B's: hidden 2048,
 24 layers, 16 heads / 8 kv heads, intermediate 8192, vocab 92,544) with the tiny base's tokenizer and
-chat template, and identity conversations from `python -m trainer data`. Each `run` is one process:
+chat template, and identity conversations from `python -m trainer data`. Each `run` is one process
+(`--repeats N`: N processes one after another, results NAME-r1 ... NAME-rN):
 
-- baseline: transformers Trainer + PEFT (`prepare_model_for_kbit_training`, LoRA r64 all-linear) +
-  bitsandbytes nf4, eager, sdpa; fed the same packed rows through the same collator, so both sides
-  compute the same function on the same data in the same order;
+- baseline, plain_qlora, bf16_lora: the standard stacks of bench/train_baselines.py (the PEFT-docs QLoRA,
+  the strongest plain QLoRA, bf16 LoRA with per-layer compile), fed the same packed rows through the
+  same collator, so every side computes on the same data in the same order;
 - ours: `trainer.engine.train.train()` with the `internlm2_chat_1_8b_qlora` preset and the speed fields of
   trainer/engine/speed.py switched by flags.
 
-Each writes `ROOT/runs/NAME/result.json`: steady tokens/s (steps after `--warmup`), seconds per step,
-peak GiB (max allocated), MFU, and the per-step losses. FLOPs per token count what the step must do:
+Each writes `ROOT/runs/NAME/result.json`: every logged step's wall time (`step_times`, s), the median
+s/step after `--warmup` with its spread (min-max and p10-p90 of those steps), tokens/s from the median
+(mean tokens per timed step / median s/step) beside the window mean, peak GiB (max allocated), MFU
+(from the median), and the per-step losses. The report shows median and min-max per run, and for
+repeated runs the spread of their medians. FLOPs per token count what the step must do:
 2N forward + 2N input-gradients for the frozen matmuls (lm_head included), 6N for LoRA, and the
 attention actually attended (packed conversations attend only within themselves); recompute is not
 counted. MFU is against `--peak-tflops` (the bf16 matmul rate measured on the card by gpu_suite.sh).
@@ -28,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +41,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from train_baselines import IMPLS, Profile, run_standard  # noqa: E402  (bench/ is a folder of scripts)
+from train_report import report  # noqa: E402
 
 SHAPES = {   # LlamaConfig fields; InternLM2 maps onto Llama (trainer/export/convert.py)
     "internlm2-1.8b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
@@ -131,6 +140,30 @@ def steady(scalars: list[dict], warmup: int) -> dict:
             "steps_timed": last - first}
 
 
+def step_stats(scalars: list[dict], warmup: int) -> dict:
+    """Every logged step's wall time, and the median / spread of those after `warmup` logged steps (the
+    same window as `steady`); tokens/s from the median = mean tokens per timed step / median s/step."""
+    at: dict[int, tuple[float, float]] = {}
+    for r in scalars:          # several ranks: the slowest rank's clock, all ranks' tokens
+        t, n = at.get(r["step"], (0.0, 0.0))
+        at[r["step"]] = (max(t, r["elapsed_s"]), n + r.get("tokens", r["tokens_per_s"] * r["elapsed_s"]))
+    steps, times, tokens, prev = sorted(at), [], [], (0, 0.0, 0.0)
+    for step in steps:
+        t, n = at[step]
+        times.append((t - prev[1]) / (step - prev[0]))
+        tokens.append((n - prev[2]) / (step - prev[0]))
+        prev = (step, t, n)
+    skip = min(warmup, len(steps) - 2) + 1
+    timed, timed_tokens = times[skip:] or times[-1:], tokens[skip:] or tokens[-1:]
+    deciles = statistics.quantiles(timed, n=10, method="inclusive") if len(timed) > 1 else timed * 9
+    median = statistics.median(timed)
+    per_step = sum(timed_tokens) / len(timed_tokens)
+    return {"step_times": [round(x, 4) for x in times], "step_s_median": round(median, 4),
+            "step_s_min": round(min(timed), 4), "step_s_max": round(max(timed), 4),
+            "step_s_p10": round(deciles[0], 4), "step_s_p90": round(deciles[8], 4),
+            "tokens_per_step": round(per_step, 1), "tokens_per_s_median": round(per_step / median, 1)}
+
+
 def _rows(model_dir: Path, data: Path, max_length: int):
     from transformers import AutoTokenizer
 
@@ -141,89 +174,7 @@ def _rows(model_dir: Path, data: Path, max_length: int):
     return tok, pack(samples, max_length)
 
 
-def run_baseline(a, work: Path, cfg) -> None:
-    """The standard stack, as a user would write it from the PEFT/bitsandbytes docs."""
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments, set_seed
-
-    from trainer.engine.callbacks import LogLine
-    from trainer.engine.dataset import Collator
-
-    set_seed(cfg.seed)                     # where train() seeds: same LoRA init, same data order
-    tok, rows = _rows(a.model_dir, a.data, a.max_length)
-    on_gpu = torch.cuda.is_available()
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    qconf = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype, quantization_config=qconf,
-                                                 device_map={"": "cuda" if on_gpu else "cpu"})
-    model.config.use_cache = False
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=a.ckpt)
-    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
-    collator = Collator(tok.pad_token_id, packed=True)
-    args = TrainingArguments(
-        output_dir=str(work), per_device_train_batch_size=a.batch, gradient_accumulation_steps=a.accum,
-        learning_rate=cfg.lr, max_steps=a.steps, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
-        max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_strategy="no", seed=cfg.seed, data_seed=cfg.seed,
-        bf16=on_gpu, use_cpu=not on_gpu, report_to=[], disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0)
-    callbacks = [LogLine(collator, cfg, lambda s: print(s, flush=True))]
-    callbacks += [Profile(work, a.steps - a.profile, a.profile)] if a.profile else []
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=callbacks)
-    trainer.train()
-
-
-def Profile(work: Path, start: int, steps: int):
-    """A TrainerCallback that runs torch.profiler over `steps` optimizer steps after step `start` and
-    writes where the time went: WORK/profile.txt (top kernels / ops) and WORK/profile.json (GPU busy
-    share of the wall time, top 25 kernels by device time)."""
-    import torch
-    from transformers import TrainerCallback
-
-    class _Profile(TrainerCallback):
-        prof = None
-        t0 = 0.0
-
-        def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == start and self.prof is None:
-                acts = [torch.profiler.ProfilerActivity.CPU]
-                acts += [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
-                self.prof = torch.profiler.profile(activities=acts)
-                self.prof.__enter__()
-                self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.prof is None or state.global_step != start + steps:
-                return
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - self.t0
-            self.prof.__exit__(None, None, None)
-            events = self.prof.key_averages()
-            # kernels only: an aten op and the kernels it launches both carry the same device time
-            dev = [e for e in events if getattr(e, "self_device_time_total", 0) > 0
-                   and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA] or \
-                  [e for e in events if getattr(e, "self_device_time_total", 0) > 0 and "::" not in e.key]
-            busy = sum(e.self_device_time_total for e in dev) / 1e6
-            top = sorted(dev, key=lambda e: -e.self_device_time_total)[:25]
-            sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-            (work / "profile.txt").write_text(events.table(sort_by=sort, row_limit=40, max_name_column_width=90))
-            summary = {"steps": steps, "wall_s": wall, "device_busy_s": busy, "busy_share": busy / wall,
-                       "top": [{"name": e.key[:120], "s": e.self_device_time_total / 1e6, "calls": e.count}
-                               for e in top]}
-            (work / "profile.json").write_text(json.dumps(summary, indent=1))
-            print(f"PROFILE {steps} steps: wall {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%})", flush=True)
-            for e in top[:12]:
-                print(f"PROFILE {e.self_device_time_total / 1e6 / steps * 1e3:8.1f} ms/step {e.count // steps:6d}x "
-                      f"{e.key[:90]}", flush=True)
-            self.prof = None
-
-    return _Profile()
-
-
-def run_ours(a, work: Path) -> None:
+def run_ours(a, work: Path) -> dict:
     from trainer.engine.config import load_config
     from trainer.engine.train import train
 
@@ -241,7 +192,7 @@ def run_ours(a, work: Path) -> None:
         print("+", " ".join(cmd[1:]), flush=True)
         if subprocess.call(cmd, cwd=REPO) != 0:
             raise SystemExit(f"{a.name}: the {a.gpus}-GPU run failed")
-        return
+        return {}
     cfg = load_config(PRESET, {"model": str(a.model_dir), "data": [str(a.data)], "work_dir": str(work)}, sets)
     if a.profile:
         import trainer.engine.train as engine
@@ -252,45 +203,68 @@ def run_ours(a, work: Path) -> None:
 
         engine.Trainer = ProfiledTrainer
     train(cfg, echo=lambda s: print(s, flush=True))
+    import yaml
+
+    ran = yaml.safe_load((work / "config.yaml").read_text(encoding="utf-8"))     # bits auto: what it resolved to
+    return {"quantised": bool(ran["bits"]), "dtype": ran["dtype"], "note": ""}
 
 
 def run(a) -> int:
+    if a.repeats > 1:
+        return run_repeats(a)
     import torch
     from transformers import AutoConfig
 
     from trainer.engine.config import load_config
 
+    if a.impl == "ours" and a.attn == "causal":
+        raise SystemExit("--attn causal: baselines only (the engine keeps packed conversations apart)")
     work = a.root / "runs" / a.name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     a.model_dir = a.root / f"model-{a.shape}"
     a.data = a.root / "data.jsonl"
     cfg = load_config(PRESET, {"work_dir": str(work)}, [f"max_length={a.max_length}"])
+    tok, rows = _rows(a.model_dir, a.data, a.max_length)
     t0 = time.time()
-    (run_baseline(a, work, cfg) if a.impl == "baseline" else run_ours(a, work))
+    extra = run_ours(a, work) if a.impl == "ours" else run_standard(a, work, cfg, rows, tok, lambda s: print(s, flush=True))
     wall = time.time() - t0
     scalars = [json.loads(x) for x in (work / "scalars.jsonl").read_text().splitlines()]
     timed = [r for r in scalars if r["step"] <= a.steps - a.profile]     # profiled steps run slower
-    speed = steady(timed, a.warmup)
+    speed, stats = steady(timed, a.warmup), step_stats(timed, a.warmup)
     config = AutoConfig.from_pretrained(a.model_dir)
-    _, rows = _rows(a.model_dir, a.data, a.max_length)
     fpt = flops_per_token(config, cfg.lora_r, mean_attended(rows))
     on_gpu = torch.cuda.is_available()
     result = {
         "name": a.name, "impl": a.impl, "gpus": a.gpus, "shape": a.shape, "max_length": a.max_length, "batch": a.batch,
         "accum": a.accum, "ckpt": a.ckpt, "ckpt_fraction": a.ckpt_fraction, "compile": a.compile,
-        "fused_loss": a.fused_loss, "attn": a.attn, "steps": a.steps, "wall_s": round(wall, 1), **{k: round(v, 4) for k, v in speed.items()},
+        "fused_loss": a.fused_loss, "attn": a.attn, "steps": a.steps, "warmup": a.warmup, "wall_s": round(wall, 1),
+        **{k: round(v, 4) for k, v in speed.items()}, **stats, **(extra or {}),
         "peak_gib": max(r["peak_gib"] for r in scalars),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if on_gpu else None,
-        "flops_per_token": fpt, "mfu": round(speed["tokens_per_s"] * fpt / (a.peak_tflops * 1e12), 4),
+        "flops_per_token": fpt, "mfu": round(stats["tokens_per_s_median"] * fpt / (a.peak_tflops * 1e12), 4),
         "losses": [r["loss"] for r in sorted({r["step"]: r for r in scalars}.values(), key=lambda r: r["step"])],
         "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
         "versions": versions(),
     }
     (work / "result.json").write_text(json.dumps(result, indent=1))
-    print(f"RESULT {a.name}: {result['tokens_per_s']:,.0f} tok/s, {result['step_s']:.3f} s/step, "
-          f"peak {result['peak_gib']:.2f} GiB, MFU {result['mfu']:.1%}", flush=True)
+    print(f"RESULT {a.name}: {result['tokens_per_s_median']:,.0f} tok/s at the median {result['step_s_median']:.3f} "
+          f"s/step (min {result['step_s_min']:.3f}, max {result['step_s_max']:.3f}; window mean "
+          f"{result['tokens_per_s']:,.0f} tok/s), peak {result['peak_gib']:.2f} GiB, MFU {result['mfu']:.1%}", flush=True)
     return 0
+
+
+def run_repeats(a) -> int:
+    """The same `run` N times, one process each, one after another: NAME-r1 ... NAME-rN."""
+    failed = []
+    for k in range(1, a.repeats + 1):
+        cmd = [sys.executable, str(Path(__file__).resolve()), *a.argv, "--name", f"{a.name}-r{k}", "--repeats", "1"]
+        print(f"+ repeat {k}/{a.repeats}: {a.name}-r{k}", flush=True)
+        if subprocess.call(cmd) != 0:       # argparse keeps the last --name / --repeats
+            failed.append(f"{a.name}-r{k}")
+    if failed:
+        print(f"FAILED {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
 
 
 def versions() -> dict:
@@ -305,41 +279,6 @@ def versions() -> dict:
     return out
 
 
-def report(root: Path, base: str | None, ours: str | None, budget: float) -> dict:
-    results = [json.loads(p.read_text()) for p in sorted((root / "runs").glob("*/result.json"))]
-    lines = [f"{'run':<22}{'impl':<9}{'mb x acc':>9}{'ckpt':>6}{'cmp':>5}{'fCE':>5}{'attn':>6}{'tok/s':>10}"
-             f"{'s/step':>8}{'peak GiB':>10}{'MFU':>7}"]
-    for r in results:
-        ck = "no" if not r["ckpt"] else f"{r['ckpt_fraction']:.2g}"
-        lines.append(f"{r['name']:<22}{r['impl']:<9}{r['batch']:>5} x {r['accum']:<2}{ck:>6}{'y' if r['compile'] else '-':>5}"
-                     f"{'y' if r['fused_loss'] else '-':>5}{r.get('attn', 'sdpa')[:5]:>6}"
-                     f"{r['tokens_per_s']:>10,.0f}{r['step_s']:>8.3f}"
-                     f"{r['peak_gib']:>10.2f}{r['mfu']:>7.1%}")
-
-    def best(impl):
-        fit = [r for r in results if r["impl"] == impl and r["peak_gib"] <= budget]
-        return max(fit, key=lambda r: r["tokens_per_s"]) if fit else None
-
-    b = next((r for r in results if r["name"] == base), None) or best("baseline")
-    o = next((r for r in results if r["name"] == ours), None) or best("ours")
-    summary = {"runs": results, "budget_gib": budget}
-    if b and o:
-        summary.update(baseline=b["name"], ours=o["name"], speedup=o["tokens_per_s"] / b["tokens_per_s"])
-        n = min(len(b["losses"]), len(o["losses"]))
-        if n == 0:
-            summary["max_loss_diff"] = None
-        else:
-            diffs = [abs(x - y) for x, y in zip(b["losses"][:n], o["losses"][:n])]
-            summary.update(max_loss_diff=max(diffs), steps_compared=n, first_losses=[b["losses"][0], o["losses"][0]],
-                           last_losses=[b["losses"][n - 1], o["losses"][n - 1]])
-        lines.append(f"within {budget} GiB: baseline {b['name']} {b['tokens_per_s']:,.0f} tok/s, ours {o['name']} "
-                     f"{o['tokens_per_s']:,.0f} tok/s -> {summary['speedup']:.2f}x; loss curves max |diff| "
-                     f"{summary.get('max_loss_diff')} over {summary.get('steps_compared')} steps")
-    (root / "summary.json").write_text(json.dumps(summary, indent=1))
-    print("\n".join(lines))
-    return summary
-
-
 def smoke(tokenizer_from: Path | None) -> int:
     """Everything on CPU with a tiny shape: the commands the GPU machine runs, checked here first."""
     root = Path(tempfile.mkdtemp(prefix="bench-smoke-"))
@@ -350,19 +289,26 @@ def smoke(tokenizer_from: Path | None) -> int:
             me + ["run", "--impl", "baseline", "--batch", "2", "--accum", "2", "--ckpt", "--name", "base", *steps],
             me + ["run", "--impl", "ours", "--batch", "1", "--accum", "4", "--fused-loss", "--name", "ours",
                   "--dtype", "fp32", "--profile", "2", *steps],
-            me + ["report", str(root), "--budget", "100"]]
+            me + ["run", "--impl", "plain_qlora", "--batch", "2", "--accum", "2", "--ckpt", "--attn", "causal",
+                  "--name", "pq", "--repeats", "2", *steps],
+            me + ["run", "--impl", "bf16_lora", "--batch", "1", "--accum", "4", "--ckpt", "--compile", "--name", "bf",
+                  *steps],
+            me + ["report", str(root), "--baseline", "base", "--budget", "100"]]
     for cmd in cmds:
         print("+", " ".join(cmd[1:]), flush=True)
         if subprocess.call(cmd) != 0:
             return 1
     summary = json.loads((root / "summary.json").read_text())
-    print(f"smoke ok: {root}")
-    return 0 if summary.get("max_loss_diff") is not None else 1
+    impls = {r["impl"] for r in summary["runs"]}
+    ok = (summary.get("max_loss_diff") is not None and impls == {"ours", *IMPLS} and "pq" in summary["repeats"]
+          and all(len(r["step_times"]) == r["steps"] for r in summary["runs"] if r["impl"] != "ours"))
+    print(f"smoke {'ok' if ok else 'FAILED'}: {root} (impls {sorted(impls)})")
+    return 0 if ok else 1
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="run prepare + both impls + report tiny, on CPU")
+    p.add_argument("--smoke", action="store_true", help="run prepare + every impl + report tiny, on CPU")
     p.add_argument("--smoke-tokenizer", type=Path, help="tokenizer dir for --smoke (default: the tiny base's)")
     sub = p.add_subparsers(dest="cmd")
     pp = sub.add_parser("prepare")
@@ -372,7 +318,8 @@ def main(argv=None) -> int:
     pp.add_argument("--tokenizer-from", type=Path)
     pp.add_argument("--device", default="cuda")
     pr = sub.add_parser("run")
-    pr.add_argument("--impl", choices=["baseline", "ours"], required=True)
+    pr.add_argument("--impl", choices=["ours", *IMPLS], required=True,
+                    help="ours: the engine; the rest: the standard stacks of bench/train_baselines.py")
     pr.add_argument("--name", required=True)
     pr.add_argument("--root", type=Path, required=True)
     pr.add_argument("--shape", default="internlm2-1.8b", choices=sorted(SHAPES))
@@ -383,13 +330,17 @@ def main(argv=None) -> int:
     pr.add_argument("--ckpt-fraction", type=float, default=1.0)
     pr.add_argument("--compile", action="store_true")
     pr.add_argument("--fused-loss", action="store_true")
-    pr.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention", "eager"],
-                    help="ours only: attn_implementation (flex_attention: block-sparse over packed rows)")
+    pr.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention", "eager", "causal"],
+                    help="attn_implementation (flex_attention: block-sparse over packed rows); causal: baselines "
+                         "only, each packed row attends as one causal sequence (bench/train_baselines.py)")
     pr.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile the last N optimizer steps, left out of the timing (WORK/profile.txt, .json)")
     pr.add_argument("--gpus", type=int, default=1, help="ours only: launch through `train --gpus N`")
     pr.add_argument("--extra-set", action="append", default=[], metavar="KEY=VALUE", help="ours only: more --set")
-    pr.add_argument("--dtype", help="override the preset's dtype (the CPU smoke uses fp32)")
+    pr.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"],
+                    help="weights' dtype (default: the preset's for ours; bf16 on CUDA, fp32 on CPU for the rest)")
+    pr.add_argument("--repeats", type=int, default=1, metavar="N",
+                    help="run the same configuration N times, one process each: NAME-r1 ... NAME-rN")
     pr.add_argument("--steps", type=int, default=30)
     pr.add_argument("--warmup", type=int, default=5, help="logged steps left out of the timing")
     pr.add_argument("--peak-tflops", type=float, default=float(os.environ.get("PEAK_TFLOPS", 780)))
@@ -399,6 +350,7 @@ def main(argv=None) -> int:
     rp.add_argument("--ours")
     rp.add_argument("--budget", type=float, default=24.0, help="peak GiB a run must stay within")
     a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)      # what `--repeats` runs again
     if a.smoke:
         return smoke(a.smoke_tokenizer)
     if a.cmd == "prepare":
