@@ -151,8 +151,11 @@ def reference(loaded, n: int, max_tokens: int) -> dict:
 def build_engine(loaded, kind: str):
     from inference.engine import SERVING_BATCH
 
-    if kind == "batched":
-        engine = loaded.engine(fast_decode=False, max_batch=max(SERVING_BATCH, 16))
+    if kind in ("batched", "batched-dynamic"):
+        # batched: what the app and API use (CUDA: fixed slots, one graph-replayed step; CPU: the dynamic
+        # cache); batched-dynamic: the model's own forward over a stacked DynamicCache, on any device
+        engine = loaded.engine(fast_decode=False, max_batch=max(SERVING_BATCH, 16),
+                               batch_decoder="auto" if kind == "batched" else "dynamic")
         engine.batcher.stop = set()                     # every reply runs to max_tokens
     elif kind == "serial":
         engine = loaded.engine(fast_decode=False)
@@ -270,14 +273,14 @@ def main(argv=None) -> int:
     p.add_argument("--random-shape", help="instead: a random model of this shape (bench/train_speed.py SHAPES), "
                    "written to --model, with the vocabulary of --tokenizer")
     p.add_argument("--tokenizer", type=Path, help="tokenizer dir for --random-shape")
-    p.add_argument("--engine", nargs="+", default=["batched", "serial"], choices=["batched", "serial", "fast", "generate"])
+    p.add_argument("--engine", nargs="+", default=["batched", "serial"], choices=["batched", "batched-dynamic", "serial", "fast", "generate"])
     p.add_argument("--streams", default="1,4,16")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--out")
     p.add_argument("--table", nargs="+", metavar="JSON")
-    p.add_argument("--serve", choices=["batched", "serial", "fast"], help=argparse.SUPPRESS)   # the server process
+    p.add_argument("--serve", choices=["batched", "batched-dynamic", "serial", "fast"], help=argparse.SUPPRESS)   # the server process
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--switch-interval", type=float, help="the server's sys.setswitchinterval (default Python's 0.005 s)")
     p.add_argument("--smoke", action="store_true", help="CPU, 1 and 2 streams, 8 tokens (default model: tiny)")

@@ -98,7 +98,8 @@ class SlotDecoder:
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.logits: torch.Tensor | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.graph_error: str | None = None
+        self.graph_error: str | None = None         # why steps run without a graph, if they do
+        self.fallback: str | None = None            # why the step runs uncompiled, if it does
 
     def window(self, needed: int) -> int:
         """The smallest window holding `needed` positions (the longest running request's)."""
@@ -150,8 +151,16 @@ class SlotDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):                      # compile, warm kernels and the allocator
+            try:
+                self._step(window)                  # compiles this window's shapes
+            except Exception as exc:                # a compile error: the same step uncompiled, still captured
+                if self._layer is slot_layer:
+                    raise
+                torch.cuda.synchronize()
+                self.fallback = f"{type(exc).__name__}: {exc}"
+                self._layer, self._head, self._tail = slot_layer, slot_head, tail
                 self._step(window)
+            self._step(window)                      # warm kernels and the allocator
         torch.cuda.current_stream().wait_stream(stream)
         try:
             graph = torch.cuda.CUDAGraph()

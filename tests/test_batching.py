@@ -137,6 +137,24 @@ def test_the_serving_benchmark_runs_end_to_end(tmp_path, merged_model):
         assert r["aggregate_tok_s"] > 0
 
 
+def test_the_decode_benchmark_runs_every_path(tmp_path, merged_model):
+    """bench/batch_decode.py --smoke: generate, the streaming path and both batchers at 1 and 2 streams;
+    the batchers' consumers check every reply ran to max_tokens (the script asserts it)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "decode.json"
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "bench" / "batch_decode.py"), "--smoke", "--model", str(merged_model),
+                    "--out", str(out)], check=True, cwd=repo, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["impl"], r["streams"]) for r in rows} == {(i, n) for i in ("generate", "stream", "slots", "dynamic")
+                                                         for n in (1, 2)}
+    assert all(r["tok_s_median"] > 0 for r in rows)
+
+
 def test_slots_are_reused_as_requests_come_and_go(loaded):
     """Slot decoding with fewer slots than requests: later requests wait for a free slot, take the slot
     an earlier one left (stale keys/values beyond their prompt are masked), and still decode exactly

@@ -1,0 +1,162 @@
+"""Decoding in the core, no server: tokens/s of the batchers and of the streaming path against plain generate.
+
+    python bench/batch_decode.py --model DIR --streams 1,4,16 --max-tokens 128 --repeats 3 --out decode.json
+    python bench/batch_decode.py --smoke          # CPU, the tiny base, 8 tokens
+
+Rows of the table (each level run once untimed, then `--repeats` times; median and min-max reported):
+- generate:  transformers' `generate` on one prompt batch of N rows (static batch, greedy; the reference);
+- stream:    `ChatEngine.stream_chat` on the generate path (worker thread + token queue + detokeniser),
+             one reply at a time -- issue 19: within 1.2x of plain generate at 1 stream;
+- slots:     the slot batcher (inference/slot_decode.py; CUDA: compiled, graph-replayed), N consumer threads;
+- dynamic:   the dynamic-cache batcher (inference/batching.py), N consumer threads.
+Consumers only drain token ids, so the batcher rows show what the core can decode; bench/serve_load.py
+adds the API server and the `openai` clients on top. Every reply runs to --max-tokens (stop ids off).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def generate_level(loaded, n: int, max_tokens: int):
+    import torch
+
+    from inference.chat_format import prompt_ids
+
+    ids = torch.tensor([prompt_ids(loaded.tokenizer, PROMPT)] * n, device=loaded.model.device)
+
+    def go():
+        with torch.no_grad():
+            loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                  min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    return go
+
+
+def stream_level(engine, n: int, max_tokens: int):
+    def go():
+        for _ in range(n):
+            for _text in engine.stream_chat(PROMPT, max_new_tokens=max_tokens):
+                pass
+    return go
+
+
+def batcher_level(batcher, prompt: list[int], n: int, max_tokens: int):
+    def go():
+        counts = [0] * n
+
+        def one(i):
+            counts[i] = sum(1 for _ in batcher.tokens(prompt, max_tokens))
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert counts == [max_tokens] * n, counts
+    return go
+
+
+def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repeats: int, device: str) -> dict:
+    import torch
+    import transformers
+
+    from inference import load
+    from inference.chat_format import prompt_ids
+    from trainer.bases.registry import resolve_model
+
+    loaded = load(str(resolve_model(model)), device=device)
+    dev = loaded.model.device
+    never = [loaded.tokenizer.vocab_size - 1]          # an id it practically never picks: replies run to the cap
+    prompt = prompt_ids(loaded.tokenizer, PROMPT)
+    result = {"model": model, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+              "torch": torch.__version__, "transformers": transformers.__version__, "max_tokens": max_tokens,
+              "repeats": repeats, "date": time.strftime("%Y-%m-%d"), "rows": []}
+    for impl in impls:
+        if impl in ("slots", "dynamic"):
+            engine = loaded.engine(fast_decode=False, max_batch=max(streams), batch_decoder=impl)
+            engine.batcher.stop = set()
+        elif impl == "stream":
+            engine = loaded.engine(fast_decode=False)
+            engine.stop = never
+        for n in streams:
+            if impl == "generate":
+                go = generate_level(loaded, n, max_tokens)
+            elif impl == "stream":
+                go = stream_level(engine, n, max_tokens)
+            else:
+                go = batcher_level(engine.batcher, prompt, n, max_tokens)
+            warm = timed(go, dev)                       # compile, graph capture, allocator
+            times = [timed(go, dev) for _ in range(repeats)]
+            rates = sorted(n * max_tokens / t for t in times)
+            row = {"impl": impl, "streams": n, "warmup_s": round(warm, 3), "seconds": [round(t, 4) for t in times],
+                   "tok_s_median": round(statistics.median(rates), 1), "tok_s_min": round(rates[0], 1),
+                   "tok_s_max": round(rates[-1], 1),
+                   "ms_per_step": round(statistics.median(times) / max_tokens * 1000 / (n if impl == "stream" else 1), 2)}
+            if impl == "slots":                         # compiled and graph-replayed, or why not
+                dec = engine.batcher.decoder
+                row.update(graphs=sorted(dec.graphs), graph_error=dec.graph_error, compile_fallback=dec.fallback)
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    return result
+
+
+def table(res: dict) -> str:
+    one = {r["impl"]: r["tok_s_median"] for r in res["rows"] if r["streams"] == 1}
+    lines = [f"{res['device']}, torch {res['torch']}, transformers {res['transformers']}, {res['date']}, "
+             f"{res['max_tokens']} tokens per reply, median of {res['repeats']} (min-max)",
+             "| impl | streams | tokens/s | min-max | ms/step | x one stream |", "|---|---:|---:|---|---:|---:|"]
+    for r in res["rows"]:
+        ratio = r["tok_s_median"] / one[r["impl"]] if one.get(r["impl"]) else float("nan")
+        lines.append(f"| {r['impl']} | {r['streams']} | {r['tok_s_median']:.1f} | {r['tok_s_min']:.1f}-"
+                     f"{r['tok_s_max']:.1f} | {r['ms_per_step']:.2f} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2", help="a model dir or a base name (smollm2, tiny)")
+    p.add_argument("--impl", nargs="+", default=["generate", "stream", "slots", "dynamic"],
+                   choices=["generate", "stream", "slots", "dynamic"])
+    p.add_argument("--streams", default="1,4,16")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out")
+    p.add_argument("--smoke", action="store_true", help="CPU, 1 and 2 streams, 8 tokens (default model: tiny)")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.streams, a.max_tokens, a.repeats, a.device = "1,2", 8, 1, "cpu"
+        a.model = a.model if a.model != "smollm2" else "tiny"
+    res = run(a.model, a.impl, [int(s) for s in a.streams.split(",")], a.max_tokens, a.repeats, a.device)
+    print(table(res))
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
