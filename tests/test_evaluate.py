@@ -49,7 +49,7 @@ def test_always_says_its_name_leaks_everywhere(identity_files):
     es = build_eval_set(identity_files["heldout"], n_general=10)
     s = score(Scripted(lambda q: f"我是{identity_files['name']}，是{identity_files['author']}的小助手。"), es)
     assert (s.identity, s.leakage, s.accuracy, s.retention) == (1.0, 1.0, 0.0, None)
-    assert len(s.examples["leaks"]) == 3
+    assert len(s.examples["leaks"]) == 5                 # the first five, for the reader
 
 
 def test_oracle_scores_perfectly_and_a_namedropper_only_on_identity(identity_files):
@@ -105,7 +105,11 @@ def test_best_checkpoint_rule():
     # the highest identity (step 30) lost too much; of the two at 0.9 the one that leaks less wins
     assert eval_report.choose_best(rows, tolerance=0.1)["step"] == 40
     assert eval_report.choose_best(rows, tolerance=0.06)["step"] == 20     # 40 is now below the floor
-    assert eval_report.choose_best(rows, tolerance=0.6)["step"] == 30
+    # the course's failure never wins: step 30 names itself everywhere (identity 1.0, leakage 0.6)
+    assert eval_report.choose_best(rows, tolerance=0.6)["step"] == 40
+    # a leak costs as much as a missed identity question: 0.95 - 0.1 loses to 0.9 - 0.0
+    assert eval_report.choose_best(rows + [_row(50, 0.95, 0.1, 0.99)], tolerance=0.1)["step"] == 40
+    assert eval_report.choose_best(rows + [_row(50, 0.95, 0.02, 0.99)], tolerance=0.1)["step"] == 50
     assert eval_report.choose_best(rows, tolerance=0.0) is None
     tie = [_row(20, 0.9, 0.0, 0.95), _row(10, 0.9, 0.0, 0.95)]
     assert eval_report.choose_best(tie, 0.1)["step"] == 10                 # full tie: the earlier one

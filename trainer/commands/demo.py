@@ -96,21 +96,25 @@ def main(argv=None) -> int:
     else:
         print(f"reusing {final}")
 
-    step("4/6 evaluate: identity on held-out questions, leakage and retention on held-out general prompts")
+    step("4/6 evaluate every checkpoint: identity on held-out questions, leakage and retention on held-out "
+         "general prompts; best/ = the one that knows its name and leaks it least")
     report = work / "eval.json"
     if not report.is_file():
         from trainer.commands.eval import main as eval_main
 
-        rc = eval_main([str(final), "--base", str(base), "--eval-data", str(held), "--json", str(report)])
+        rc = eval_main([str(work / "train"), "--base", str(base), "--eval-data", str(held), "--json", str(report)])
         if rc:
             return rc
     else:
         print(f"reusing {report}")
+    best = work / "train" / "best"
+    chosen = best if (best / "adapter_config.json").is_file() else final
+    print(f"merging {chosen}" + ("" if chosen == best else " (no checkpoint met the retention floor, so the last one)"))
 
     step("5/6 merge adapter into the base")
     merged = work / "merged"
     if not (merged / "config.json").is_file():
-        merge(base, final, merged)
+        merge(base, chosen, merged)
     print(f"merged model: {merged}")
 
     step(f"6/6 serve (setup took {time.time() - t0:.0f} s)")

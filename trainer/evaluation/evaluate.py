@@ -90,6 +90,7 @@ class Scores:
     retention: float | None = None       # share of the base's known tasks still known; None without a base
     likelihood: float | None = None      # exp(mean logp tuned - mean logp base) on the base's answers
     known: int | None = None             # how many base-known tasks retention counts (None: similarity)
+    identity_by_lang: dict = field(default_factory=dict)   # {"zh": 0.92, "en": 1.0}: a language can lag
     examples: dict = field(default_factory=dict)   # a few misses and leaks, for the reader
 
     def as_dict(self) -> dict:
@@ -197,9 +198,12 @@ def score_answers(id_answers: list[str], gen_answers: list[str], es: EvalSet,
     examples = {
         "identity_misses": [{"q": q["messages"][-1]["content"], "a": a}
                             for a, q, ok in zip(id_answers, es.identity, hits) if not ok][:3],
-        "leaks": [{"q": q, "a": a} for a, q, bad in zip(answers, asked, leaked) if bad][:3],
+        "leaks": [{"q": q, "a": a} for a, q, bad in zip(answers, asked, leaked) if bad][:5],
     }
-    return Scores(identity=_mean(hits), leakage=_mean(leaked), accuracy=_mean(right), examples=examples)
+    langs = sorted({q.get("lang") for q in es.identity if q.get("lang")})
+    by_lang = {lg: round(_mean([h for h, q in zip(hits, es.identity) if q.get("lang") == lg]), 4) for lg in langs}
+    return Scores(identity=_mean(hits), leakage=_mean(leaked), accuracy=_mean(right), identity_by_lang=by_lang,
+                  examples=examples)
 
 
 def _answer_tokens(engine: ChatEngine, q: str, answer: str) -> tuple[torch.Tensor, list[int]]:
@@ -373,4 +377,6 @@ def evaluate_dirs(dirs: list[Path], base: Path | None, es: EvalSet, device: str 
 
 def _brief(s: Scores) -> str:
     ret = "n/a" if s.retention is None else f"{s.retention:.2f}"
-    return f"identity {s.identity:.2f}, leakage {s.leakage:.2f}, retention {ret}, accuracy {s.accuracy:.2f}"
+    langs = "".join(f" {lg} {v:.2f}" for lg, v in s.identity_by_lang.items())
+    return (f"identity {s.identity:.2f}{' (' + langs.strip() + ')' if langs else ''}, leakage {s.leakage:.2f}, "
+            f"retention {ret}, accuracy {s.accuracy:.2f}")

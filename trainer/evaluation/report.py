@@ -9,8 +9,10 @@ Written by `python -m trainer eval WORK_DIR` and, with `eval_identity: true`, by
 * `best/`: the chosen checkpoint as a loadable adapter (adapter weights + tokenizer + assistant.json).
 
 The rule: among checkpoints whose retention is at least `1 - tolerance` (retention is relative to
-the base, which scores 1.0), take the highest identity; ties go to lower leakage, then higher
-retention, then the earlier step. None qualifies -> no best/ (the table says why).
+the base, which scores 1.0), take the highest identity minus leakage (a checkpoint that names
+itself in answers to other questions is the course's failure, so a leak costs as much as a missed
+identity question); ties go to lower leakage, then higher retention, then the earlier step. None
+qualifies -> no best/ (the table says why).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from inference.atomic import new_dir, write_text
 
-SCORE_KEYS = ("identity", "leakage", "retention", "likelihood", "accuracy", "known")
+SCORE_KEYS = ("identity", "identity_by_lang", "leakage", "retention", "likelihood", "accuracy", "known")
 # Training state a checkpoint carries that a loadable model does not need.
 TRAINING_ONLY = {"optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
                  "checkpoint.json"}
@@ -37,7 +39,7 @@ def choose_best(rows: list[dict], tolerance: float) -> dict | None:
     ok = [r for r in rows if r.get("retention") is not None and r["retention"] >= floor - 1e-9]
     if not ok:
         return None
-    return max(ok, key=lambda r: (r["identity"], -r["leakage"], r["retention"],
+    return max(ok, key=lambda r: (round(r["identity"] - r["leakage"], 6), -r["leakage"], r["retention"],
                                   -(r["step"] if r["step"] is not None else float("inf"))))
 
 
@@ -79,7 +81,7 @@ def report_dict(rows, base, best, tolerance, es, base_path=None) -> dict:
         "base": None if base is None else {"path": str(base_path) if base_path else None, **{
             k: v for k, v in base.as_dict().items() if k in SCORE_KEYS}},
         "rule": {"tolerance": tolerance, "min_retention": round(1.0 - tolerance, 4),
-                 "pick": "highest identity with retention >= min_retention"},
+                 "pick": "highest identity - leakage with retention >= min_retention"},
         "eval_data": es.source, "n_identity": len(es.identity), "n_general": len(es.general),
     }
 
