@@ -7,6 +7,9 @@ Rows of the table (each level run once untimed, then `--repeats` times; median a
 - generate:  transformers' `generate` on one prompt batch of N rows (static batch, greedy; the reference);
 - stream:    `ChatEngine.stream_chat` on the generate path (worker thread + token queue + detokeniser),
              one reply at a time -- issue 19: within 1.2x of plain generate at 1 stream;
+- thread / drain: where the streaming path's time goes -- generate in a worker thread with the main thread
+             only joining it (thread), and with the engine's token queue drained by the main thread
+             without detokenising (drain);
 - slots:     the slot batcher (inference/slot_decode.py; CUDA: compiled, graph-replayed), N consumer threads;
 - dynamic:   the dynamic-cache batcher (inference/batching.py), N consumer threads.
 Consumers only drain token ids, so the batcher rows show what the core can decode; bench/serve_load.py
@@ -65,6 +68,34 @@ def stream_level(engine, n: int, max_tokens: int):
     return go
 
 
+def thread_level(loaded, engine, n: int, max_tokens: int, drain: bool):
+    """generate in a worker thread, as the engine runs it; DRAIN: with the engine's token queue, read here."""
+    import torch
+
+    from inference.engine import _IdStreamer
+
+    ids = engine.prepare(PROMPT, None, max_tokens)
+    kwargs = engine._gen_kwargs(max_tokens, 0.0, 1.0, 1.0)
+
+    def go():
+        for _ in range(n):
+            streamer = _IdStreamer() if drain else None
+
+            def work():
+                with torch.no_grad():
+                    loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                          **kwargs)
+                if streamer is not None:
+                    streamer.end()
+            t = threading.Thread(target=work)
+            t.start()
+            if streamer is not None:
+                for _ids in streamer.ids():
+                    pass
+            t.join()
+    return go
+
+
 def batcher_level(batcher, prompt: list[int], n: int, max_tokens: int):
     def go():
         counts = [0] * n
@@ -99,7 +130,7 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
         if impl in ("slots", "dynamic"):
             engine = loaded.engine(fast_decode=False, max_batch=max(streams), batch_decoder=impl)
             engine.batcher.stop = set()
-        elif impl == "stream":
+        elif impl in ("stream", "thread", "drain"):
             engine = loaded.engine(fast_decode=False)
             engine.stop = never
         for n in streams:
@@ -107,6 +138,8 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
                 go = generate_level(loaded, n, max_tokens)
             elif impl == "stream":
                 go = stream_level(engine, n, max_tokens)
+            elif impl in ("thread", "drain"):
+                go = thread_level(loaded, engine, n, max_tokens, drain=impl == "drain")
             else:
                 go = batcher_level(engine.batcher, prompt, n, max_tokens)
             warm = timed(go, dev)                       # compile, graph capture, allocator
@@ -115,7 +148,8 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
             row = {"impl": impl, "streams": n, "warmup_s": round(warm, 3), "seconds": [round(t, 4) for t in times],
                    "tok_s_median": round(statistics.median(rates), 1), "tok_s_min": round(rates[0], 1),
                    "tok_s_max": round(rates[-1], 1),
-                   "ms_per_step": round(statistics.median(times) / max_tokens * 1000 / (n if impl == "stream" else 1), 2)}
+                   "ms_per_step": round(statistics.median(times) / max_tokens * 1000 /
+                                         (n if impl in ("stream", "thread", "drain") else 1), 2)}
             if impl == "slots":                         # compiled and graph-replayed, or why not
                 dec = engine.batcher.decoder
                 row.update(graphs=sorted(dec.graphs), graph_error=dec.graph_error, compile_fallback=dec.fallback)
@@ -140,7 +174,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="a model dir or a base name (smollm2, tiny)")
     p.add_argument("--impl", nargs="+", default=["generate", "stream", "slots", "dynamic"],
-                   choices=["generate", "stream", "slots", "dynamic"])
+                   choices=["generate", "stream", "thread", "drain", "slots", "dynamic"])
     p.add_argument("--streams", default="1,4,16")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)

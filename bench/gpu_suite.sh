@@ -23,6 +23,8 @@
 #   serve6:  (session 6) the slot batcher (fixed cache slots, one compiled graph-replayed step) against the
 #            dynamic-cache batcher and plain generate, in the core (bench/batch_decode.py) and through the API
 #            (bench/serve_load.py) at 1/4/16 streams; the generate path's streaming cost at 1 stream
+#   serve6b: (session 6) serve6 again after tokens were handed over at most every 10 ms (FLUSH_S), shorter:
+#            the slot batcher in the core and through the API; where the streaming path's time goes
 #   big3:    (session 3) full fine-tuning of the 7B shape with fp32 master weights: one GPU (out of memory?)
 #            and FSDP2 on two, with each process's memory on each GPU
 #   speed6:  (session 6, issue 19; ONE GPU, H100 or H200) the strongest standard stacks vs ours, each run twice
@@ -85,7 +87,7 @@ torch.cuda.synchronize(); print(f"CEILING copy {2 * 2**31 * 10 / (time.perf_coun
 EOF
 export PEAK_TFLOPS=$(grep -o 'matmul [0-9]*' "$L/ceilings.log" | grep -o '[0-9]*' || echo 780)
 python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-[ "$STAGE" = big3 ] || [ "$STAGE" = serve5 ] || [ "$STAGE" = serve6 ] || step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
+[ "$STAGE" = big3 ] || [ "$STAGE" = serve5 ] || [ "$STAGE" = serve6 ] || [ "$STAGE" = serve6b ] || step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
 ls -la $R
 
 case "$STAGE" in
@@ -238,6 +240,19 @@ serve6)  # session 6 (issue 17): the slot batcher on the 1.8B shape (random weig
   step core_stream 60 $BD --impl generate stream --streams 1 --out $R/core_stream.json
   SL="python3 bench/serve_load.py --model $M --max-tokens 128 --repeats ${REPEATS:-3}"
   step serve_api 200 $SL --engine batched batched-dynamic --streams 1,4,16 --out $R/serve_api.json
+  for f in core core_stream; do [ -f $R/$f.json ] && python3 -c "import json,sys; sys.path.insert(0,'bench'); \
+    import batch_decode as b; print(b.table(json.load(open('$R/$f.json'))))" | tee -a $L/serve6_table.txt; done
+  [ -f $R/serve_api.json ] && python3 bench/serve_load.py --table $R/serve_api.json | tee -a $L/serve6_table.txt
+  ;;
+serve6b)  # session 6: after FLUSH_S; the streaming path's time (thread / drain / stream against generate)
+  M=$R/model-1.8b-smolvocab
+  step serve_build 150 python3 bench/serve_load.py --random-shape internlm2-1.8b --tokenizer .whl/smol-tok \
+    --model $M --engine generate --streams 1 --max-tokens 8 --repeats 1 --out $R/serve_build.json
+  BD="python3 bench/batch_decode.py --model $M --max-tokens 128 --repeats ${REPEATS:-2}"
+  step core 100 $BD --impl slots dynamic --streams 1,4,16 --out $R/core.json
+  step core_stream 100 $BD --impl generate thread drain stream --streams 1 --max-tokens 64 --out $R/core_stream.json
+  step serve_api 150 python3 bench/serve_load.py --model $M --max-tokens 128 --repeats ${REPEATS:-2} --engine batched \
+    --streams 1,4,16 --out $R/serve_api.json
   for f in core core_stream; do [ -f $R/$f.json ] && python3 -c "import json,sys; sys.path.insert(0,'bench'); \
     import batch_decode as b; print(b.table(json.load(open('$R/$f.json'))))" | tee -a $L/serve6_table.txt; done
   [ -f $R/serve_api.json ] && python3 bench/serve_load.py --table $R/serve_api.json | tee -a $L/serve6_table.txt
