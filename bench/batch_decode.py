@@ -2,6 +2,8 @@
 
     python bench/batch_decode.py --model DIR --streams 1,4,16 --max-tokens 128 --repeats 3 --out decode.json
     python bench/batch_decode.py --smoke          # CPU, the tiny base, 8 tokens
+    OMP_NUM_THREADS=2 python bench/batch_decode.py --model smollm2 --device cpu --impl generate slots \
+        compiled-slots --cpu-weights fp32,int8 --streams 1,4 --max-tokens 128 --repeats 3    # CPU decode (issue 19)
 
 Rows of the table (each level run once untimed, then `--repeats` times; median and min-max reported):
 - generate:  transformers' `generate` on one prompt batch of N rows (static batch, greedy; the reference);
@@ -11,7 +13,10 @@ Rows of the table (each level run once untimed, then `--repeats` times; median a
              only joining it (thread), and with the engine's token queue drained by the main thread
              without detokenising (drain);
 - slots:     the slot batcher (inference/slot_decode.py; CUDA: compiled, graph-replayed), N consumer threads;
+- compiled-slots: the slot batcher with its step torch.compile'd on any device (CPU: inductor's C++);
 - dynamic:   the dynamic-cache batcher (inference/batching.py), N consumer threads.
+`--cpu-weights fp32,int8` runs every row once per weight kind: int8 is the engine's `cpu_decode="int8"`
+(inference/cpu_decode.py: int8 weight-only linear layers, CPU only).
 Consumers only drain token ids, so the batcher rows show what the core can decode; bench/serve_load.py
 adds the API server and the `openai` clients on top. Every reply runs to --max-tokens (stop ids off).
 """
@@ -111,27 +116,34 @@ def batcher_level(batcher, prompt: list[int], n: int, max_tokens: int):
     return go
 
 
-def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repeats: int, device: str) -> dict:
+def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repeats: int, device: str,
+        weights: list[str] = ("fp32",)) -> dict:
+    import dataclasses
+
     import torch
     import transformers
 
     from inference import load
     from inference.chat_format import prompt_ids
+    from inference.cpu_decode import decode_model
     from trainer.bases.registry import resolve_model
 
-    loaded = load(str(resolve_model(model)), device=device)
-    dev = loaded.model.device
-    never = [loaded.tokenizer.vocab_size - 1]          # an id it practically never picks: replies run to the cap
-    prompt = prompt_ids(loaded.tokenizer, PROMPT)
+    base = load(str(resolve_model(model)), device=device)
+    dev = base.model.device
+    never = [base.tokenizer.vocab_size - 1]          # an id it practically never picks: replies run to the cap
+    prompt = prompt_ids(base.tokenizer, PROMPT)
     result = {"model": model, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__, "max_tokens": max_tokens,
               "repeats": repeats, "date": time.strftime("%Y-%m-%d"), "rows": []}
-    for impl in impls:
-        if impl in ("slots", "dynamic"):
-            engine = loaded.engine(fast_decode=False, max_batch=max(streams), batch_decoder=impl)
+    # the int8 copy is what `cpu_decode="int8"` gives the engine; its engines then decode it as is
+    models = {w: decode_model(base.model, w) for w in weights}
+    for w, impl in [(w, impl) for w in weights for impl in impls]:
+        loaded = dataclasses.replace(base, model=models[w])
+        if impl in ("slots", "compiled-slots", "dynamic"):
+            engine = loaded.engine(fast_decode=False, cpu_decode="fp32", max_batch=max(streams), batch_decoder=impl)
             engine.batcher.stop = set()
         elif impl in ("stream", "thread", "drain"):
-            engine = loaded.engine(fast_decode=False)
+            engine = loaded.engine(fast_decode=False, cpu_decode="fp32")
             engine.stop = never
         for n in streams:
             if impl == "generate":
@@ -145,12 +157,12 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
             warm = timed(go, dev)                       # compile, graph capture, allocator
             times = [timed(go, dev) for _ in range(repeats)]
             rates = sorted(n * max_tokens / t for t in times)
-            row = {"impl": impl, "streams": n, "warmup_s": round(warm, 3), "seconds": [round(t, 4) for t in times],
+            row = {"impl": impl, "weights": w, "streams": n, "warmup_s": round(warm, 3), "seconds": [round(t, 4) for t in times],
                    "tok_s_median": round(statistics.median(rates), 1), "tok_s_min": round(rates[0], 1),
                    "tok_s_max": round(rates[-1], 1),
                    "ms_per_step": round(statistics.median(times) / max_tokens * 1000 /
                                          (n if impl in ("stream", "thread", "drain") else 1), 2)}
-            if impl == "slots":                         # compiled and graph-replayed, or why not
+            if impl in ("slots", "compiled-slots"):     # compiled and graph-replayed, or why not
                 dec = engine.batcher.decoder
                 row.update(graphs=sorted(dec.graphs), graph_error=dec.graph_error, compile_fallback=dec.fallback)
             result["rows"].append(row)
@@ -159,13 +171,15 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
 
 
 def table(res: dict) -> str:
-    one = {r["impl"]: r["tok_s_median"] for r in res["rows"] if r["streams"] == 1}
+    one = {(r["impl"], r["weights"]): r["tok_s_median"] for r in res["rows"] if r["streams"] == 1}
     lines = [f"{res['device']}, torch {res['torch']}, transformers {res['transformers']}, {res['date']}, "
              f"{res['max_tokens']} tokens per reply, median of {res['repeats']} (min-max)",
-             "| impl | streams | tokens/s | min-max | ms/step | x one stream |", "|---|---:|---:|---|---:|---:|"]
+             "| impl | weights | streams | tokens/s | min-max | ms/step | x one stream |",
+             "|---|---|---:|---:|---|---:|---:|"]
     for r in res["rows"]:
-        ratio = r["tok_s_median"] / one[r["impl"]] if one.get(r["impl"]) else float("nan")
-        lines.append(f"| {r['impl']} | {r['streams']} | {r['tok_s_median']:.1f} | {r['tok_s_min']:.1f}-"
+        key = (r["impl"], r["weights"])
+        ratio = r["tok_s_median"] / one[key] if one.get(key) else float("nan")
+        lines.append(f"| {r['impl']} | {r['weights']} | {r['streams']} | {r['tok_s_median']:.1f} | {r['tok_s_min']:.1f}-"
                      f"{r['tok_s_max']:.1f} | {r['ms_per_step']:.2f} | {ratio:.2f} |")
     return "\n".join(lines)
 
@@ -174,7 +188,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="a model dir or a base name (smollm2, tiny)")
     p.add_argument("--impl", nargs="+", default=["generate", "stream", "slots", "dynamic"],
-                   choices=["generate", "stream", "thread", "drain", "slots", "dynamic"])
+                   choices=["generate", "stream", "thread", "drain", "slots", "compiled-slots", "dynamic"])
+    p.add_argument("--cpu-weights", default="fp32", help="fp32 and/or int8, comma-separated (int8: CPU only)")
     p.add_argument("--streams", default="1,4,16")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
@@ -185,7 +200,10 @@ def main(argv=None) -> int:
     if a.smoke:
         a.streams, a.max_tokens, a.repeats, a.device = "1,2", 8, 1, "cpu"
         a.model = a.model if a.model != "smollm2" else "tiny"
-    res = run(a.model, a.impl, [int(s) for s in a.streams.split(",")], a.max_tokens, a.repeats, a.device)
+    from inference.cpu_decode import check
+
+    weights = [check(w.strip()) for w in a.cpu_weights.split(",")]
+    res = run(a.model, a.impl, [int(s) for s in a.streams.split(",")], a.max_tokens, a.repeats, a.device, weights)
     print(table(res))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))

@@ -100,7 +100,12 @@ class _IdStreamer(BaseStreamer):
 
 class ChatEngine:
     def __init__(self, model, tokenizer, system_prompt: str | None = None, max_context: int | None = None,
-                 fast_decode: bool | str = False, max_batch: int = 1, batch_decoder: str = "auto"):
+                 fast_decode: bool | str = False, max_batch: int = 1, batch_decoder: str = "auto",
+                 cpu_decode: str = "fp32"):
+        # cpu_decode "int8": decode with an int8-weight copy of the model (inference/cpu_decode.py; CPU only)
+        from inference.cpu_decode import decode_model
+
+        model = decode_model(model, cpu_decode)
         self.model = model
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
@@ -130,15 +135,20 @@ class ChatEngine:
             self.fast = StaticDecoder(model, max_len=min(self.max_context, 4096), mode=mode)
 
     def _batcher(self, max_batch: int, kind: str):
-        """kind "slots": fixed cache slots, one compiled graph-replayed step (inference/slot_decode.py);
+        """kind "slots": fixed cache slots, one compiled graph-replayed step (inference/slot_decode.py; eager
+        on CPU); "compiled-slots": the same with the step compiled on any device (CPU: inductor's C++);
         "dynamic": the model's own forward over a stacked DynamicCache (any device); "auto": slots on CUDA
         for the model families they handle, else dynamic. None: this model is served one at a time."""
         from inference import decode_step
         from inference.batching import Batcher, SlotBatcher, supports
 
-        if kind not in ("auto", "slots", "dynamic"):
-            raise ValueError(f"batch_decoder={kind!r}: expected 'auto', 'slots' or 'dynamic'")
+        if kind not in ("auto", "slots", "compiled-slots", "dynamic"):
+            raise ValueError(f"batch_decoder={kind!r}: expected 'auto', 'slots', 'compiled-slots' or 'dynamic'")
         length = min(self.max_context, 4096)
+        if kind == "compiled-slots":
+            self.max_context = length
+            return SlotBatcher(self.model, self.stop, max_batch=max_batch, lock=self._lock, max_len=length,
+                               compile=True)
         if kind == "slots" or (kind == "auto" and self.model.device.type == "cuda"
                                and not getattr(self.model, "is_quantized", False)     # bnb layers: not captured
                                and decode_step.unsupported(self.model, length) is None):

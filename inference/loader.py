@@ -38,16 +38,20 @@ class Loaded:
     system_prompt: str | None
     note: str                     # one line for logs and UIs: what runs where
 
-    def engine(self, fast_decode: bool | str = "auto", **kwargs) -> ChatEngine:
+    def engine(self, fast_decode: bool | str = "auto", cpu_decode: str = "auto", **kwargs) -> ChatEngine:
         # max_batch=SERVING_BATCH (inference/engine.py) for front ends that serve several users at once
         """The chat engine every front end uses. fast_decode "auto": on a CUDA GPU with unquantized
         weights, the compiled CUDA-graph decode (inference/fast_decode.py: 416 vs 58 tokens/s for a 1.8B
         model on an H200, docs/BENCHMARKS.md); `generate` on CPU and for 4/8-bit models. The
-        FAST_DECODE environment variable (off | graph | compile) overrides "auto"."""
+        FAST_DECODE environment variable (off | graph | compile) overrides "auto". cpu_decode "auto": fp32,
+        unless the CPU_DECODE environment variable says int8 (inference/cpu_decode.py) and the model is on
+        the CPU in fp32."""
         if fast_decode == "auto":
             fast_decode = auto_fast_decode(self.model)
+        if cpu_decode == "auto":
+            cpu_decode = auto_cpu_decode(self.model)
         return ChatEngine(self.model, self.tokenizer, system_prompt=self.system_prompt, fast_decode=fast_decode,
-                          **kwargs)
+                          cpu_decode=cpu_decode, **kwargs)
 
 
 def auto_fast_decode(model) -> bool | str:
@@ -58,6 +62,19 @@ def auto_fast_decode(model) -> bool | str:
         return choice
     on_gpu = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
     return on_gpu and not getattr(model, "is_quantized", False)
+
+
+def auto_cpu_decode(model) -> str:
+    """CPU_DECODE (fp32 | int8; unset: fp32) for an unquantized fp32 model on the CPU; fp32 elsewhere.
+    A value that is neither is an error, not ignored."""
+    from inference.cpu_decode import CHOICES
+
+    choice = os.environ.get("CPU_DECODE", "").strip().lower() or "fp32"
+    if choice not in CHOICES:
+        raise UserError(f"CPU_DECODE={choice!r}: expected one of {', '.join(CHOICES)} (or unset: fp32)")
+    on_cpu = getattr(getattr(model, "device", None), "type", "cpu") == "cpu"
+    plain = not getattr(model, "is_quantized", False) and getattr(model, "dtype", None) == torch.float32
+    return choice if on_cpu and plain else "fp32"
 
 
 JSON_FILES = ("config.json", "adapter_config.json", "tokenizer_config.json", "generation_config.json",

@@ -17,6 +17,9 @@ Attention reads only the first `window` cache positions (512/1024/2048/4096, the
 running request), one graph per window, so short chats do not pay for 4096 positions. Greedy tokens
 equal `generate`'s alone (tests/test_batching.py checks it on CPU in fp32, where the same code runs
 eagerly without graphs).
+
+On CPU `compile=True` compiles the same step with inductor's C++ backend (g++): its tokens equal the
+eager step's (tests/test_batching.py); `batch_decoder="compiled-slots"` in inference/engine.py.
 """
 from __future__ import annotations
 
@@ -100,6 +103,7 @@ class SlotDecoder:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_error: str | None = None         # why steps run without a graph, if they do
         self.fallback: str | None = None            # why the step runs uncompiled, if it does
+        self._compiled: set[int] = set()           # windows whose compiled step ran without a graph
 
     def window(self, needed: int) -> int:
         """The smallest window holding `needed` positions (the longest running request's)."""
@@ -135,7 +139,7 @@ class SlotDecoder:
         self.tokens.copy_(torch.tensor(tokens, dtype=torch.long).view(-1, 1), non_blocking=True)
         self.pos.copy_(torch.tensor(positions, dtype=torch.long), non_blocking=True)
         if not self.use_graph:
-            self._step(window)
+            self._eager_step(window)
             return self.logits
         graph = self.graphs.get(window) or self._capture(window)
         if graph is None:
@@ -143,6 +147,20 @@ class SlotDecoder:
         else:
             graph.replay()
         return self.logits
+
+    def _eager_step(self, window: int) -> None:
+        """A step without a graph (CPU, or a refused capture); a compile error on a window's first step
+        falls back to the uncompiled step for good (`fallback` says why)."""
+        if self._layer is slot_layer or window in self._compiled:
+            self._step(window)
+            return
+        try:
+            self._step(window)
+        except Exception as exc:
+            self.fallback = f"{type(exc).__name__}: {exc}"
+            self._layer, self._head, self._tail = slot_layer, slot_head, tail
+            self._step(window)
+        self._compiled.add(window)
 
     def _capture(self, window: int):
         """Compile (first use of this window) and capture the step; None when the driver refuses a

@@ -183,3 +183,66 @@ def test_the_engine_picks_slots_on_cuda_only(loaded):
     assert forced.max_context == forced.batcher.decoder.length == min(loaded.model.config.max_position_embeddings, 4096)
     with pytest.raises(ValueError, match="batch_decoder"):
         loaded.engine(max_batch=4, batch_decoder="paged")
+
+
+def test_int8_cpu_decode_gives_a_sane_reply(loaded):
+    """cpu_decode="int8" (inference/cpu_decode.py): the engine decodes an int8-weight copy -- the model it
+    was given keeps its fp32 layers -- and replies with text on every path (generate, batcher)."""
+    import torch
+
+    from inference.cpu_decode import Int8Linear
+
+    engine = loaded.engine(cpu_decode="int8")
+    assert engine.model is not loaded.model and isinstance(engine.model.lm_head, Int8Linear)
+    assert type(loaded.model.lm_head) is torch.nn.Linear
+    assert engine.model.model.embed_tokens.weight is loaded.model.model.embed_tokens.weight    # shared, not copied
+    reply = engine.chat(_ask("Who are you?"), max_new_tokens=24)
+    assert reply.strip() and "\ufffd" not in reply
+    batched = loaded.engine(cpu_decode="int8", max_batch=2)
+    assert batched.chat(_ask("Who are you?"), max_new_tokens=24).strip()
+
+
+def test_the_compiled_cpu_slot_step_equals_the_eager_one(loaded):
+    """The slot step compiled by inductor's C++ backend on CPU decodes the eager step's tokens (fp32, greedy)."""
+    from inference.batching import SlotBatcher
+    from inference.chat_format import prompt_ids, with_system
+
+    engine = loaded.engine()
+    prompts = [prompt_ids(loaded.tokenizer, with_system(_ask(q), loaded.system_prompt)) for q in QUESTIONS[:3]]
+    eager = SlotBatcher(loaded.model, engine.stop, max_batch=2, max_len=256, compile=False)
+    compiled = loaded.engine(max_batch=2, batch_decoder="compiled-slots").batcher
+    for p in prompts:
+        assert list(compiled.tokens(p, 20)) == list(eager.tokens(p, 20))
+    assert compiled.decoder.fallback is None
+
+
+def test_a_bad_cpu_decode_choice_is_one_clear_line(loaded, monkeypatch):
+    from inference.errors import UserError
+
+    with pytest.raises(ValueError, match=r"cpu_decode='int4': expected one of 'fp32', 'int8'"):
+        loaded.engine(cpu_decode="int4")
+    monkeypatch.setenv("CPU_DECODE", "int4")
+    with pytest.raises(UserError, match="CPU_DECODE='int4'"):
+        loaded.engine()
+    monkeypatch.setenv("CPU_DECODE", "int8")
+    from inference.cpu_decode import Int8Linear
+
+    assert isinstance(loaded.engine().model.lm_head, Int8Linear)
+
+
+def test_the_decode_benchmark_runs_int8_and_compiled_slots(tmp_path, merged_model):
+    """bench/batch_decode.py --smoke with the CPU variants: int8 weights, the compiled slot step."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "decode.json"
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "bench" / "batch_decode.py"), "--smoke", "--model", str(merged_model),
+                    "--impl", "generate", "compiled-slots", "--cpu-weights", "fp32,int8", "--out", str(out)],
+                   check=True, cwd=repo, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["impl"], r["weights"], r["streams"]) for r in rows} == {
+        (i, w, n) for i in ("generate", "compiled-slots") for w in ("fp32", "int8") for n in (1, 2)}
+    assert all(r["tok_s_median"] > 0 and r.get("compile_fallback") is None for r in rows)

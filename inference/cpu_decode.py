@@ -1,0 +1,86 @@
+"""Int8 weights for decoding on CPU: a copy of the model whose linear layers hold int8 weights.
+
+    from inference.cpu_decode import decode_model
+    fast = decode_model(model, "int8")        # "fp32": the model itself; "int8": a copy, weights shared
+    loaded.engine(cpu_decode="int8")          # what the serving engines do (env CPU_DECODE=int8, loader.py)
+    python bench/batch_decode.py --model smollm2 --impl slots --cpu-weights int8 --streams 1,4
+
+Why: one decoded token reads every weight once. The real embedded base (SmolLM2-135M) reads ~540 MB
+a token in fp32 -- its lm_head alone (tied to the 49,152 x 576 embedding) is 113 MB -- and 2 CPU cores
+decode it at ~27 tokens/s. Int8 weights read a quarter of that.
+
+What: every `nn.Linear` (the lm_head included; the embedding stays fp32, it is read one row a token)
+becomes `Int8Linear`: weight-only, symmetric, one scale per output row, computed by torch's own
+`_weight_int8pack_mm` (an AVX-512/AMX kernel on x86) on bf16 activations, the result cast back. Only
+the weights are rounded; activations are not quantized to int8 -- torch's `quantize_dynamic` (which
+does) turned most of SmolLM2's replies to gibberish (8 held-out prompts). The copy shares every other
+tensor with the model (no second fp32 copy) and is a snapshot: a model that trains on needs a new one.
+Quality is not fp32's: greedy replies agree with fp32 for a while, then may part (bench/int8_agreement.py
+measures it on the bundled held-out prompts).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+CHOICES = ("fp32", "int8")
+
+
+def check(choice: str) -> str:
+    """The choice, or a one-line ValueError naming the ones there are."""
+    if choice not in CHOICES:
+        raise ValueError(f"cpu_decode={choice!r}: expected one of {', '.join(map(repr, CHOICES))}")
+    return choice
+
+
+class Int8Linear(torch.nn.Module):
+    """y = x W^T (+ b) with W stored as int8 [out, in] and one bf16 scale per output row."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+                             .contiguous())
+        self.register_buffer("scales", scale.to(torch.bfloat16))
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scales)
+        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+def int8_copy(model):
+    """A copy of MODEL for decoding whose `nn.Linear` layers are `Int8Linear`; every other tensor (the
+    embedding, norms, rotary tables) is the model's own, not copied. MODEL is left as it was."""
+    shared = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    with torch.no_grad():
+        twin = copy.deepcopy(model, memo=shared)
+        for module in list(twin.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is torch.nn.Linear:
+                    setattr(module, name, Int8Linear(child))
+    twin.eval()
+    return twin
+
+
+def decode_model(model, choice: str = "fp32"):
+    """The model to decode with on CPU: MODEL itself for "fp32", `int8_copy(MODEL)` for "int8"."""
+    check(choice)
+    if choice == "fp32":
+        return model
+    device = getattr(model, "device", torch.device("cpu"))
+    if device.type != "cpu":
+        raise ValueError(f"cpu_decode='int8' is for a model on the CPU (this one is on {device})")
+    if getattr(model, "is_quantized", False):
+        raise ValueError("cpu_decode='int8': the model is already quantized (bitsandbytes); load it unquantized")
+    if model.dtype != torch.float32:
+        raise ValueError(f"cpu_decode='int8' expects fp32 weights to round (got {model.dtype})")
+    return int8_copy(model)
