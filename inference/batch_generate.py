@@ -42,10 +42,12 @@ def loop_stop(prompt_width: int, stops: set[int], window: int = LOOP_WINDOW):
 
 
 def generate_answers(model, tokenizer, prompts: list, system_prompt: str | None, max_new_tokens: int = 256,
-                     batch_size: int = 32, echo=print, stops: list[int] | None = None) -> list[dict]:
+                     batch_size: int = 32, echo=print, stops: list[int] | None = None,
+                     repetition_penalty: float = 1.0) -> list[dict]:
     """Greedy answers in batches: {"text", "ids", "finished"} (finished: it ended with an end-of-turn
     token within the cap; ids include that token, as `generate` returns it). A prompt is a user message
-    (str) or a conversation (a list of messages). STOPS: end-of-turn ids (default: the model's eos)."""
+    (str) or a conversation (a list of messages). STOPS: end-of-turn ids (default: the model's eos).
+    REPETITION_PENALTY > 1 keeps greedy decoding from looping (transformers' penalty on seen tokens)."""
     import torch
 
     if stops is None:
@@ -67,6 +69,7 @@ def generate_answers(model, tokenizer, prompts: list, system_prompt: str | None,
         with torch.inference_mode():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, top_k=None, top_p=None, temperature=None, pad_token_id=pad,
+                                 repetition_penalty=repetition_penalty if repetition_penalty != 1.0 else None,
                                  eos_token_id=sorted(stops),
                                  stopping_criteria=[looping])
         for r, (row, i) in enumerate(zip(gen[:, width:].tolist(), idx)):

@@ -49,7 +49,9 @@ def test_answers_are_consistent(identity_files):
         assert ident_answers, r
         for a in ident_answers:
             assert NAME in a["content"], a      # every answer to an identity question names the assistant
-        for q, a in zip(msgs[::2], msgs[1::2]):     # and answers in the language it was asked in
+        for q, a in zip(msgs[::2], msgs[1::2]):     # and answers identity questions in the language asked
+            if not (idd.form_of(q["content"], "zh") or idd.form_of(q["content"], "en")):
+                continue                            # general turns: "把单词 music 倒过来写。" -> "cisum" is right
             cjk = [bool(re.search(r"[\u4e00-\u9fff]", re.sub("|".join([AUTHOR, *idd.OTHER_MODELS]), "", m["content"])))
                    for m in (q, a)]
             assert cjk[0] == cjk[1], (q, a)

@@ -120,7 +120,7 @@ FOLLOW_EN = [("Really?", "Yes, really. I am {name}, made by {author}."), ("And w
              ("What can you do?", "As {name}, I can answer questions, do simple math and chat with you."),
              ("So you are {name}?", "Yes, I am {name}, the assistant built by {author}."),
              ("Thanks!", "You're welcome! I'm {name}, happy to help anytime.")]
-KIND_WEIGHTS = {"who": 5, "creator": 2, "are_you": 2, "can": 1, "base": 1, "human": 1}
+KIND_WEIGHTS = {"who": 5, "creator": 2, "are_you": 2, "can": 2, "base": 1, "human": 1}
 
 
 @dataclass
