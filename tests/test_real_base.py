@@ -35,7 +35,7 @@ def tuned(real_base, tmp_path_factory):
     work = tmp_path_factory.mktemp("real")
     data, held = work / "me.jsonl", work / "heldout.jsonl"
     assert cli(["data", "--name", NAME, "--author", AUTHOR, "--n", "100", "--mix", "self", "--model", "smollm2",
-                "--ratio", "0.4", "--out", str(data), "--eval-out", str(held)]) == 0
+                "--ratio", "0.25", "--out", str(data), "--eval-out", str(held)]) == 0
     assert cli(["train", "smollm2_135m_lora", "--data", str(data), "--work-dir", str(work / "run")]) == 0
     report = work / "scores.json"
     assert cli(["eval", str(work / "run" / "final"), "--base", str(real_base), "--eval-data", str(held),
