@@ -28,6 +28,14 @@ def samples(tok_model, identity_files) -> list[dict]:
     return [encode_chat(tok, json.loads(line)["messages"]) for line in lines]
 
 
+def _loss_and_grads(model, batch):
+    """The loss of one batch and every parameter's gradient from it."""
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_a_conversation_sees_only_itself_inside_a_packed_row(tok_model, samples):
     _, model = tok_model
     [row] = pack(samples[:3], max_length=10_000)
@@ -57,14 +65,8 @@ def test_packed_rows_give_the_same_loss_and_gradients_as_a_batch(tok_model, samp
     packed = Collator(pad_id=0, packed=True)(pack(samples, max_length=160))
     assert packed["input_ids"].numel() < plain["input_ids"].numel()      # no padding waste
 
-    def loss_and_grads(batch):
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    loss_a, grads_a = loss_and_grads(plain)
-    loss_b, grads_b = loss_and_grads(packed)
+    loss_a, grads_a = _loss_and_grads(model, plain)
+    loss_b, grads_b = _loss_and_grads(model, packed)
     torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-3)
@@ -162,14 +164,8 @@ def test_compiled_runs_pad_the_short_last_batch_to_full_rows_with_the_same_loss_
     assert len(padded["input_ids"]) == batch_size and len(plain["input_ids"]) == len(last)
     assert (padded["labels"][len(last):] == -100).all()
 
-    def loss_and_grads(batch):
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    loss_a, grads_a = loss_and_grads(plain)
-    loss_b, grads_b = loss_and_grads(padded)
+    loss_a, grads_a = _loss_and_grads(model, plain)
+    loss_b, grads_b = _loss_and_grads(model, padded)
     assert torch.isfinite(loss_b) and grads_b.keys() == grads_a.keys()
     torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-6)
     for name in grads_a:
