@@ -9,9 +9,10 @@ Rows of the table (each level run once untimed, then `--repeats` times; median a
 - generate:  transformers' `generate` on one prompt batch of N rows (static batch, greedy; the reference);
 - stream:    `ChatEngine.stream_chat` on the generate path (worker thread + token queue + detokeniser),
              one reply at a time -- issue 19: within 1.2x of plain generate at 1 stream;
-- thread / drain: where the streaming path's time goes -- generate in a worker thread with the main thread
+- thread / drain / worker: where the streaming path's time goes -- generate in a worker thread with the main thread
              only joining it (thread), and with the engine's token queue drained by the main thread
-             without detokenising (drain);
+             without detokenising (drain); worker: generate in one long-lived worker thread, as the
+             engine now runs it (cuDNN keeps attention plans per thread: see inference/engine.py);
 - slots:     the slot batcher (inference/slot_decode.py; CUDA: compiled, graph-replayed), N consumer threads;
 - compiled-slots: the slot batcher with its step torch.compile'd on any device (CPU: inductor's C++);
 - dynamic:   the dynamic-cache batcher (inference/batching.py), N consumer threads.
@@ -28,6 +29,7 @@ import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +75,9 @@ def stream_level(engine, n: int, max_tokens: int):
     return go
 
 
-def thread_level(loaded, engine, n: int, max_tokens: int, drain: bool):
-    """generate in a worker thread, as the engine runs it; DRAIN: with the engine's token queue, read here."""
+def thread_level(loaded, engine, n: int, max_tokens: int, drain: bool, pool=None):
+    """generate in a new thread per reply (POOL None; the engine before session 6) or in POOL's one long-lived
+    worker thread (the engine now); DRAIN: with the engine's token queue, read here."""
     import torch
 
     from inference.engine import _IdStreamer
@@ -92,12 +95,15 @@ def thread_level(loaded, engine, n: int, max_tokens: int, drain: bool):
                                           **kwargs)
                 if streamer is not None:
                     streamer.end()
-            t = threading.Thread(target=work)
-            t.start()
+            if pool is not None:
+                done = pool.submit(work)
+            else:
+                t = threading.Thread(target=work)
+                t.start()
             if streamer is not None:
                 for _ids in streamer.ids():
                     pass
-            t.join()
+            done.result() if pool is not None else t.join()
     return go
 
 
@@ -142,7 +148,7 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
         if impl in ("slots", "compiled-slots", "dynamic"):
             engine = loaded.engine(fast_decode=False, cpu_decode="fp32", max_batch=max(streams), batch_decoder=impl)
             engine.batcher.stop = set()
-        elif impl in ("stream", "thread", "drain"):
+        elif impl in ("stream", "thread", "drain", "worker"):
             engine = loaded.engine(fast_decode=False, cpu_decode="fp32")
             engine.stop = never
         for n in streams:
@@ -150,8 +156,9 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
                 go = generate_level(loaded, n, max_tokens)
             elif impl == "stream":
                 go = stream_level(engine, n, max_tokens)
-            elif impl in ("thread", "drain"):
-                go = thread_level(loaded, engine, n, max_tokens, drain=impl == "drain")
+            elif impl in ("thread", "drain", "worker"):
+                go = thread_level(loaded, engine, n, max_tokens, drain=impl == "drain",
+                                  pool=ThreadPoolExecutor(max_workers=1) if impl == "worker" else None)
             else:
                 go = batcher_level(engine.batcher, prompt, n, max_tokens)
             warm = timed(go, dev)                       # compile, graph capture, allocator
@@ -161,7 +168,7 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
                    "tok_s_median": round(statistics.median(rates), 1), "tok_s_min": round(rates[0], 1),
                    "tok_s_max": round(rates[-1], 1),
                    "ms_per_step": round(statistics.median(times) / max_tokens * 1000 /
-                                         (n if impl in ("stream", "thread", "drain") else 1), 2)}
+                                         (n if impl in ("stream", "thread", "drain", "worker") else 1), 2)}
             if impl in ("slots", "compiled-slots"):     # compiled and graph-replayed, or why not
                 dec = engine.batcher.decoder
                 row.update(graphs=sorted(dec.graphs), graph_error=dec.graph_error, compile_fallback=dec.fallback)
@@ -188,7 +195,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="a model dir or a base name (smollm2, tiny)")
     p.add_argument("--impl", nargs="+", default=["generate", "stream", "slots", "dynamic"],
-                   choices=["generate", "stream", "thread", "drain", "slots", "compiled-slots", "dynamic"])
+                   choices=["generate", "stream", "thread", "drain", "worker", "slots", "compiled-slots", "dynamic"])
     p.add_argument("--cpu-weights", default="fp32", help="fp32 and/or int8, comma-separated (int8: CPU only)")
     p.add_argument("--streams", default="1,4,16")
     p.add_argument("--max-tokens", type=int, default=128)

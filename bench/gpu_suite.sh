@@ -250,7 +250,7 @@ serve6b)  # session 6: after FLUSH_S; the streaming path's time (thread / drain 
     --model $M --engine generate --streams 1 --max-tokens 8 --repeats 1 --out $R/serve_build.json
   BD="python3 bench/batch_decode.py --model $M --max-tokens 128 --repeats ${REPEATS:-2}"
   step core 100 $BD --impl slots dynamic --streams 1,4,16 --out $R/core.json
-  step core_stream 100 $BD --impl generate thread drain stream --streams 1 --max-tokens 64 --out $R/core_stream.json
+  step core_stream 100 $BD --impl generate thread drain worker stream --streams 1 --max-tokens 64 --out $R/core_stream.json
   step serve_api 150 python3 bench/serve_load.py --model $M --max-tokens 128 --repeats ${REPEATS:-2} --engine batched \
     --streams 1,4,16 --out $R/serve_api.json
   for f in core core_stream; do [ -f $R/$f.json ] && python3 -c "import json,sys; sys.path.insert(0,'bench'); \

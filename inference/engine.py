@@ -115,7 +115,7 @@ class ChatEngine:
         # generation runs in one long-lived worker thread, not a new thread per reply: cuDNN keeps its
         # attention plans per thread, and a fresh thread rebuilt them at every step's new key length --
         # 2.3 ms per attention call instead of 0.055, generate at 57-98 ms/token instead of 18-22 on an
-        # H100 (1.8B shape; .whl/diag6.py in session 6's closing note; bench/batch_decode.py --impl thread)
+        # H100 (1.8B shape; `bench/batch_decode.py --impl generate thread worker`; docs/BENCHMARKS.md)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         # top-k is explicit everywhere: the model's generation config's (Qwen2 ships 20), else 0 = off,
         # so generate (whose fallback would be 50), the fast path and the batcher draw alike
