@@ -145,15 +145,12 @@ class ChatEngine:
         if kind not in ("auto", "slots", "compiled-slots", "dynamic"):
             raise ValueError(f"batch_decoder={kind!r}: expected 'auto', 'slots', 'compiled-slots' or 'dynamic'")
         length = min(self.max_context, 4096)
-        if kind == "compiled-slots":
-            self.max_context = length
-            return SlotBatcher(self.model, self.stop, max_batch=max_batch, lock=self._lock, max_len=length,
-                               compile=True)
-        if kind == "slots" or (kind == "auto" and self.model.device.type == "cuda"
-                               and not getattr(self.model, "is_quantized", False)     # bnb layers: not captured
-                               and decode_step.unsupported(self.model, length) is None):
+        if kind in ("slots", "compiled-slots") or (kind == "auto" and self.model.device.type == "cuda"
+                                                   and not getattr(self.model, "is_quantized", False)  # bnb: no graph
+                                                   and decode_step.unsupported(self.model, length) is None):
             self.max_context = length             # a prompt and its reply must fit one slot
-            return SlotBatcher(self.model, self.stop, max_batch=max_batch, lock=self._lock, max_len=length)
+            return SlotBatcher(self.model, self.stop, max_batch=max_batch, lock=self._lock, max_len=length,
+                               compile=True if kind == "compiled-slots" else None)
         return Batcher(self.model, self.stop, max_batch=max_batch, lock=self._lock) if supports(self.model) else None
 
     def _gen_kwargs(self, max_new_tokens, temperature, top_p, repetition_penalty, top_k: int = 0) -> dict:
@@ -203,48 +200,40 @@ class ChatEngine:
             return
         streamer = _IdStreamer()
         kwargs = self._gen_kwargs(max_new_tokens, temperature, top_p, repetition_penalty, top_k)
-        errors: list[BaseException] = []
         stop = threading.Event()       # set when the consumer goes away (Stop pressed, client disconnected)
 
-        def run():
-            try:
-                with self._lock, torch.no_grad():
-                    self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(stop)]),
-                                        **kwargs)
-            except BaseException as exc:  # surfaced to the caller below
-                errors.append(exc)
-                streamer.end()
-
-        done = self._worker.submit(run)
-        try:
-            yield from stream_text(self.tokenizer, streamer.ids())
-        finally:
-            # a consumer that stops early (generator closed) ends generation within one token, so the
-            # lock goes to the next user instead of serving max_new_tokens to nobody
-            stop.set()
-        done.result()
-        if errors:
-            raise errors[0]
+        def work():
+            with self._lock, torch.no_grad():
+                self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                    streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(stop)]),
+                                    **kwargs)
+        yield from self._in_worker(work, streamer, stop, stream_text)
 
     def _stream_fast(self, input_ids, max_new_tokens, temperature, top_p, stream_text) -> Iterator[str]:
-        """The CUDA static-cache decoder, run by a worker thread that holds the lock, so a consumer that
-        pauses or leaves never keeps the model locked: leaving stops the worker after one token. The
+        """The CUDA static-cache decoder, run in the worker thread while it holds the lock, so a consumer
+        that pauses or leaves never keeps the model locked: leaving stops the worker after one token. The
         tokens travel through the same `_IdStreamer` queue as the generate path's."""
         streamer = _IdStreamer(skip_prompt=False)    # the decoder hands over new tokens only
         stop = threading.Event()
-        errors: list[BaseException] = []
 
+        def work():
+            with self._lock:
+                for tid in self.fast.tokens(input_ids, max_new_tokens, self.stop, temperature, top_p):
+                    if stop.is_set():
+                        break
+                    streamer.queue.put([tid])
+        yield from self._in_worker(work, streamer, stop, stream_text)
+
+    def _in_worker(self, work, streamer: _IdStreamer, stop: threading.Event, stream_text) -> Iterator[str]:
+        """Run WORK (which feeds STREAMER) in the engine's worker thread and yield the growing reply. A
+        consumer that stops early (generator closed) sets STOP, which ends the work within one token, so
+        the lock goes to the next user instead of serving max_new_tokens to nobody. WORK's error is
+        raised here once the text before it is out."""
         def run():
             try:
-                with self._lock:
-                    for tid in self.fast.tokens(input_ids, max_new_tokens, self.stop, temperature, top_p):
-                        if stop.is_set():
-                            break
-                        streamer.queue.put([tid])
-            except BaseException as exc:  # surfaced to the caller below
-                errors.append(exc)
-            streamer.end()
+                work()
+            finally:
+                streamer.end()                    # once: generate ends it itself on success
 
         done = self._worker.submit(run)
         try:
@@ -252,8 +241,6 @@ class ChatEngine:
         finally:
             stop.set()
         done.result()
-        if errors:
-            raise errors[0]
 
     def chat(self, messages: list[dict], **kwargs) -> str:
         """The whole reply at once (greedy by default)."""

@@ -103,7 +103,7 @@ class SlotDecoder:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_error: str | None = None         # why steps run without a graph, if they do
         self.fallback: str | None = None            # why the step runs uncompiled, if it does
-        self._compiled: set[int] = set()           # windows whose compiled step ran without a graph
+        self._compiled: set[int] = set()           # windows whose step has run (and compiled) once
 
     def window(self, needed: int) -> int:
         """The smallest window holding `needed` positions (the longest running request's)."""
@@ -138,18 +138,17 @@ class SlotDecoder:
         [S, V] (a buffer the next step overwrites)."""
         self.tokens.copy_(torch.tensor(tokens, dtype=torch.long).view(-1, 1), non_blocking=True)
         self.pos.copy_(torch.tensor(positions, dtype=torch.long), non_blocking=True)
-        if not self.use_graph:
-            self._eager_step(window)
-            return self.logits
-        graph = self.graphs.get(window) or self._capture(window)
+        graph = self.graphs.get(window) if self.use_graph else None
+        if graph is None and self.use_graph:
+            graph = self._capture(window)
         if graph is None:
-            self._step(window)
+            self._run(window)
         else:
             graph.replay()
         return self.logits
 
-    def _eager_step(self, window: int) -> None:
-        """A step without a graph (CPU, or a refused capture); a compile error on a window's first step
+    def _run(self, window: int) -> None:
+        """One step without a graph. A window's first step compiles its shapes; a compile error there
         falls back to the uncompiled step for good (`fallback` says why)."""
         if self._layer is slot_layer or window in self._compiled:
             self._step(window)
@@ -157,6 +156,8 @@ class SlotDecoder:
         try:
             self._step(window)
         except Exception as exc:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
             self.fallback = f"{type(exc).__name__}: {exc}"
             self._layer, self._head, self._tail = slot_layer, slot_head, tail
             self._step(window)
@@ -169,15 +170,7 @@ class SlotDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            try:
-                self._step(window)                  # compiles this window's shapes
-            except Exception as exc:                # a compile error: the same step uncompiled, still captured
-                if self._layer is slot_layer:
-                    raise
-                torch.cuda.synchronize()
-                self.fallback = f"{type(exc).__name__}: {exc}"
-                self._layer, self._head, self._tail = slot_layer, slot_head, tail
-                self._step(window)
+            self._run(window)                       # compiles this window's shapes (or falls back)
             self._step(window)                      # warm kernels and the allocator
         torch.cuda.current_stream().wait_stream(stream)
         try:
