@@ -2,6 +2,7 @@
 
     python bench/batch_decode.py --model DIR --streams 1,4,16 --max-tokens 128 --repeats 3 --out decode.json
     python bench/batch_decode.py --smoke          # CPU, the tiny base, 8 tokens
+    python bench/batch_decode.py --table decode.json
     OMP_NUM_THREADS=2 python bench/batch_decode.py --model smollm2 --device cpu --impl generate slots \
         compiled-slots --cpu-weights fp32,int8 --streams 1,4 --max-tokens 128 --repeats 3    # CPU decode (issue 19)
 
@@ -203,7 +204,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--out")
     p.add_argument("--smoke", action="store_true", help="CPU, 1 and 2 streams, 8 tokens (default model: tiny)")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print the tables of earlier --out files and stop")
     a = p.parse_args(argv)
+    if a.table:
+        print("\n".join(table(json.loads(Path(f).read_text())) for f in a.table))
+        return 0
     if a.smoke:
         a.streams, a.max_tokens, a.repeats, a.device = "1,2", 8, 1, "cpu"
         a.model = a.model if a.model != "smollm2" else "tiny"

@@ -90,6 +90,15 @@ python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes._
 [ "$STAGE" = big3 ] || [ "$STAGE" = serve5 ] || [ "$STAGE" = serve6 ] || [ "$STAGE" = serve6b ] || step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
 ls -la $R
 
+build_smol() {   # the 1.8B shape with random weights and SmolLM2's tokenizer (.whl/smol-tok) at $M
+  step serve_build 150 python3 bench/serve_load.py --random-shape internlm2-1.8b --tokenizer .whl/smol-tok \
+    --model $M --engine generate --streams 1 --max-tokens 8 --repeats 1 --out $R/serve_build.json
+}
+serve6_tables() {
+  for f in core core_stream; do [ -f $R/$f.json ] && python3 bench/batch_decode.py --table $R/$f.json \
+    | tee -a $L/serve6_table.txt; done
+  [ -f $R/serve_api.json ] && python3 bench/serve_load.py --table $R/serve_api.json | tee -a $L/serve6_table.txt
+}
 case "$STAGE" in
 speed6)  # session 6 (issue 19): one GPU, each configuration twice in this call; ~5.5 min after prepare
   export CUDA_VISIBLE_DEVICES=0
@@ -218,8 +227,7 @@ serve5)  # session 5: many streams at once through the API (issue 17), the decod
   # model's do; vocabulary 49,152 instead of InternLM2's 92,544
   M=$R/model-1.8b-smolvocab
   SL="python3 bench/serve_load.py --model $M --max-tokens 128 --repeats ${REPEATS:-3}"
-  step serve_build 150 python3 bench/serve_load.py --random-shape internlm2-1.8b --tokenizer .whl/smol-tok \
-    --model $M --engine generate --streams 1 --max-tokens 8 --repeats 1 --out $R/serve_build.json
+  build_smol
   step serve_main 200 $SL --engine generate batched fast --streams 1,4,16 --out $R/serve_gpu.json
   [ "${SWITCH:-0}" = 1 ] && step serve_si1 80 $SL --engine batched --streams 1,16 --switch-interval 0.001 --out $R/serve_si1.json
   [ "${SWITCH:-0}" = 1 ] && step serve_si20 80 $SL --engine batched --streams 1,16 --switch-interval 0.02 --out $R/serve_si20.json
@@ -232,30 +240,24 @@ serve5)  # session 5: many streams at once through the API (issue 17), the decod
   ;;
 serve6)  # session 6 (issue 17): the slot batcher on the 1.8B shape (random weights, SmolLM2's tokenizer)
   M=$R/model-1.8b-smolvocab
-  step serve_build 150 python3 bench/serve_load.py --random-shape internlm2-1.8b --tokenizer .whl/smol-tok \
-    --model $M --engine generate --streams 1 --max-tokens 8 --repeats 1 --out $R/serve_build.json
+  build_smol
   BD="python3 bench/batch_decode.py --model $M --max-tokens 128 --repeats ${REPEATS:-3}"
   step core_check 90 $BD --impl slots --streams 1,4 --max-tokens 16 --repeats 1 --out $R/core_check.json
   step core 200 $BD --impl generate slots dynamic --streams 1,4,16 --out $R/core.json
   step core_stream 60 $BD --impl generate stream --streams 1 --out $R/core_stream.json
   SL="python3 bench/serve_load.py --model $M --max-tokens 128 --repeats ${REPEATS:-3}"
   step serve_api 200 $SL --engine batched batched-dynamic --streams 1,4,16 --out $R/serve_api.json
-  for f in core core_stream; do [ -f $R/$f.json ] && python3 -c "import json,sys; sys.path.insert(0,'bench'); \
-    import batch_decode as b; print(b.table(json.load(open('$R/$f.json'))))" | tee -a $L/serve6_table.txt; done
-  [ -f $R/serve_api.json ] && python3 bench/serve_load.py --table $R/serve_api.json | tee -a $L/serve6_table.txt
+  serve6_tables
   ;;
 serve6b)  # session 6: after FLUSH_S; the streaming path's time (thread / drain / stream against generate)
   M=$R/model-1.8b-smolvocab
-  step serve_build 150 python3 bench/serve_load.py --random-shape internlm2-1.8b --tokenizer .whl/smol-tok \
-    --model $M --engine generate --streams 1 --max-tokens 8 --repeats 1 --out $R/serve_build.json
+  build_smol
   BD="python3 bench/batch_decode.py --model $M --max-tokens 128 --repeats ${REPEATS:-2}"
   step core 100 $BD --impl slots dynamic --streams 1,4,16 --out $R/core.json
   step core_stream 100 $BD --impl generate thread drain worker stream --streams 1 --max-tokens 64 --out $R/core_stream.json
   step serve_api 150 python3 bench/serve_load.py --model $M --max-tokens 128 --repeats ${REPEATS:-2} --engine batched \
     --streams 1,4,16 --out $R/serve_api.json
-  for f in core core_stream; do [ -f $R/$f.json ] && python3 -c "import json,sys; sys.path.insert(0,'bench'); \
-    import batch_decode as b; print(b.table(json.load(open('$R/$f.json'))))" | tee -a $L/serve6_table.txt; done
-  [ -f $R/serve_api.json ] && python3 bench/serve_load.py --table $R/serve_api.json | tee -a $L/serve6_table.txt
+  serve6_tables
   ;;
 esac
 snap
