@@ -120,33 +120,30 @@ def mean_attended(rows: list[dict]) -> float:
     return total / max(n, 1)
 
 
-def steady(scalars: list[dict], warmup: int) -> dict:
-    """tokens/s and s/step over the logged steps after `warmup` (compile and allocator warm-up).
-    Under several GPUs every rank logs each step with its own token count: those are summed."""
-    by_step: dict[int, list[dict]] = {}
+def step_clock(scalars: list[dict]) -> dict[int, tuple[float, float]]:
+    """step -> (wall clock at its end, tokens so far). Under several GPUs every rank logs each step with
+    its own token count: the slowest rank's clock, all ranks' tokens."""
+    at: dict[int, tuple[float, float]] = {}
     for r in scalars:
-        by_step.setdefault(r["step"], []).append(r)
-    steps = sorted(by_step)
+        t, n = at.get(r["step"], (0.0, 0.0))
+        at[r["step"]] = (max(t, r["elapsed_s"]), n + r.get("tokens", r["tokens_per_s"] * r["elapsed_s"]))
+    return at
+
+
+def steady(scalars: list[dict], warmup: int) -> dict:
+    """tokens/s and s/step over the logged steps after `warmup` (compile and allocator warm-up)."""
+    at = step_clock(scalars)
+    steps = sorted(at)
     first, last = steps[min(warmup, len(steps) - 2)], steps[-1]
-
-    def tokens(step):
-        return sum(r.get("tokens", r["tokens_per_s"] * r["elapsed_s"]) for r in by_step[step])
-
-    def at(step):
-        return max(r["elapsed_s"] for r in by_step[step])
-
-    span = at(last) - at(first)
-    return {"tokens_per_s": (tokens(last) - tokens(first)) / span, "step_s": span / (last - first),
+    span = at[last][0] - at[first][0]
+    return {"tokens_per_s": (at[last][1] - at[first][1]) / span, "step_s": span / (last - first),
             "steps_timed": last - first}
 
 
 def step_stats(scalars: list[dict], warmup: int) -> dict:
     """Every logged step's wall time, and the median / spread of those after `warmup` logged steps (the
     same window as `steady`); tokens/s from the median = mean tokens per timed step / median s/step."""
-    at: dict[int, tuple[float, float]] = {}
-    for r in scalars:          # several ranks: the slowest rank's clock, all ranks' tokens
-        t, n = at.get(r["step"], (0.0, 0.0))
-        at[r["step"]] = (max(t, r["elapsed_s"]), n + r.get("tokens", r["tokens_per_s"] * r["elapsed_s"]))
+    at = step_clock(scalars)
     steps, times, tokens, prev = sorted(at), [], [], (0, 0.0, 0.0)
     for step in steps:
         t, n = at[step]
