@@ -15,6 +15,9 @@ Rows of the table (each level run once untimed, then `--repeats` times; median a
              without detokenising (drain); worker: generate in one long-lived worker thread, as the
              engine now runs it (cuDNN keeps attention plans per thread: see inference/engine.py);
 - slots:     the slot batcher (inference/slot_decode.py; CUDA: compiled, graph-replayed), N consumer threads;
+             pipelined: each step's tokens are picked on the device and fed to the next step before the host
+             reads them (inference/batching.py);
+- slots-lockstep: the same batcher with the host picking every token before the next step (the session-6 path);
 - compiled-slots: the slot batcher with its step torch.compile'd on any device (CPU: inductor's C++);
 - dynamic:   the dynamic-cache batcher (inference/batching.py), N consumer threads.
 `--cpu-weights fp32,int8` runs every row once per weight kind: int8 is the engine's `cpu_decode="int8"`
@@ -108,12 +111,14 @@ def thread_level(loaded, engine, n: int, max_tokens: int, drain: bool, pool=None
     return go
 
 
-def batcher_level(batcher, prompt: list[int], n: int, max_tokens: int):
+def batcher_level(batcher, prompt: list[int], n: int, max_tokens: int, temperature: float = 0.0):
+    sampling = dict(temperature=temperature, top_p=0.9, seed=0) if temperature else {}
+
     def go():
         counts = [0] * n
 
         def one(i):
-            counts[i] = sum(1 for _ in batcher.tokens(prompt, max_tokens))
+            counts[i] = sum(1 for _ in batcher.tokens(prompt, max_tokens, **sampling))
         threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
         for t in threads:
             t.start()
@@ -124,7 +129,7 @@ def batcher_level(batcher, prompt: list[int], n: int, max_tokens: int):
 
 
 def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repeats: int, device: str,
-        weights: list[str] = ("fp32",)) -> dict:
+        weights: list[str] = ("fp32",), temperature: float = 0.0) -> dict:
     import dataclasses
 
     import torch
@@ -141,14 +146,18 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
     prompt = prompt_ids(base.tokenizer, PROMPT)
     result = {"model": model, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__, "max_tokens": max_tokens,
+              "temperature": temperature,
               "repeats": repeats, "date": time.strftime("%Y-%m-%d"), "rows": []}
     # the int8 copy is what `cpu_decode="int8"` gives the engine; its engines then decode it as is
     models = {w: decode_model(base.model, w) for w in weights}
     for w, impl in [(w, impl) for w in weights for impl in impls]:
         loaded = dataclasses.replace(base, model=models[w])
-        if impl in ("slots", "compiled-slots", "dynamic"):
-            engine = loaded.engine(fast_decode=False, cpu_decode="fp32", max_batch=max(streams), batch_decoder=impl)
+        if impl in ("slots", "slots-lockstep", "compiled-slots", "dynamic"):
+            kind = "slots" if impl == "slots-lockstep" else impl
+            engine = loaded.engine(fast_decode=False, cpu_decode="fp32", max_batch=max(streams), batch_decoder=kind)
             engine.batcher.stop = set()
+            if impl == "slots-lockstep":
+                engine.batcher.pipeline = False
         elif impl in ("stream", "thread", "drain", "worker"):
             engine = loaded.engine(fast_decode=False, cpu_decode="fp32")
             engine.stop = never
@@ -161,7 +170,7 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
                 go = thread_level(loaded, engine, n, max_tokens, drain=impl == "drain",
                                   pool=ThreadPoolExecutor(max_workers=1) if impl == "worker" else None)
             else:
-                go = batcher_level(engine.batcher, prompt, n, max_tokens)
+                go = batcher_level(engine.batcher, prompt, n, max_tokens, temperature)
             warm = timed(go, dev)                       # compile, graph capture, allocator
             times = [timed(go, dev) for _ in range(repeats)]
             rates = sorted(n * max_tokens / t for t in times)
@@ -170,9 +179,10 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
                    "tok_s_max": round(rates[-1], 1),
                    "ms_per_step": round(statistics.median(times) / max_tokens * 1000 /
                                          (n if impl in ("stream", "thread", "drain", "worker") else 1), 2)}
-            if impl in ("slots", "compiled-slots"):     # compiled and graph-replayed, or why not
+            if impl in ("slots", "slots-lockstep", "compiled-slots"):     # compiled and graph-replayed, or why not
                 dec = engine.batcher.decoder
-                row.update(graphs=sorted(dec.graphs), graph_error=dec.graph_error, compile_fallback=dec.fallback)
+                row.update(graphs=sorted(dec.graphs), graph_error=dec.graph_error, compile_fallback=dec.fallback,
+                           pipelined_steps=engine.batcher.pipelined_steps, lockstep_steps=engine.batcher.lockstep_steps)
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
     return result
@@ -181,7 +191,9 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
 def table(res: dict) -> str:
     one = {(r["impl"], r["weights"]): r["tok_s_median"] for r in res["rows"] if r["streams"] == 1}
     lines = [f"{res['device']}, torch {res['torch']}, transformers {res['transformers']}, {res['date']}, "
-             f"{res['max_tokens']} tokens per reply, median of {res['repeats']} (min-max)",
+             f"{res['max_tokens']} tokens per reply, "
+             f"{'temperature ' + str(res['temperature']) if res.get('temperature') else 'greedy'}, "
+             f"median of {res['repeats']} (min-max)",
              "| impl | weights | streams | tokens/s | min-max | ms/step | x one stream |",
              "|---|---|---:|---:|---|---:|---:|"]
     for r in res["rows"]:
@@ -196,7 +208,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="a model dir or a base name (smollm2, tiny)")
     p.add_argument("--impl", nargs="+", default=["generate", "stream", "slots", "dynamic"],
-                   choices=["generate", "stream", "thread", "drain", "worker", "slots", "compiled-slots", "dynamic"])
+                   choices=["generate", "stream", "thread", "drain", "worker", "slots", "slots-lockstep", "compiled-slots",
+                            "dynamic"])
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="the batchers' rows sample (top-p 0.9, seeded) instead of greedy")
     p.add_argument("--cpu-weights", default="fp32", help="fp32 and/or int8, comma-separated (int8: CPU only)")
     p.add_argument("--streams", default="1,4,16")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -215,7 +230,8 @@ def main(argv=None) -> int:
     from inference.cpu_decode import check
 
     weights = [check(w.strip()) for w in a.cpu_weights.split(",")]
-    res = run(a.model, a.impl, [int(s) for s in a.streams.split(",")], a.max_tokens, a.repeats, a.device, weights)
+    res = run(a.model, a.impl, [int(s) for s in a.streams.split(",")], a.max_tokens, a.repeats, a.device, weights,
+              a.temperature)
     print(table(res))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))

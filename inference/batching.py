@@ -293,24 +293,43 @@ class Batcher:
 class SlotBatcher(Batcher):
     """The same requests, sampling and cancellation, decoded in fixed cache slots (inference/slot_decode.py):
     joining is a prefill into a free slot, leaving frees it, and each step is one compiled, graph-replayed
-    pass over all slots. For CUDA, where the dynamic cache's per-step host work is the cost."""
+    pass over all slots. For CUDA, where the dynamic cache's per-step host work is the cost.
+
+    Pipelined: when every running row can pick its next token on the device (greedy, or temperature /
+    top-k / top-p sampling; not a repetition penalty, which needs the row's history), a step picks the
+    tokens on the device, writes them straight into the next step's inputs and launches that step before
+    the host reads the tokens back: the host hands step t's tokens to the consumers while the GPU runs
+    step t+1. Without it the GPU waits for the host every step, and the host's share grows with the rows
+    (bench/batch_decode.py, docs/BENCHMARKS.md). A row that ends has been decoded one step too many; that
+    token is dropped. Other rows (a repetition penalty) make the batch step in lockstep, as before."""
 
     def __init__(self, model, stop_ids: list[int], max_batch: int = 8, lock: threading.Lock | None = None,
-                 max_len: int = 4096, **decoder_opts):
+                 max_len: int = 4096, pipeline: bool = True, **decoder_opts):
         super().__init__(model, stop_ids, max_batch, lock)
         from inference.slot_decode import SlotDecoder
 
         self.decoder = SlotDecoder(model, slots=max_batch, length=max_len, **decoder_opts)
+        self.pipeline = pipeline
         self._free = list(range(max_batch))[::-1]
+        dev = self.decoder.device
+        self._live = torch.zeros(max_batch, dtype=torch.long, device=dev)    # 1 for a running slot
+        pinned = dev.type == "cuda"
+        self._host = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._flight = None      # (rows, host buffer, event): a launched step whose tokens are not read yet
+        self._ready = False      # decoder.tokens / pos hold every running row's next input
+        self.pipelined_steps = self.lockstep_steps = 0
 
     def _reset(self) -> None:
         self._active, self._free = [], list(range(self.max_batch))[::-1]
+        self._flight, self._ready = None, False
+        self._live.zero_()
 
     def _admit(self, req: _Request) -> None:
         if req.cancelled.is_set():
             req.out.put(_END)
             return
-        room = self.decoder.length - len(req.prompt)       # the engine trims prompts to fit its context
+        # the engine trims prompts to fit its context; one position is kept for the pipeline's extra step
+        room = self.decoder.length - 1 - len(req.prompt)
         if room <= 0:
             req.out.put(ValueError(f"prompt of {len(req.prompt)} tokens does not fit the {self.decoder.length}-token "
                                    f"cache slot"))
@@ -324,6 +343,10 @@ class SlotBatcher(Batcher):
             self._free.append(req.slot)                    # ended on its first token: it never joins
             return
         self._active.append(req)
+        if self._ready:                                    # its first input, after any step already queued
+            self.decoder.tokens[req.slot, 0] = req.generated[-1]
+            self.decoder.pos[req.slot] = req.length
+            self._live[req.slot] = 1
 
     def _decode(self, reqs: list[_Request]) -> torch.Tensor:
         tokens, positions = [0] * self.max_batch, [0] * self.max_batch     # free slots decode a dummy token
@@ -334,10 +357,77 @@ class SlotBatcher(Batcher):
             logits = self.decoder.decode(tokens, positions, window)
             return logits[torch.tensor([r.slot for r in reqs], device=logits.device)].float()
 
+    def _step(self) -> None:
+        reqs = self._active
+        if not self.pipeline or any(r.repetition_penalty not in (None, 1.0) for r in reqs):
+            self._land()
+            if self._active:
+                self._ready = False
+                self.lockstep_steps += 1
+                super()._step()
+            return
+        self.peak = max(self.peak, len(reqs))
+        dec = self.decoder
+        if not self._ready:          # after a lockstep step or a reset: the inputs come from the host once
+            self._live.zero_()
+            self._live[[r.slot for r in reqs]] = 1
+            dec.tokens.zero_()
+            dec.pos.zero_()
+            for r in reqs:
+                dec.tokens[r.slot, 0], dec.pos[r.slot] = r.generated[-1], r.length
+        window = dec.window(max(r.length for r in reqs) + 1)
+        host = self._host[self.pipelined_steps % 2]
+        with self.lock, torch.no_grad():
+            logits = dec.replay(window).float()
+            nxt = logits.argmax(-1)
+            for r in reqs:
+                if r.procs:          # sampled rows: temperature / top-k / top-p, the row's own generator
+                    probs = torch.softmax(r.procs(None, logits[r.slot:r.slot + 1]), dim=-1)
+                    nxt[r.slot] = torch.multinomial(probs, 1, generator=r.generator)[0, 0]
+            dec.tokens[:, 0] = nxt
+            dec.pos.add_(self._live)
+            host.copy_(nxt, non_blocking=True)
+            event = torch.cuda.Event() if dec.device.type == "cuda" else None
+            if event is not None:
+                event.record()
+        self._ready = True
+        self.pipelined_steps += 1
+        for r in reqs:
+            r.length += 1
+        landing, self._flight = self._flight, (list(reqs), host, event)
+        if landing is not None:
+            self._hand_over(landing)
+
+    def _land(self) -> None:
+        """Hand over the tokens of the step still in flight (before a lockstep step)."""
+        landing, self._flight = self._flight, None
+        if landing is not None:
+            self._hand_over(landing)
+
+    def _hand_over(self, flight) -> None:
+        rows, host, event = flight
+        if event is not None:
+            event.synchronize()
+        toks = host.tolist()
+        active = set(map(id, self._active))     # rows that ended or left since stay silent
+        ended = []
+        for r in rows:
+            if id(r) in active and self._emit(r, toks[r.slot]):
+                ended.append(r)
+        if ended:
+            gone = set(map(id, ended))
+            self._keep([i for i, r in enumerate(self._active) if id(r) not in gone])
+
     def _keep(self, rows: list[int]) -> None:
         kept = set(rows)
-        self._free += [r.slot for i, r in enumerate(self._active) if i not in kept]
+        for i, r in enumerate(self._active):
+            if i not in kept:
+                self._free.append(r.slot)
+                self._live[r.slot] = 0           # a freed slot stops advancing (its position stays in range)
+                self.decoder.pos[r.slot] = 0
         self._active = [self._active[i] for i in rows]
+        if not self._active:
+            self._flight = None                  # only ended rows were in it
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

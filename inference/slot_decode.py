@@ -138,6 +138,12 @@ class SlotDecoder:
         [S, V] (a buffer the next step overwrites)."""
         self.tokens.copy_(torch.tensor(tokens, dtype=torch.long).view(-1, 1), non_blocking=True)
         self.pos.copy_(torch.tensor(positions, dtype=torch.long), non_blocking=True)
+        return self.replay(window)
+
+    @torch.no_grad()
+    def replay(self, window: int) -> torch.Tensor:
+        """One step on whatever `tokens` [S, 1] and `pos` [S] hold now -- the batcher's pipelined steps
+        write them on the device, so nothing waits for the host. Returns the logits buffer [S, V]."""
         graph = self.graphs.get(window) if self.use_graph else None
         if graph is None and self.use_graph:
             graph = self._capture(window)

@@ -67,6 +67,8 @@ def test_batched_token_ids_equal_generate(loaded, kind):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
                              eos_token_id=engine.stop, pad_token_id=engine.stop[0])[0, len(p):].tolist()
         assert g == [t for t in out if t not in engine.stop][:24]
+    if kind == "slots":
+        assert batcher.pipelined_steps > 0, "the slot batcher never ran a pipelined step"
 
 
 def test_an_abandoned_stream_leaves_the_batch_and_the_others_finish(loaded):
@@ -169,7 +171,48 @@ def test_slots_are_reused_as_requests_come_and_go(loaded):
     got = _concurrently(lambda i: engine.chat(_ask(QUESTIONS[i]), max_new_tokens=30), len(QUESTIONS), stagger=0.01)
     assert got == want
     assert engine.batcher.peak == 2
+    deadline = time.monotonic() + 10           # the worker frees a slot just after handing over the last token
+    while engine.batcher.running and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert sorted(engine.batcher._free) == [0, 1] and engine.batcher.running == 0
+
+
+def test_pipelined_slot_steps_equal_lockstep_ones(loaded):
+    """The slot batcher's pipelined steps (tokens picked on the device and fed to the next step before the
+    host reads them) against lockstep steps (the host picks every token): the same seeded samples
+    (temperature, top-k, top-p), the same greedy tokens, with a repetition-penalty row that switches the
+    batch to lockstep and back mid-way; and a reply that runs to the end of its cache slot (the pipeline
+    decodes one step past a row's end) stays in range."""
+    from inference.batching import SlotBatcher
+    from inference.chat_format import prompt_ids, with_system
+
+    tok, stop = loaded.tokenizer, loaded.engine().stop
+    prompts = [prompt_ids(tok, with_system(_ask(q), loaded.system_prompt)) for q in QUESTIONS]
+    kws = [dict(temperature=0.9, top_k=20, top_p=0.9, seed=7), dict(), dict(temperature=1.2, seed=3),
+           dict(repetition_penalty=1.3), dict()]
+
+    lengths = [60, 60, 60, 10, 60]
+
+    def run(pipeline: bool, slot_len: int = 256, cap: int | None = None):
+        b = SlotBatcher(loaded.model, [], max_batch=4, max_len=slot_len, compile=False, use_graph=False,
+                        pipeline=pipeline)
+        # the short penalised row starts late: the batch runs pipelined, then in lockstep, then pipelined again
+        got = _concurrently(lambda i: list(b.tokens(prompts[i], cap or lengths[i], **kws[i])), len(prompts),
+                            stagger=0.05)
+        deadline = time.monotonic() + 10
+        while b.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(b._free) == [0, 1, 2, 3], "a slot was never freed"
+        return got, b
+
+    piped, b = run(True)
+    locked, _ = run(False)
+    assert piped == locked
+    assert [len(g) for g in piped] == lengths
+    assert b.pipelined_steps > 0 and b.lockstep_steps > 0, (b.pipelined_steps, b.lockstep_steps)
+    longest = max(len(p) for p in prompts)
+    full, b = run(True, slot_len=longest + 8, cap=100)      # capped at the slot's room
+    assert [len(g) for g in full] == [longest + 8 - 1 - len(p) for p in prompts]
 
 
 def test_the_engine_picks_slots_on_cuda_only(loaded):
