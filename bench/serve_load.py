@@ -83,13 +83,16 @@ def start_server(model_dir: Path, kind: str, device: str, switch_interval: float
     raise SystemExit(f"the {kind} server did not start")
 
 
-def one_stream(url: str, prompt: str, max_tokens: int, t0: float) -> dict:
+def client(url: str):
     from openai import OpenAI
 
-    client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
+    return OpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
+
+
+def one_stream(api, prompt: str, max_tokens: int, t0: float) -> dict:
     first = None
     usage = None
-    for chunk in client.chat.completions.create(model="bench", messages=[{"role": "user", "content": prompt}],
+    for chunk in api.chat.completions.create(model="bench", messages=[{"role": "user", "content": prompt}],
                                                 max_tokens=max_tokens, stream=True,
                                                 stream_options={"include_usage": True}):
         if chunk.choices and chunk.choices[0].delta.content and first is None:
@@ -106,8 +109,11 @@ def one_stream(url: str, prompt: str, max_tokens: int, t0: float) -> dict:
 
 def level(url: str, n: int, max_tokens: int) -> dict:
     out = [None] * n
+    # each user's client exists before the clock starts, as on users' own machines: building 16 of them
+    # (an SSL context each) in this process took ~0.3 s of GIL time that landed in the time to first token
+    clients = [client(url) for _ in range(n)]
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, one_stream(url, PROMPTS[i % len(PROMPTS)],
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, one_stream(clients[i], PROMPTS[i % len(PROMPTS)],
                                                                                   max_tokens, t0)))
                for i in range(n)]
     for t in threads:
@@ -221,7 +227,7 @@ def run(model: str, engines: list[str], streams: list[int], max_tokens: int, rep
             continue
         proc, url = start_server(model_dir, kind, device, switch_interval)
         try:
-            one_stream(url, PROMPTS[0], max_tokens, time.perf_counter())   # warm-up: compile, allocator
+            one_stream(client(url), PROMPTS[0], max_tokens, time.perf_counter())   # warm-up: compile, allocator
             for n in streams:
                 level(url, n, max_tokens)      # untimed: the first pass at a new batch size pays warm-up
                 reps = [level(url, n, max_tokens) for _ in range(repeats)]

@@ -8,7 +8,7 @@ app, the Streamlit demo and the OpenAI-compatible API answer several users at on
 another. Batch-1 decoding reads every weight for one token; a batch of B reads them once for B tokens,
 so B streams cost little more than one per step (docs/BENCHMARKS.md, "Serving many at once").
 
-How it works: one worker thread owns the model. Each turn it admits one waiting request (a batch-1
+How it works: one worker thread owns the model. Each turn it admits the waiting requests (each a batch-1
 prefill into its own KV cache, which is then left-padded and stacked onto the running batch's cache),
 then makes one decode step for every running request: a single forward pass of shape (B, 1) with a 2-D
 attention mask that hides each row's padding and per-row position ids, so a row's logits are the ones it
@@ -172,7 +172,9 @@ class Batcher:
                 continue
             try:
                 self._drop_cancelled()
-                if len(self._active) < self.max_batch and not self._waiting.empty():
+                # every waiting request that fits joins before the next step: a burst of N requests would
+                # otherwise wait N steps for its last first token (time to first token, bench/serve_load.py)
+                while len(self._active) < self.max_batch and not self._waiting.empty():
                     self._admit(self._waiting.get())
                 if self._active:
                     self._step()
@@ -197,7 +199,8 @@ class Batcher:
         logits = self._forward(input_ids=ids, cache=cache)
         req.length = len(req.prompt)
         if self._emit(req, self._pick([req], logits)[0]):
-            return                               # ended on its first token: it never joins
+            req.out.put(_END)                    # ended on its first token: it never joins
+            return
         self._join(req, cache)
 
     def _join(self, req: _Request, cache: DynamicCache) -> None:
@@ -219,13 +222,14 @@ class Batcher:
         reqs = self._active
         self.peak = max(self.peak, len(reqs))
         logits = self._decode(reqs)
-        keep = []
+        keep, ended = [], []
         for i, (req, tok) in enumerate(zip(reqs, self._pick(reqs, logits))):
             req.length += 1
-            if not self._emit(req, tok):
-                keep.append(i)
-        if len(keep) < len(reqs):
+            (ended if self._emit(req, tok) else keep).append(i)
+        if ended:
             self._keep(keep)
+            for i in ended:
+                reqs[i].out.put(_END)
 
     def _decode(self, reqs: list[_Request]) -> torch.Tensor:
         """One forward pass of shape (B, 1): each row's last token at its own position; logits [B, V]."""
@@ -251,9 +255,10 @@ class Batcher:
         return out
 
     def _emit(self, req: _Request, tok: int) -> bool:
-        """Hand TOK to the consumer; True when the request has ended (and is told so)."""
+        """Hand TOK to the consumer; True when the request has ended. The caller puts `_END` once the row
+        is out of the batch: a consumer told it ended may be the last thing a process waits for, and a
+        worker still in a torch op when the interpreter exits aborts it ("terminate called ...")."""
         if req.cancelled.is_set():
-            req.out.put(_END)
             return True
         req.generated.append(tok)
         ended = tok in self.stop or len(req.generated) >= req.max_new_tokens
@@ -263,17 +268,14 @@ class Batcher:
         if req.pending and (ended or len(req.generated) == 1 or now - req.flushed >= FLUSH_S):
             req.out.put(req.pending)
             req.pending, req.flushed = [], now
-        if ended:
-            req.out.put(_END)
         return ended
 
     def _drop_cancelled(self) -> None:
-        keep = [i for i, r in enumerate(self._active) if not r.cancelled.is_set()]
-        for r in self._active:
-            if r.cancelled.is_set():
+        gone = [r for r in self._active if r.cancelled.is_set()]
+        if gone:
+            self._keep([i for i, r in enumerate(self._active) if not r.cancelled.is_set()])
+            for r in gone:
                 r.out.put(_END)
-        if len(keep) < len(self._active):
-            self._keep(keep)
 
     def _keep(self, rows: list[int]) -> None:
         """Keep only ROWS of the running batch, then cut the columns that are padding in every row."""
@@ -341,6 +343,7 @@ class SlotBatcher(Batcher):
         req.length = len(req.prompt)
         if self._emit(req, self._pick([req], logits)[0]):
             self._free.append(req.slot)                    # ended on its first token: it never joins
+            req.out.put(_END)
             return
         self._active.append(req)
         if self._ready:                                    # its first input, after any step already queued
@@ -417,6 +420,8 @@ class SlotBatcher(Batcher):
         if ended:
             gone = set(map(id, ended))
             self._keep([i for i, r in enumerate(self._active) if id(r) not in gone])
+            for r in ended:
+                r.out.put(_END)
 
     def _keep(self, rows: list[int]) -> None:
         kept = set(rows)
