@@ -174,8 +174,11 @@ class Batcher:
                 self._drop_cancelled()
                 # every waiting request that fits joins before the next step: a burst of N requests would
                 # otherwise wait N steps for its last first token (time to first token, bench/serve_load.py)
-                while len(self._active) < self.max_batch and not self._waiting.empty():
-                    self._admit(self._waiting.get())
+                joining = []
+                while len(self._active) + len(joining) < self.max_batch and not self._waiting.empty():
+                    joining.append(self._waiting.get())
+                if joining:
+                    self._admit_all(joining)
                 if self._active:
                     self._step()
             except BaseException as exc:      # a failed step fails every running request, not the server
@@ -189,6 +192,10 @@ class Batcher:
     def _forward(self, **kwargs) -> torch.Tensor:
         with self.lock, torch.no_grad():
             return self.model(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1, :].float()
+
+    def _admit_all(self, reqs: list[_Request]) -> None:
+        for req in reqs:
+            self._admit(req)
 
     def _admit(self, req: _Request) -> None:
         if req.cancelled.is_set():
@@ -326,30 +333,46 @@ class SlotBatcher(Batcher):
         self._flight, self._ready = None, False
         self._live.zero_()
 
-    def _admit(self, req: _Request) -> None:
-        if req.cancelled.is_set():
-            req.out.put(_END)
-            return
-        # the engine trims prompts to fit its context; one position is kept for the pipeline's extra step
-        room = self.decoder.length - 1 - len(req.prompt)
-        if room <= 0:
-            req.out.put(ValueError(f"prompt of {len(req.prompt)} tokens does not fit the {self.decoder.length}-token "
-                                   f"cache slot"))
-            return
-        req.max_new_tokens = min(req.max_new_tokens, room)
-        req.slot = self._free.pop()
+    # prompt tokens (padded) one batched prefill may hold: a burst of short prompts goes in one pass, a long
+    # prompt does not make 15 short ones pay its length
+    PREFILL_TOKENS = 8192
+
+    def _admit_all(self, reqs: list[_Request]) -> None:
+        ready = []
+        for req in reqs:
+            # the engine trims prompts to fit its context; one position is kept for the pipeline's extra step
+            room = self.decoder.length - 1 - len(req.prompt)
+            if req.cancelled.is_set():
+                req.out.put(_END)
+            elif room <= 0:
+                req.out.put(ValueError(f"prompt of {len(req.prompt)} tokens does not fit the {self.decoder.length}-"
+                                       f"token cache slot"))
+            else:
+                req.max_new_tokens = min(req.max_new_tokens, room)
+                ready.append(req)
+        ready.sort(key=lambda r: len(r.prompt))
+        while ready:
+            group = [ready.pop(0)]                 # shortest first; longer ones while the padded batch fits
+            while ready and len(ready[0].prompt) * (len(group) + 1) <= self.PREFILL_TOKENS:
+                group.append(ready.pop(0))
+            self._prefill(group)
+
+    def _prefill(self, group: list[_Request]) -> None:
+        for req in group:
+            req.slot = self._free.pop()
         with self.lock:
-            logits = self.decoder.prefill(req.slot, torch.tensor([req.prompt])).float()
-        req.length = len(req.prompt)
-        if self._emit(req, self._pick([req], logits)[0]):
-            self._free.append(req.slot)                    # ended on its first token: it never joins
-            req.out.put(_END)
-            return
-        self._active.append(req)
-        if self._ready:                                    # its first input, after any step already queued
-            self.decoder.tokens[req.slot, 0] = req.generated[-1]
-            self.decoder.pos[req.slot] = req.length
-            self._live[req.slot] = 1
+            logits = self.decoder.prefill_many([r.slot for r in group], [r.prompt for r in group]).float()
+        for req, tok in zip(group, self._pick(group, logits)):
+            req.length = len(req.prompt)
+            if self._emit(req, tok):
+                self._free.append(req.slot)                # ended on its first token: it never joins
+                req.out.put(_END)
+                continue
+            self._active.append(req)
+            if self._ready:                                # its first input, after any step already queued
+                self.decoder.tokens[req.slot, 0] = req.generated[-1]
+                self.decoder.pos[req.slot] = req.length
+                self._live[req.slot] = 1
 
     def _decode(self, reqs: list[_Request]) -> torch.Tensor:
         tokens, positions = [0] * self.max_batch, [0] * self.max_batch     # free slots decode a dummy token

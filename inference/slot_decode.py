@@ -1,7 +1,7 @@
 """Batched decoding into fixed cache slots, for continuous batching on CUDA: one step decodes every slot.
 
     dec = SlotDecoder(model, slots=8, length=4096)      # Llama-family models (inference/decode_step.py)
-    logits = dec.prefill(slot, input_ids)               # a new request: its prompt into its own slot
+    logits = dec.prefill_many(slots, prompts)           # new requests: each prompt into its own slot, one pass
     logits = dec.decode(tokens, positions, window)      # one token for each of the 8 slots: [8, vocab]
 
 Why: the dynamic-cache batcher (inference/batching.py) runs the model's own forward each step, which
@@ -9,7 +9,8 @@ on a big GPU is host-bound (~15 ms a step for a 1.8B model whose weights read in
 the batch (KV stacking when a request joins, per-row padding). Here the cache is preallocated, one slot
 (kv_heads x length) per request, and a step always has the same shapes: tokens [S, 1], each slot's own
 position [S] -- so the step is torch.compile'd (the layer written out once, as in decode_step.py) and
-captured as one CUDA graph, replayed for every token. Joining is a prefill into a free slot; leaving
+captured as one CUDA graph, replayed for every token. Joining is a prefill into a free slot (a burst of
+requests: one batched prefill); leaving
 frees the slot; nothing is copied. Free slots are decoded too (their output is ignored): at S <= 16 a
 decode step costs about the same for 1 row as for 16, as it reads the same weights.
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from inference import decode_step
-from inference.decode_step import core_model, layer_forward, rotate, tail
+from inference.decode_step import core_model, rotate, tail
 
 WINDOWS = (512, 1024, 2048, 4096)
 
@@ -53,6 +54,29 @@ def slot_layer(layer, h, cos, sin, keys, values, rows, pos, mask):
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     o = torch.matmul(probs, values).reshape(s, 1, heads * d)
     h = h + attn.o_proj(o)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def prefill_layer(layer, h, cos, sin, keys, values, slots):
+    """One decoder layer over B new prompts at once, right-padded to T: h [B, T, hidden]; keys/values the
+    layer's whole cache [S, kv_heads, L, D], each prompt's keys written at positions 0..T-1 of its slot
+    (slots [B]). Causal attention over the new tokens only (a request starts at position 0), so a real
+    token never sees the padding after it; the padding's keys land past the prompt, where a slot's stale
+    positions always are: masked until the row's own tokens overwrite them."""
+    attn = layer.self_attn
+    b, t, d = h.shape[0], h.shape[1], attn.head_dim
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(b, t, -1, d)
+    k = attn.k_proj(x).view(b, t, -1, d)
+    v = attn.v_proj(x).view(b, t, -1, d).transpose(1, 2)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)     # [B, heads, T, D]
+    keys[slots, :, :t] = k
+    values[slots, :, :t] = v
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
+                                                         enable_gqa=q.shape[1] != k.shape[1])
+    h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
@@ -110,16 +134,23 @@ class SlotDecoder:
         return next((w for w in self.windows if w >= needed), self.length)
 
     @torch.no_grad()
-    def prefill(self, slot: int, input_ids: torch.Tensor) -> torch.Tensor:
-        """Write the prompt [1, n] into SLOT's positions 0..n-1; returns the last position's logits [1, V].
-        Eager: prompt lengths vary, and a prefill is one pass over the prompt anyway."""
-        n = input_ids.shape[1]
-        if n > self.length:
-            raise ValueError(f"prompt of {n} tokens does not fit a cache slot of {self.length}")
-        h = self.embed(input_ids.to(self.device))
-        cos, sin, at = self.cos[:, :n], self.sin[:, :n], self.positions[:n]
+    def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Several prompts into their slots in one pass (right-padded to the longest): a burst of requests
+        costs one eager prefill instead of one each -- on a GPU a prefill of a short prompt is host time,
+        ~the same for 1 row as for 16. Returns each prompt's last-position logits [B, V]."""
+        t = max(map(len, prompts))
+        if t > self.length:
+            raise ValueError(f"prompt of {t} tokens does not fit a cache slot of {self.length}")
+        ids = torch.zeros(len(prompts), t, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+        at = torch.tensor(slots, device=self.device)
+        h = self.embed(ids.to(self.device))
+        cos, sin = self.cos[:, :t], self.sin[:, :t]
         for layer, (k, v) in zip(self.layers, self.cache):
-            h = layer_forward(layer, h, cos, sin, k[slot:slot + 1], v[slot:slot + 1], at, None)
+            h = prefill_layer(layer, h, cos, sin, k, v, at)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        h = h[torch.arange(len(prompts), device=self.device), last][:, None]       # [B, 1, hidden]
         return tail(self.norm, self.lm_head, h)[0]
 
     def _step(self, window: int) -> None:

@@ -215,6 +215,28 @@ def test_pipelined_slot_steps_equal_lockstep_ones(loaded):
     assert [len(g) for g in full] == [longest + 8 - 1 - len(p) for p in prompts]
 
 
+def test_a_batched_prefill_equals_each_prompt_alone(loaded):
+    """A burst of requests is prefilled in one padded pass (inference/slot_decode.py `prefill_many`): each
+    prompt's last logits and its slot's keys/values equal those of the prompt prefilled alone."""
+    import torch
+
+    from inference.chat_format import prompt_ids, with_system
+    from inference.slot_decode import SlotDecoder
+
+    prompts = [prompt_ids(loaded.tokenizer, with_system(_ask(q), loaded.system_prompt)) for q in QUESTIONS[:3]]
+    assert len({len(p) for p in prompts}) == 3, "the prompts should differ in length (padding)"
+    together = SlotDecoder(loaded.model, slots=4, length=128, compile=False, use_graph=False)
+    alone = SlotDecoder(loaded.model, slots=4, length=128, compile=False, use_graph=False)
+    got = together.prefill_many([3, 0, 2], prompts)
+    for i, (slot, p) in enumerate(zip([3, 0, 2], prompts)):
+        want = alone.prefill_many([slot], [p])[0]
+        torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+        assert int(got[i].argmax()) == int(want.argmax())
+        for (k1, v1), (k2, v2) in zip(together.cache, alone.cache):
+            torch.testing.assert_close(k1[slot, :, :len(p)], k2[slot, :, :len(p)], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(v1[slot, :, :len(p)], v2[slot, :, :len(p)], rtol=1e-4, atol=1e-4)
+
+
 def test_the_engine_picks_slots_on_cuda_only(loaded):
     """auto: fixed slots where a graph pays (CUDA, Llama family, unquantized); the dynamic cache on CPU.
     Slots also bound the context: a prompt and its reply must fit one slot."""
