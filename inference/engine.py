@@ -193,10 +193,9 @@ class ChatEngine:
             return
         if seed is not None:
             torch.manual_seed(seed)
-        if (self.fast is not None and repetition_penalty == 1.0 and not (temperature and top_k)
-                and self.fast.fits(input_ids.shape[1] + max_new_tokens)):
-            # the fast path samples with temperature + top-p; with a top-k it samples through generate
-            yield from self._stream_fast(input_ids, max_new_tokens, temperature, top_p, stream_text)
+        if self.fast is not None and self.fast.fits(input_ids.shape[1] + max_new_tokens):
+            yield from self._stream_fast(input_ids, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                                         stream_text)
             return
         streamer = _IdStreamer()
         kwargs = self._gen_kwargs(max_new_tokens, temperature, top_p, repetition_penalty, top_k)
@@ -209,7 +208,8 @@ class ChatEngine:
                                     **kwargs)
         yield from self._in_worker(work, streamer, stop, stream_text)
 
-    def _stream_fast(self, input_ids, max_new_tokens, temperature, top_p, stream_text) -> Iterator[str]:
+    def _stream_fast(self, input_ids, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                     stream_text) -> Iterator[str]:
         """The CUDA static-cache decoder, run in the worker thread while it holds the lock, so a consumer
         that pauses or leaves never keeps the model locked: leaving stops the worker after one token. The
         tokens travel through the same `_IdStreamer` queue as the generate path's."""
@@ -218,7 +218,8 @@ class ChatEngine:
 
         def work():
             with self._lock:
-                for tid in self.fast.tokens(input_ids, max_new_tokens, self.stop, temperature, top_p):
+                for tid in self.fast.tokens(input_ids, max_new_tokens, self.stop, temperature, top_p,
+                                            top_k if temperature and temperature > 0 else 0, repetition_penalty):
                     if stop.is_set():
                         break
                     streamer.queue.put([tid])

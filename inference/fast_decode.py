@@ -38,12 +38,20 @@ BUCKETS = (512, 1024, 2048, 4096)
 MODES = ("graph", "compile")
 
 
-def sample_on_device(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Next token id as a 1-element device tensor: argmax when temperature is 0, else temperature +
-    nucleus (top-p) sampling as `generate` does. No host sync."""
+def sample_on_device(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0,
+                     penalty: float = 1.0, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token id as a 1-element device tensor, as `generate` picks it: a repetition penalty on the
+    tokens marked in `seen` (a [V] bool mask of the prompt and the reply so far), then argmax when
+    temperature is 0, else temperature, top-k, top-p (nucleus) and a draw. No host sync."""
+    logits = logits.float()
+    if penalty != 1.0 and seen is not None:     # transformers' RepetitionPenaltyLogitsProcessor, as a mask
+        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     if not temperature or temperature <= 0:
         return logits.argmax(-1).view(1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[..., -1:], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p          # keep the smallest set reaching top_p
@@ -52,8 +60,8 @@ def sample_on_device(logits: torch.Tensor, temperature: float, top_p: float) -> 
     return torch.multinomial(probs / probs.sum(), 1).view(1)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> int:
-    return int(sample_on_device(logits, temperature, top_p))
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> int:
+    return int(sample_on_device(logits, temperature, top_p, top_k))
 
 
 def cache_config(model):
@@ -223,36 +231,48 @@ class StaticDecoder:
         return read
 
     @torch.inference_mode()
-    def _start(self, bucket: Bucket, input_ids, temperature, top_p) -> Callable[[], int]:
+    def _start(self, bucket: Bucket, input_ids, pick) -> Callable[[], int]:
         logits = bucket.step.prefill(input_ids.to(self.device))
-        self.token.copy_(sample_on_device(logits[0], temperature, top_p).view(1, 1))
+        self.token.copy_(pick(logits[0]).view(1, 1))
         self.pos.fill_(input_ids.shape[1])
         return self._fetch()
 
     @torch.inference_mode()
-    def _next(self, bucket: Bucket, temperature, top_p) -> Callable[[], int]:
+    def _next(self, bucket: Bucket, pick=None) -> Callable[[], int]:
         if bucket.graph is not None:
             bucket.graph.replay()
         else:
             self._advance(bucket.step)
-        if temperature and temperature > 0:      # the graph chose argmax: sample instead, on the device
-            self.token.copy_(sample_on_device(self.logits[0], temperature, top_p).view(1, 1))
+        if pick is not None:      # the step chose argmax: penalise / sample instead, on the device
+            self.token.copy_(pick(self.logits[0]).view(1, 1))
         return self._fetch()
 
     def tokens(self, input_ids: torch.Tensor, max_new_tokens: int, stop_ids, temperature: float = 0.0,
-               top_p: float = 1.0) -> Iterator[int]:
-        """Yield generated token ids (stop token excluded) for one prompt of shape [1, n]."""
+               top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0) -> Iterator[int]:
+        """Yield generated token ids (stop token excluded) for one prompt of shape [1, n]; sampling as
+        `generate` does it (`sample_on_device`), all on the device."""
         n = input_ids.shape[1]
         bucket = self.bucket(n + max_new_tokens)
-        greedy = not temperature or temperature <= 0
+        plain = (not temperature or temperature <= 0) and repetition_penalty == 1.0   # the step's own argmax
+        seen = None
+        if repetition_penalty != 1.0:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            seen[input_ids.view(-1).to(self.device)] = True
+
+        def pick(logits):
+            tok = sample_on_device(logits, temperature, top_p, top_k, repetition_penalty, seen)
+            if seen is not None:
+                seen[tok] = True
+            return tok
         stop = set(stop_ids)
         t0 = time.perf_counter()
         first = None
         produced = 0
-        pending = self._start(bucket, input_ids, temperature, top_p)
+        pending = self._start(bucket, input_ids, pick)
         for i in range(max_new_tokens):
             more = i + 1 < max_new_tokens and n + i < bucket.length      # room to decode token i
-            ahead = self._next(bucket, 0.0, 1.0) if more and greedy else None   # overlap with the host
+            ahead = self._next(bucket) if more and plain else None       # overlap with the host
             next_id = pending()
             if first is None:
                 first = time.perf_counter() - t0
@@ -262,7 +282,7 @@ class StaticDecoder:
             yield next_id
             if not more:
                 break
-            pending = ahead or self._next(bucket, temperature, top_p)
+            pending = ahead or self._next(bucket, None if plain else pick)
         self.stats = {"prompt_tokens": n, "new_tokens": produced, "ttft_s": first or 0.0,
                       "elapsed_s": time.perf_counter() - t0, "cache_len": bucket.length,
                       "mode": "compile" if isinstance(bucket.step, decode_step.LayerStep) else "graph",

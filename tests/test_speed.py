@@ -187,6 +187,32 @@ def test_fast_decode_gives_generate_greedy_tokens_and_text(tiny_base):
     assert sample_next(logits, 0.0, 0.9) == 1 and sample_next(logits, 1.0, 1e-6) == 1
 
 
+def test_fast_decode_samples_with_top_k_and_repetition_penalty_like_generate(tiny_base):
+    """The fast path's sampling on the device (issue 19): a repetition penalty gives `generate`'s own greedy
+    tokens under the same penalty; top-k 1 is greedy whatever the temperature; a top-k draw never leaves
+    the k best logits."""
+    from inference.fast_decode import StaticDecoder, sample_on_device
+
+    loaded, engine, messages, want, ids = _greedy_case(tiny_base)
+    decoder = StaticDecoder(loaded.model, max_len=256, buckets=(64,))
+    out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                                repetition_penalty=1.5, eos_token_id=engine.stop, pad_token_id=engine.stop[0])
+    penalised = [t for t in out[0, ids.shape[1]:].tolist() if t not in engine.stop]
+    got = list(decoder.tokens(ids, 40, engine.stop, repetition_penalty=1.5))
+    assert got == penalised
+    assert penalised != [t for t in engine.greedy_ids(messages, max_new_tokens=40) if t not in engine.stop][:len(got)], \
+        "the penalty should change this reply, or the test proves nothing"
+    assert list(decoder.tokens(ids, 24, engine.stop, temperature=5.0, top_k=1)) == want
+    logits = torch.randn(1000)
+    best = set(logits.topk(5).indices.tolist())
+    torch.manual_seed(0)
+    assert {int(sample_on_device(logits, 5.0, 1.0, top_k=5)) for _ in range(200)} <= best
+    # the engine takes the fast path for these too (no fallback to generate's streamer)
+    engine.fast = decoder
+    reply = engine.chat(messages, max_new_tokens=40, repetition_penalty=1.5)
+    assert reply == loaded.tokenizer.decode(penalised, skip_special_tokens=True)
+
+
 def test_compiled_decode_step_gives_generate_greedy_tokens(tiny_base, tmp_path, monkeypatch):
     """mode="compile" with inductor's C++ backend on CPU (what the GPU runs with Triton): the
     layer written out in inference/decode_step.py, compiled once for all layers, equals `generate`."""
