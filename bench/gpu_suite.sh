@@ -30,6 +30,7 @@
 #            worker thread against generate; compiled batch-1 decode, cold and warm inductor cache
 #   serve7b: (session 7) serve7's core and API rows again after a burst of requests all join before the next step
 #            and the benchmark's clients are built before its clock starts
+#   serve7c: (session 7) serve7b again after sampled rows draw in a few batched ops (inference/row_sampling.py)
 #   big3:    (session 3) full fine-tuning of the 7B shape with fp32 master weights: one GPU (out of memory?)
 #            and FSDP2 on two, with each process's memory on each GPU
 #   speed6:  (session 6, issue 19; ONE GPU, H100 or H200) the strongest standard stacks vs ours, each run twice
@@ -92,7 +93,7 @@ torch.cuda.synchronize(); print(f"CEILING copy {2 * 2**31 * 10 / (time.perf_coun
 EOF
 export PEAK_TFLOPS=$(grep -o 'matmul [0-9]*' "$L/ceilings.log" | grep -o '[0-9]*' || echo 780)
 python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-[ "$STAGE" = big3 ] || [ "$STAGE" = serve5 ] || [ "$STAGE" = serve6 ] || [ "$STAGE" = serve6b ] || [ "$STAGE" = serve7 ] || [ "$STAGE" = serve7b ] || step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
+[ "$STAGE" = big3 ] || [ "$STAGE" = serve5 ] || [ "$STAGE" = serve6 ] || [ "$STAGE" = serve6b ] || [ "$STAGE" = serve7 ] || [ "$STAGE" = serve7b ] || [ "$STAGE" = serve7c ] || step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
 ls -la $R
 
 build_smol() {   # the 1.8B shape with random weights and SmolLM2's tokenizer (.whl/smol-tok) at $M
@@ -282,7 +283,7 @@ serve7)  # session 7 (issues 17, 19): the pipelined slot batcher against lockste
   [ -f $R/core_sampled.json ] && python3 bench/batch_decode.py --table $R/core_sampled.json | tee -a $L/serve6_table.txt
   python3 bench/decode_speed.py --table $R/decode_cold.json $R/decode_warm.json 2>/dev/null | tee -a $L/serve6_table.txt
   ;;
-serve7b)  # session 7: after every waiting request joins before the next step and the API clients exist before the
+serve7b|serve7c)  # session 7: after every waiting request joins before the next step and the API clients exist before the
   # clock starts: the API at 1/4/16 streams, beside the core (greedy and sampled) in the same call
   M=$R/model-1.8b-smolvocab
   build_smol

@@ -140,7 +140,8 @@ class ChatEngine:
         "dynamic": the model's own forward over a stacked DynamicCache (any device); "auto": slots on CUDA
         for the model families they handle, else dynamic. None: this model is served one at a time."""
         from inference import decode_step
-        from inference.batching import Batcher, SlotBatcher, supports
+        from inference.batching import Batcher, supports
+        from inference.slot_batcher import SlotBatcher
 
         if kind not in ("auto", "slots", "compiled-slots", "dynamic"):
             raise ValueError(f"batch_decoder={kind!r}: expected 'auto', 'slots', 'compiled-slots' or 'dynamic'")

@@ -53,7 +53,8 @@ def test_batched_token_ids_equal_generate(loaded, kind):
     the CUDA decoder (fixed cache slots, inference/slot_decode.py) run eagerly: the same math, no graph."""
     import torch
 
-    from inference.batching import Batcher, SlotBatcher
+    from inference.batching import Batcher
+    from inference.slot_batcher import SlotBatcher
     from inference.chat_format import prompt_ids, with_system
 
     model, tok = loaded.model, loaded.tokenizer
@@ -161,7 +162,7 @@ def test_slots_are_reused_as_requests_come_and_go(loaded):
     """Slot decoding with fewer slots than requests: later requests wait for a free slot, take the slot
     an earlier one left (stale keys/values beyond their prompt are masked), and still decode exactly
     what they decode alone; every slot is free again at the end."""
-    from inference.batching import SlotBatcher
+    from inference.slot_batcher import SlotBatcher
 
     alone = loaded.engine()
     want = [alone.chat(_ask(q), max_new_tokens=30) for q in QUESTIONS]
@@ -183,10 +184,10 @@ def test_pipelined_slot_steps_equal_lockstep_ones(loaded):
     (temperature, top-k, top-p), the same greedy tokens, with a repetition-penalty row that switches the
     batch to lockstep and back mid-way; and a reply that runs to the end of its cache slot (the pipeline
     decodes one step past a row's end) stays in range."""
-    from inference.batching import SlotBatcher
+    from inference.slot_batcher import SlotBatcher
     from inference.chat_format import prompt_ids, with_system
 
-    tok, stop = loaded.tokenizer, loaded.engine().stop
+    tok = loaded.tokenizer
     prompts = [prompt_ids(tok, with_system(_ask(q), loaded.system_prompt)) for q in QUESTIONS]
     kws = [dict(temperature=0.9, top_k=20, top_p=0.9, seed=7), dict(), dict(temperature=1.2, seed=3),
            dict(repetition_penalty=1.3), dict()]
@@ -240,7 +241,8 @@ def test_a_batched_prefill_equals_each_prompt_alone(loaded):
 def test_the_engine_picks_slots_on_cuda_only(loaded):
     """auto: fixed slots where a graph pays (CUDA, Llama family, unquantized); the dynamic cache on CPU.
     Slots also bound the context: a prompt and its reply must fit one slot."""
-    from inference.batching import Batcher, SlotBatcher
+    from inference.batching import Batcher
+    from inference.slot_batcher import SlotBatcher
 
     assert type(loaded.engine(max_batch=4).batcher) is Batcher
     forced = loaded.engine(max_batch=4, batch_decoder="slots")
@@ -269,7 +271,7 @@ def test_int8_cpu_decode_gives_a_sane_reply(loaded):
 
 def test_the_compiled_cpu_slot_step_equals_the_eager_one(loaded):
     """The slot step compiled by inductor's C++ backend on CPU decodes the eager step's tokens (fp32, greedy)."""
-    from inference.batching import SlotBatcher
+    from inference.slot_batcher import SlotBatcher
     from inference.chat_format import prompt_ids, with_system
 
     engine = loaded.engine()
