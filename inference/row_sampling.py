@@ -21,6 +21,14 @@ from typing import Callable
 import torch
 
 
+def on_device(values: list, device: torch.device, dtype=None) -> torch.Tensor:
+    """A small host list as a tensor on DEVICE without stalling the host: on CUDA a copy from pageable
+    memory waits for the work already queued (the step in flight, when steps are pipelined), so the list
+    goes through pinned memory and a non-blocking copy."""
+    t = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return t.to(device, non_blocking=True)
+
+
 def penalize(logits: torch.Tensor, rows: list, history: Callable[[object], list[int]]) -> torch.Tensor:
     """LOGITS [R, V] (float) with each penalised row's seen tokens scaled as transformers does: divided
     by the penalty where positive, multiplied where negative. Returns a new tensor when any row is penalised."""
@@ -29,7 +37,7 @@ def penalize(logits: torch.Tensor, rows: list, history: Callable[[object], list[
         return logits
     logits = logits.clone()
     for i in marked:
-        ids = torch.tensor(history(rows[i]), dtype=torch.long, device=logits.device)
+        ids = on_device(history(rows[i]), logits.device, torch.long)
         seen, p = logits[i, ids], rows[i].repetition_penalty
         logits[i, ids] = torch.where(seen < 0, seen * p, seen / p)
     return logits
@@ -38,18 +46,18 @@ def penalize(logits: torch.Tensor, rows: list, history: Callable[[object], list[
 def probabilities(logits: torch.Tensor, rows: list) -> torch.Tensor:
     """What each row samples from [R, V]: LOGITS (float) through its temperature, top-k and top-p."""
     dev, vocab = logits.device, logits.shape[-1]
-    x = logits / torch.tensor([r.temperature for r in rows], device=dev)[:, None]
+    x = logits / on_device([float(r.temperature) for r in rows], dev)[:, None]
     ks = [min(r.top_k or 0, vocab) for r in rows]
     if any(ks):
         top = x.topk(max(ks), dim=-1).values                                   # [R, kmax], descending
-        k = torch.tensor([k or 1 for k in ks], device=dev)
+        k = on_device([k or 1 for k in ks], dev, torch.long)
         floor = top.gather(1, (k - 1)[:, None])                                # each row's k-th best
-        floor = torch.where(torch.tensor(ks, device=dev)[:, None] > 0, floor, float("-inf"))
+        floor = torch.where(on_device(ks, dev, torch.long)[:, None] > 0, floor, float("-inf"))
         x = x.masked_fill(x < floor, float("-inf"))
     ps = [r.top_p if r.top_p is not None and r.top_p < 1.0 else 1.0 for r in rows]
     if any(p < 1.0 for p in ps):
         ordered, order = x.sort(dim=-1)                                        # ascending, as transformers
-        cut = ordered.softmax(-1).cumsum(-1) <= (1 - torch.tensor(ps, device=dev))[:, None]
+        cut = ordered.softmax(-1).cumsum(-1) <= (1 - on_device([float(p) for p in ps], dev))[:, None]
         cut[:, -1] = False                                                     # keep at least the best one
         x = x.masked_fill(torch.zeros_like(cut).scatter(1, order, cut), float("-inf"))
     return x.softmax(-1)
@@ -71,6 +79,6 @@ def next_tokens(logits: torch.Tensor, rows: list, history: Callable[[object], li
     out = logits.argmax(-1)
     hot = [i for i, r in enumerate(rows) if r.temperature and r.temperature > 0]
     if hot:
-        at = torch.tensor(hot, device=logits.device)
+        at = on_device(hot, logits.device, torch.long)
         out[at] = sample_rows(logits[at], [rows[i] for i in hot])
     return out

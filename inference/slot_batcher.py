@@ -16,7 +16,7 @@ import threading
 import torch
 
 from inference.batching import _END, Batcher, _Request
-from inference.row_sampling import next_tokens
+from inference.row_sampling import next_tokens, on_device
 from inference.slot_decode import SlotDecoder
 
 
@@ -115,7 +115,7 @@ class SlotBatcher(Batcher):
         dec = self.decoder
         if not self._ready:          # after a lockstep step or a reset: the inputs come from the host once
             self._live.zero_()
-            self._live[[r.slot for r in reqs]] = 1
+            self._live[on_device([r.slot for r in reqs], dec.device, torch.long)] = 1
             dec.tokens.zero_()
             dec.pos.zero_()
             for r in reqs:
@@ -127,7 +127,7 @@ class SlotBatcher(Batcher):
             nxt = logits.argmax(-1)
             hot = [r for r in reqs if r.temperature and r.temperature > 0]
             if hot:                  # sampled rows: each its own settings and generator, batched
-                at = torch.tensor([r.slot for r in hot], device=logits.device)
+                at = on_device([r.slot for r in hot], logits.device, torch.long)
                 nxt[at] = next_tokens(logits[at], hot)
             dec.tokens[:, 0] = nxt
             dec.pos.add_(self._live)
