@@ -347,7 +347,13 @@ def test_an_interrupted_launch_passes_sigterm_on(tmp_path):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)      # a real signal: it interrupts the launcher's wait()
 
-    threading.Thread(target=interrupt_when_ready, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        distributed.run_launcher([sys.executable, "-c", child], grace=30)
+    # a shell that starts the suite in the background (`cmd &`) hands it SIGINT ignored, and Python keeps
+    # it so: install Python's own handler, as an interactive run has it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_when_ready, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            distributed.run_launcher([sys.executable, "-c", child], grace=30)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert got.read_text() == "TERM"
