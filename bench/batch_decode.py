@@ -16,7 +16,7 @@ Rows of the table (each level run once untimed, then `--repeats` times; median a
              engine now runs it (cuDNN keeps attention plans per thread: see inference/engine.py);
 - slots:     the slot batcher (inference/slot_decode.py; CUDA: compiled, graph-replayed), N consumer threads;
              pipelined: each step's tokens are picked on the device and fed to the next step before the host
-             reads them (inference/batching.py);
+             reads them (inference/slot_batcher.py);
 - slots-lockstep: the same batcher with the host picking every token before the next step (the session-6 path);
 - compiled-slots: the slot batcher with its step torch.compile'd on any device (CPU: inductor's C++);
 - dynamic:   the dynamic-cache batcher (inference/batching.py), N consumer threads.
@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+SLOT_IMPLS = ("slots", "slots-lockstep", "compiled-slots")
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 
 
@@ -152,7 +153,7 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
     models = {w: decode_model(base.model, w) for w in weights}
     for w, impl in [(w, impl) for w in weights for impl in impls]:
         loaded = dataclasses.replace(base, model=models[w])
-        if impl in ("slots", "slots-lockstep", "compiled-slots", "dynamic"):
+        if impl in (*SLOT_IMPLS, "dynamic"):
             kind = "slots" if impl == "slots-lockstep" else impl
             engine = loaded.engine(fast_decode=False, cpu_decode="fp32", max_batch=max(streams), batch_decoder=kind)
             engine.batcher.stop = set()
@@ -179,7 +180,7 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
                    "tok_s_max": round(rates[-1], 1),
                    "ms_per_step": round(statistics.median(times) / max_tokens * 1000 /
                                          (n if impl in ("stream", "thread", "drain", "worker") else 1), 2)}
-            if impl in ("slots", "slots-lockstep", "compiled-slots"):     # compiled and graph-replayed, or why not
+            if impl in SLOT_IMPLS:     # compiled and graph-replayed, or why not
                 dec = engine.batcher.decoder
                 row.update(graphs=sorted(dec.graphs), graph_error=dec.graph_error, compile_fallback=dec.fallback,
                            pipelined_steps=engine.batcher.pipelined_steps, lockstep_steps=engine.batcher.lockstep_steps)

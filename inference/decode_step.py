@@ -73,19 +73,25 @@ def rotate(x, cos, sin):
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def project(attn, x, cos, sin):
+    """The attention inputs of x [B, T, hidden]: q and k rotated, [B, heads, T, D] and [B, kv_heads, T, D],
+    and v [B, kv_heads, T, D] -- shared by every decode and prefill written out here and in slot_decode.py."""
+    b, t, d = x.shape[0], x.shape[1], attn.head_dim
+    q = attn.q_proj(x).view(b, t, -1, d)
+    k = attn.k_proj(x).view(b, t, -1, d)
+    v = attn.v_proj(x).view(b, t, -1, d).transpose(1, 2)
+    if hasattr(attn, "q_norm"):                     # qwen3: per-head RMSNorm before rotary
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin), v
+
+
 def layer_forward(layer, h, cos, sin, keys, values, slots, mask):
     """One decoder layer on h [1, T, hidden]: writes its keys/values at `slots` [T] of the layer's cache
     ([1, kv_heads, L, D]) and attends to the cache slots where `mask` [1, 1, T, L] is True.
     `mask=None` means a prefill from slot 0: causal attention over the T new tokens only."""
     attn = layer.self_attn
     t, d = h.shape[1], attn.head_dim
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(1, t, -1, d)
-    k = attn.k_proj(x).view(1, t, -1, d)
-    v = attn.v_proj(x).view(1, t, -1, d).transpose(1, 2)
-    if hasattr(attn, "q_norm"):                     # qwen3: per-head RMSNorm before rotary
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)
+    q, k, v = project(attn, layer.input_layernorm(h), cos, sin)
     keys.index_copy_(2, slots, k)
     values.index_copy_(2, slots, v)
     heads, kv_heads = q.shape[1], k.shape[1]

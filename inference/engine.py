@@ -219,8 +219,8 @@ class ChatEngine:
 
         def work():
             with self._lock:
-                for tid in self.fast.tokens(input_ids, max_new_tokens, self.stop, temperature, top_p,
-                                            top_k if temperature and temperature > 0 else 0, repetition_penalty):
+                for tid in self.fast.tokens(input_ids, max_new_tokens, self.stop, temperature, top_p, top_k,
+                                            repetition_penalty):
                     if stop.is_set():
                         break
                     streamer.queue.put([tid])

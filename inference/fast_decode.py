@@ -33,31 +33,25 @@ import torch
 from transformers import StaticCache
 
 from inference import decode_step
+from inference.row_sampling import Setting, penalty, probabilities
 
 BUCKETS = (512, 1024, 2048, 4096)
 MODES = ("graph", "compile")
 
 
 def sample_on_device(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0,
-                     penalty: float = 1.0, seen: torch.Tensor | None = None) -> torch.Tensor:
+                     repetition_penalty: float = 1.0, seen: torch.Tensor | None = None) -> torch.Tensor:
     """Next token id as a 1-element device tensor, as `generate` picks it: a repetition penalty on the
     tokens marked in `seen` (a [V] bool mask of the prompt and the reply so far), then argmax when
-    temperature is 0, else temperature, top-k, top-p (nucleus) and a draw. No host sync."""
+    temperature is 0, else temperature, top-k, top-p (inference/row_sampling.py, the batchers' own) and a
+    draw from the global generator. No host sync."""
     logits = logits.float()
-    if penalty != 1.0 and seen is not None:     # transformers' RepetitionPenaltyLogitsProcessor, as a mask
-        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    if repetition_penalty != 1.0 and seen is not None:
+        logits = torch.where(seen, penalty(logits, repetition_penalty), logits)
     if not temperature or temperature <= 0:
         return logits.argmax(-1).view(1)
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        logits = logits.masked_fill(logits < logits.topk(top_k).values[..., -1:], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p          # keep the smallest set reaching top_p
-        sorted_p[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs / probs.sum(), 1).view(1)
+    probs = probabilities(logits[None], [Setting(temperature, top_k, top_p)])[0]
+    return torch.multinomial(probs, 1).view(1)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> int:

@@ -16,9 +16,30 @@ logits and its generator, so a seeded reply is the same alone and in any batch.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
+
+
+class Setting(NamedTuple):
+    """One row's sampling settings, for callers without a request object (inference/fast_decode.py)."""
+    temperature: float
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def penalized(row) -> bool:
+    return row.repetition_penalty not in (None, 1.0)
+
+
+def sampled(row) -> bool:
+    return bool(row.temperature) and row.temperature > 0
+
+
+def penalty(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Seen tokens' scores under repetition penalty P, as transformers' RepetitionPenaltyLogitsProcessor:
+    divided where positive, multiplied where negative."""
+    return torch.where(scores < 0, scores * p, scores / p)
 
 
 def on_device(values: list, device: torch.device, dtype=None) -> torch.Tensor:
@@ -32,14 +53,13 @@ def on_device(values: list, device: torch.device, dtype=None) -> torch.Tensor:
 def penalize(logits: torch.Tensor, rows: list, history: Callable[[object], list[int]]) -> torch.Tensor:
     """LOGITS [R, V] (float) with each penalised row's seen tokens scaled as transformers does: divided
     by the penalty where positive, multiplied where negative. Returns a new tensor when any row is penalised."""
-    marked = [i for i, r in enumerate(rows) if r.repetition_penalty not in (None, 1.0)]
+    marked = [i for i, r in enumerate(rows) if penalized(r)]
     if not marked:
         return logits
     logits = logits.clone()
     for i in marked:
         ids = on_device(history(rows[i]), logits.device, torch.long)
-        seen, p = logits[i, ids], rows[i].repetition_penalty
-        logits[i, ids] = torch.where(seen < 0, seen * p, seen / p)
+        logits[i, ids] = penalty(logits[i, ids], rows[i].repetition_penalty)
     return logits
 
 
@@ -77,7 +97,7 @@ def next_tokens(logits: torch.Tensor, rows: list, history: Callable[[object], li
     if history is not None:
         logits = penalize(logits, rows, history)
     out = logits.argmax(-1)
-    hot = [i for i, r in enumerate(rows) if r.temperature and r.temperature > 0]
+    hot = [i for i, r in enumerate(rows) if sampled(r)]
     if hot:
         at = on_device(hot, logits.device, torch.long)
         out[at] = sample_rows(logits[at], [rows[i] for i in hot])

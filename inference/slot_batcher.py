@@ -16,7 +16,7 @@ import threading
 import torch
 
 from inference.batching import _END, Batcher, _Request
-from inference.row_sampling import next_tokens, on_device
+from inference.row_sampling import next_tokens, on_device, penalized, sampled
 from inference.slot_decode import SlotDecoder
 
 
@@ -104,7 +104,7 @@ class SlotBatcher(Batcher):
 
     def _step(self) -> None:
         reqs = self._active
-        if not self.pipeline or any(r.repetition_penalty not in (None, 1.0) for r in reqs):
+        if not self.pipeline or any(map(penalized, reqs)):
             self._land()
             if self._active:
                 self._ready = False
@@ -125,7 +125,7 @@ class SlotBatcher(Batcher):
         with self.lock, torch.no_grad():
             logits = dec.replay(window)
             nxt = logits.argmax(-1)
-            hot = [r for r in reqs if r.temperature and r.temperature > 0]
+            hot = [r for r in reqs if sampled(r)]
             if hot:                  # sampled rows: each its own settings and generator, batched
                 at = on_device([r.slot for r in hot], logits.device, torch.long)
                 nxt[at] = next_tokens(logits[at], hot)

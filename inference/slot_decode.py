@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from inference import decode_step
-from inference.decode_step import core_model, rotate, tail
+from inference.decode_step import core_model, project, tail
 
 WINDOWS = (512, 1024, 2048, 4096)
 
@@ -38,15 +38,9 @@ def slot_layer(layer, h, cos, sin, keys, values, rows, pos, mask):
     mask [S, 1, 1, W] True where a slot may attend."""
     attn = layer.self_attn
     s, d = h.shape[0], attn.head_dim
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(s, 1, -1, d)
-    k = attn.k_proj(x).view(s, 1, -1, d)
-    v = attn.v_proj(x).view(s, -1, d)
-    if hasattr(attn, "q_norm"):                     # qwen3: per-head RMSNorm before rotary
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)   # [S, heads, 1, D]
+    q, k, v = project(attn, layer.input_layernorm(h), cos, sin)                          # [S, heads, 1, D]
     keys[rows, :, pos] = k[:, :, 0]                 # each slot writes at its own position
-    values[rows, :, pos] = v
+    values[rows, :, pos] = v[:, :, 0]
     heads, kv_heads = q.shape[1], k.shape[1]
     g = heads // kv_heads                           # grouped-query attention without repeating the cache
     scores = torch.matmul(q.reshape(s, kv_heads, g, d), keys.transpose(2, 3)) * attn.scaling   # [S, kv, g, W]
@@ -64,14 +58,8 @@ def prefill_layer(layer, h, cos, sin, keys, values, slots):
     token never sees the padding after it; the padding's keys land past the prompt, where a slot's stale
     positions always are: masked until the row's own tokens overwrite them."""
     attn = layer.self_attn
-    b, t, d = h.shape[0], h.shape[1], attn.head_dim
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(b, t, -1, d)
-    k = attn.k_proj(x).view(b, t, -1, d)
-    v = attn.v_proj(x).view(b, t, -1, d).transpose(1, 2)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)     # [B, heads, T, D]
+    b, t = h.shape[0], h.shape[1]
+    q, k, v = project(attn, layer.input_layernorm(h), cos, sin)                          # [B, heads, T, D]
     keys[slots, :, :t] = k
     values[slots, :, :t] = v
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
