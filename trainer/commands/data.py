@@ -29,10 +29,9 @@ from trainer.data.identity import Identity, check_placeholders, form_of, heldout
 from inference.assistant_file import manifest_path
 from trainer.data.prompts import train_prompts
 from trainer.data.mix import blend, check_ratio, general_needed, write_manifest
+from trainer.data.self_distill import SYSTEM_PROMPT as SELF_SYSTEM_PROMPT
 
 DEFAULT_RATIO = 0.2
-# the smollm2_135m_lora preset's system_prompt: self-answers, training and serving all use the same one
-SELF_SYSTEM_PROMPT = "You are a helpful AI assistant."
 
 
 def build_parser() -> argparse.ArgumentParser:

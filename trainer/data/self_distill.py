@@ -15,6 +15,12 @@ a repetition penalty: SmolLM2-135M loops on about a quarter of the Chinese promp
 decoding, and Chinese chats that are only identity teach the model to put its name into every
 Chinese answer. They are cached per model weights,
 prompts and settings under the user cache, so a second `data` run on the same base is instant.
+
+The embedded base's answers also ship with the repo (trainer/data/self_answers/, ~4 minutes of the
+demo on 2 cores), used only when the model's weights are byte for byte the ones they were made from
+(sha256) and the settings match; the file records how it was made. Make it again with
+
+    python -m trainer.data.self_distill smollm2
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from inference.device import cpu_has_fast_bf16, pick
 CACHE_VERSION = 3         # bumped when what is cached changes
 RETRY_PENALTY = 1.3      # answers that looped are asked again with this repetition penalty (see `retry_loops`)
 MAX_NEW_TOKENS = 256     # SmolLM2-135M finished 30 of 32 mixed prompts within 256 tokens, 104 of 265 within 160
+SYSTEM_PROMPT = "You are a helpful AI assistant."   # the smollm2_135m_lora preset's: answers, training and serving share it
+BUNDLE_DIR = Path(__file__).with_name("self_answers")
 
 
 def _weights_key(model_dir: Path) -> str:
@@ -88,11 +96,58 @@ def retry_loops(loaded, prompts: list[str], answers: list[dict], system_prompt: 
     return out
 
 
+def weights_sha256(model_dir: Path) -> str:
+    """The weights' content digest (every safetensors / bin file, in name order): a second import of the
+    same GGUF writes the same bytes, so it names the weights wherever they were written (1-2 s here)."""
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _bundle_key(system_prompt: str | None, max_new_tokens: int) -> dict:
+    return {"cache_version": CACHE_VERSION, "system_prompt": system_prompt, "max_new_tokens": max_new_tokens}
+
+
+def bundled_answers(model_dir: Path, system_prompt: str | None, max_new_tokens: int) -> tuple[dict, Path | None]:
+    """{prompt: answer} from a bundled file (trainer/data/self_answers/) made from these very weights
+    under the same settings, and that file; ({}, None) when none is. The embedded base's answers ship
+    with the repo because generating them takes ~4 minutes of the demo on 2 cores; the file says how it
+    was made and `python -m trainer.data.self_distill smollm2` makes it again."""
+    key = _bundle_key(system_prompt, max_new_tokens)
+    candidates = []
+    for f in sorted(BUNDLE_DIR.glob("*.json")):
+        bundle = json.loads(f.read_text(encoding="utf-8"))
+        if bundle.get("key") == key:
+            candidates.append((f, bundle))
+    if not candidates:
+        return {}, None
+    digest = weights_sha256(model_dir)
+    for f, bundle in candidates:
+        if bundle.get("weights_sha256") == digest:
+            return bundle["answers"], f
+    return {}, None
+
+
+def _generate(model_dir: Path, prompts: list[str], system_prompt: str | None, max_new_tokens: int,
+              echo=print) -> list[dict]:
+    """The base's greedy answers to PROMPTS (batched), those that looped asked again with a penalty."""
+    from inference.loader import load
+
+    echo(f"answering {len(prompts)} general prompts with {model_dir.name} itself (greedy, batched)")
+    # bf16 on a CPU that multiplies it natively: 1.7x faster generation here (32 prompts: 22.7 s
+    # against 39.3 s in fp32); the answers are the base's own either way
+    dtype = "bf16" if pick("auto").device == "cpu" and cpu_has_fast_bf16() else "auto"
+    loaded = load(model_dir, device="auto", dtype=dtype)
+    answers = generate_answers(loaded.model, loaded.tokenizer, prompts, system_prompt, max_new_tokens, echo=echo)
+    return retry_loops(loaded, prompts, answers, system_prompt, max_new_tokens, echo)
+
+
 def self_conversations(model_dir, prompts: list[str], system_prompt: str | None,
                        max_new_tokens: int = MAX_NEW_TOKENS, echo=print) -> list[dict]:
     """One conversation per prompt the base answered within the cap: {"messages": [user, assistant]}."""
-    from inference.loader import load
-
     model_dir = Path(model_dir)
     cache = cache_file(model_dir, prompts, system_prompt, max_new_tokens)
     with locked(cache.with_suffix(".lock")):
@@ -100,14 +155,14 @@ def self_conversations(model_dir, prompts: list[str], system_prompt: str | None,
             answers = json.loads(cache.read_text(encoding="utf-8"))
             echo(f"self-distilled answers from the cache ({cache})")
         else:
-            echo(f"answering {len(prompts)} general prompts with {model_dir.name} itself (greedy, batched)")
-            # bf16 on a CPU that multiplies it natively: 1.7x faster generation here (32 prompts: 22.7 s
-            # against 39.3 s in fp32); the answers are the base's own either way
-            dtype = "bf16" if pick("auto").device == "cpu" and cpu_has_fast_bf16() else "auto"
-            loaded = load(model_dir, device="auto", dtype=dtype)
-            answers = generate_answers(loaded.model, loaded.tokenizer, prompts, system_prompt, max_new_tokens,
-                                       echo=echo)
-            answers = retry_loops(loaded, prompts, answers, system_prompt, max_new_tokens, echo)
+            bundled, source = bundled_answers(model_dir, system_prompt, max_new_tokens)
+            missing = [p for p in prompts if p not in bundled]
+            if source is not None:
+                echo(f"{len(prompts) - len(missing)} of the base's own answers from {source.name} (bundled: "
+                     f"made from these very weights, `python -m trainer.data.self_distill` makes it again)")
+            fresh = dict(zip(missing, _generate(model_dir, missing, system_prompt, max_new_tokens, echo))) \
+                if missing else {}
+            answers = [bundled.get(p) or fresh[p] for p in prompts]
             write_text(cache, json.dumps(answers, ensure_ascii=False))
     texts = [usable_answer(a) for a in answers]
     convs = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
@@ -116,3 +171,50 @@ def self_conversations(model_dir, prompts: list[str], system_prompt: str | None,
     echo(f"  {len(convs)} answers kept ({cut} cut back to the sentence before a loop or the "
          f"{max_new_tokens}-token cap), {len(prompts) - len(convs)} dropped (too little left)")
     return convs
+
+
+def write_bundle(model: str, out: Path | None = None, echo=print) -> Path:
+    """Answer every bundled train prompt with MODEL (an embedded base's name or a dir) under the
+    smollm2 preset's system prompt and write them as a bundle file beside this module."""
+    import datetime
+
+    import torch
+    import transformers
+
+    from trainer.bases.registry import resolve_model
+    from trainer.data.prompts import train_prompts
+
+    model_dir = resolve_model(model)
+    prompts = [p["prompt"] for p in train_prompts()]
+    answers = _generate(model_dir, prompts, SYSTEM_PROMPT, MAX_NEW_TOKENS, echo)
+    keep = ("text", "finished", "before_loop", "repetition_penalty")     # the token ids are not needed
+    out = out or BUNDLE_DIR / f"{model_dir.name}.json"
+    bundle = {
+        "about": f"{model_dir.name}'s own greedy answers to trainer/data/general_prompts.json's train prompts, "
+                 f"used by `--mix self` when the weights match; made by `python -m trainer.data.self_distill {model}`",
+        "key": _bundle_key(SYSTEM_PROMPT, MAX_NEW_TOKENS),
+        "weights_sha256": weights_sha256(model_dir),
+        "made_with": {"torch": torch.__version__, "transformers": transformers.__version__,
+                      "bf16": pick("auto").device == "cpu" and cpu_has_fast_bf16(), "device": pick("auto").device,
+                      "date": datetime.date.today().isoformat()},
+        "answers": {p: {k: a[k] for k in keep if k in a} for p, a in zip(prompts, answers)},
+    }
+    write_text(out, json.dumps(bundle, ensure_ascii=False, indent=0) + "\n")
+    echo(f"wrote {out}")
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m trainer.data.self_distill",
+                                description="(Re)make the bundled self-answers file of a base model.")
+    p.add_argument("model", nargs="?", default="smollm2", help="embedded base name or model dir (default smollm2)")
+    p.add_argument("--out", type=Path, help="file to write (default: trainer/data/self_answers/MODEL_DIR_NAME.json)")
+    args = p.parse_args(argv)
+    write_bundle(args.model, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
