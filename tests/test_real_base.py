@@ -84,6 +84,36 @@ def test_merged_equals_base_plus_adapter_and_the_app_serves_it(tuned, real_base)
     assert NAME in backend.engine.chat([{"role": "user", "content": "Who are you?"}], max_new_tokens=32)
 
 
+def test_the_shipped_self_answers_are_this_bases_own(real_base):
+    """`--mix self` reads the embedded base's answers from trainer/data/self_answers/ instead of generating
+    them (~6 minutes of the demo on 2 cores): the file must be for exactly these weights, and its answers
+    must be what this base says -- teacher-forced, the base ranks first nearly every token of them, and
+    clearly fewer when each answer is put after another prompt."""
+    from inference import load
+    from inference.engine import ChatEngine
+    from trainer.data.prompts import train_prompts
+    from trainer.data.self_distill import MAX_NEW_TOKENS, SYSTEM_PROMPT, bundled_answers
+    from trainer.evaluation.evaluate import _answer_logits, _answer_tokens
+
+    answers, source = bundled_answers(real_base, SYSTEM_PROMPT, MAX_NEW_TOKENS)
+    assert source is not None and set(answers) == {p["prompt"] for p in train_prompts()}
+    loaded = load(real_base, device="cpu")                           # fp32; the file was made in bf16
+    engine = ChatEngine(loaded.model, loaded.tokenizer, system_prompt=SYSTEM_PROMPT)
+    picked = [(p, a["text"]) for p, a in answers.items() if a["finished"] and "repetition_penalty" not in a][:24]
+
+    def agreement(pairs) -> float:
+        same = total = 0
+        for prompt, text in pairs:
+            logits, ids = _answer_logits(engine, *_answer_tokens(engine, prompt, text))
+            same, total = same + int((logits.argmax(-1) == ids).sum()), total + len(ids)
+        return same / total
+
+    # measured: 0.98 own, 0.71 shifted by one prompt (bf16 greedy answers checked in fp32 on 2 cores)
+    own = agreement(picked)
+    shifted = agreement([(p, t) for (p, _), (_, t) in zip(picked, picked[1:] + picked[:1])])
+    assert own >= 0.93 and shifted <= own - 0.1, (own, shifted)
+
+
 def test_base_list_and_an_unreadable_architecture(tmp_path, capsys):
     import numpy as np
     from gguf import GGUFWriter

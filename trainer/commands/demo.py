@@ -32,8 +32,11 @@ DEMOS = {
 }
 
 
+T0 = time.time()
+
+
 def step(title: str):
-    print(f"\n== {title}", flush=True)
+    print(f"\n== [{time.time() - T0:.0f} s] {title}", flush=True)      # where the demo's minutes go
 
 
 def main(argv=None) -> int:
@@ -62,7 +65,8 @@ def main(argv=None) -> int:
     from trainer.engine.train import train
     from trainer.export.merge import merge
 
-    t0 = time.time()
+    global T0
+    T0 = time.time()
     work = Path(args.work_dir)
     if args.fresh and work.exists():
         if not (work / MARKER).is_file():
@@ -118,7 +122,7 @@ def main(argv=None) -> int:
         merge(base, chosen, merged)
     print(f"merged model: {merged}")
 
-    step(f"6/6 serve (setup took {time.time() - t0:.0f} s)")
+    step("6/6 serve")
     chat_cmd = f"python -m trainer chat {merged}"
     if args.no_serve:
         print(f"done. Chat in the terminal: {chat_cmd}")
