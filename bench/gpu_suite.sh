@@ -31,6 +31,8 @@
 #   serve7b: (session 7) serve7's core and API rows again after a burst of requests all join before the next step
 #            and the benchmark's clients are built before its clock starts
 #   serve7c: (session 7) serve7b again after sampled rows draw in a few batched ops (inference/row_sampling.py)
+#   check8:  (session 8) the compiled decode paths on CUDA after the q/k/v projection was shared: --smoke's greedy ids
+#            of graph and compile against generate, the slot batcher against generate, compiled decode cold
 #   big3:    (session 3) full fine-tuning of the 7B shape with fp32 master weights: one GPU (out of memory?)
 #            and FSDP2 on two, with each process's memory on each GPU
 #   speed6:  (session 6, issue 19; ONE GPU, H100 or H200) the strongest standard stacks vs ours, each run twice
@@ -93,7 +95,7 @@ torch.cuda.synchronize(); print(f"CEILING copy {2 * 2**31 * 10 / (time.perf_coun
 EOF
 export PEAK_TFLOPS=$(grep -o 'matmul [0-9]*' "$L/ceilings.log" | grep -o '[0-9]*' || echo 780)
 python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-[ "$STAGE" = big3 ] || [ "$STAGE" = serve5 ] || [ "$STAGE" = serve6 ] || [ "$STAGE" = serve6b ] || [ "$STAGE" = serve7 ] || [ "$STAGE" = serve7b ] || [ "$STAGE" = serve7c ] || step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
+[ "$STAGE" = big3 ] || [ "$STAGE" = serve5 ] || [ "$STAGE" = serve6 ] || [ "$STAGE" = serve6b ] || [ "$STAGE" = serve7 ] || [ "$STAGE" = serve7b ] || [ "$STAGE" = serve7c ] || [ "$STAGE" = check8 ] || step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
 ls -la $R
 
 build_smol() {   # the 1.8B shape with random weights and SmolLM2's tokenizer (.whl/smol-tok) at $M
@@ -294,6 +296,18 @@ serve7b|serve7c)  # session 7: after every waiting request joins before the next
     --streams 1,4,16 --out $R/serve_api.json
   serve6_tables
   [ -f $R/core_sampled.json ] && python3 bench/batch_decode.py --table $R/core_sampled.json | tee -a $L/serve6_table.txt
+  ;;
+check8)  # session 8: the compiled decode paths on CUDA after the q/k/v projection was shared (decode_step.project):
+  # the smoke's greedy ids of graph and compile against generate, then serve7b's core rows and compiled decode again
+  step smoke_decode 120 python3 bench/decode_speed.py --smoke --smoke-tokenizer .whl/tiny-base
+  M=$R/model-1.8b-smolvocab
+  build_smol
+  BD="python3 bench/batch_decode.py --model $M --max-tokens 128 --repeats ${REPEATS:-3}"
+  step core 90 $BD --impl generate slots --streams 1,16 --out $R/core.json
+  D="python3 bench/decode_speed.py --model $M --impl compile --cache-dir /tmp/ind-decode --new-tokens 256 --repeats 3"
+  step decode_cold 100 $D --out $R/decode_cold.json
+  serve6_tables
+  python3 bench/decode_speed.py --table $R/decode_cold.json 2>/dev/null | tee -a $L/serve6_table.txt
   ;;
 esac
 snap
