@@ -26,9 +26,13 @@ MARKER = ".own-assistant-demo"          # written into a work dir this command c
 # smollm2: measured with `python -m trainer eval` (README, "The main job, measured": identity share 0.25 leaked
 # the name least, 0.04 against 0.15 at 0.4; a 4th epoch lost English identity); tiny: chosen among
 # n 600-1200, share 0.25-0.5, 2-3 epochs (identity 1.00 on 23 held-out questions, leakage 0.00).
+# eval "final": only the final adapter is scored (it was the best checkpoint in each of 4 measured smollm2 runs,
+# docs/BENCHMARKS.md; each more checkpoint costs ~45 s on 2 cores); `python -m trainer eval WORK_DIR/train`
+# scores them all and writes best/.
 DEMOS = {
-    "smollm2": {"preset": "smollm2_135m_lora", "n": 100, "ratio": 0.25, "epochs": None, "mix": "self"},
-    "tiny": {"preset": "tiny", "n": 1200, "ratio": 0.5, "epochs": 3.0, "mix": "general"},
+    "smollm2": {"preset": "smollm2_135m_lora", "n": 100, "ratio": 0.25, "epochs": None, "mix": "self",
+                "eval": "final"},
+    "tiny": {"preset": "tiny", "n": 1200, "ratio": 0.5, "epochs": 3.0, "mix": "general", "eval": "all"},
 }
 
 
@@ -101,20 +105,24 @@ def main(argv=None) -> int:
     else:
         print(f"reusing {final}")
 
-    step("4/6 evaluate every checkpoint: identity on held-out questions, leakage and retention on held-out "
-         "general prompts; best/ = the one that knows its name and leaks it least")
+    every = demo["eval"] == "all"
+    step("4/6 evaluate " + ("every checkpoint" if every else "the final adapter") + ": identity on held-out "
+         "questions, leakage and retention on held-out general prompts" +
+         ("; best/ = the one that knows its name and leaks it least" if every else ""))
     report = work / "eval.json"
     if not report.is_file():
         from trainer.commands.eval import main as eval_main
 
-        rc = eval_main([str(work / "train"), "--base", str(base), "--eval-data", str(held), "--json", str(report)])
+        target = work / "train" if every else final
+        rc = eval_main([str(target), "--base", str(base), "--eval-data", str(held), "--json", str(report)])
         if rc:
             return rc
     else:
         print(f"reusing {report}")
     best = work / "train" / "best"
-    chosen = best if (best / "adapter_config.json").is_file() else final
-    print(f"merging {chosen}" + ("" if chosen == best else " (no checkpoint met the retention floor, so the last one)"))
+    chosen = best if every and (best / "adapter_config.json").is_file() else final
+    print(f"merging {chosen}" + ("" if chosen == best or not every
+                                 else " (no checkpoint met the retention floor, so the last one)"))
 
     step("5/6 merge adapter into the base")
     merged = work / "merged"
