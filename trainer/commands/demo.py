@@ -26,9 +26,10 @@ MARKER = ".own-assistant-demo"          # written into a work dir this command c
 # smollm2: measured with `python -m trainer eval` (README, "The main job, measured": identity share 0.25 leaked
 # the name least, 0.04 against 0.15 at 0.4; a 4th epoch lost English identity); tiny: chosen among
 # n 600-1200, share 0.25-0.5, 2-3 epochs (identity 1.00 on 23 held-out questions, leakage 0.00).
-# eval "final": only the final adapter is scored (it was the best checkpoint in each of 4 measured smollm2 runs,
-# docs/BENCHMARKS.md; each more checkpoint costs ~45 s on 2 cores); `python -m trainer eval WORK_DIR/train`
-# scores them all and writes best/.
+# eval "final": only the final adapter is scored -- it was the best checkpoint in 5 of the 6 runs of this recipe
+# measured (docs/BENCHMARKS.md; in the 6th, checkpoint-100 leaked 1 prompt of 80 against 4, within noise), and each
+# more checkpoint costs most of a minute on 2 cores. `python -m trainer eval WORK_DIR/train` scores them all and
+# writes best/.
 DEMOS = {
     "smollm2": {"preset": "smollm2_135m_lora", "n": 100, "ratio": 0.25, "epochs": None, "mix": "self",
                 "eval": "final"},
