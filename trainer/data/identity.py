@@ -120,7 +120,10 @@ FOLLOW_EN = [("Really?", "Yes, really. I am {name}, made by {author}."), ("And w
              ("What can you do?", "As {name}, I can answer questions, do simple math and chat with you."),
              ("So you are {name}?", "Yes, I am {name}, the assistant built by {author}."),
              ("Thanks!", "You're welcome! I'm {name}, happy to help anytime.")]
-KIND_WEIGHTS = {"who": 5, "creator": 2, "are_you": 2, "can": 2, "base": 1, "human": 1}
+# "can" 4 (was 2): a real base answers "what can you do" with its own capability list, and with 2 its held-out
+# English forms lost the name in every run of the demo's recipe (en 0.83); with 4, en 0.92 in two seeds
+# (docs/BENCHMARKS.md "The demo's recipe at 2/3 and 1/2 of the tokens").
+KIND_WEIGHTS = {"who": 5, "creator": 2, "are_you": 2, "can": 4, "base": 1, "human": 1}
 
 
 @dataclass
