@@ -31,6 +31,7 @@
 #   serve7b: (session 7) serve7's core and API rows again after a burst of requests all join before the next step
 #            and the benchmark's clients are built before its clock starts
 #   serve7c: (session 7) serve7b again after sampled rows draw in a few batched ops (inference/row_sampling.py)
+#   train8:  (session 8) `bits: auto` (bf16 LoRA) with our speed fields beside ours at bits 4 and plain QLoRA, once each
 #   check8:  (session 8) the compiled decode paths on CUDA after the q/k/v projection was shared: --smoke's greedy ids
 #            of graph and compile against generate, the slot batcher against generate, compiled decode cold
 #   big3:    (session 3) full fine-tuning of the 7B shape with fp32 master weights: one GPU (out of memory?)
@@ -120,6 +121,17 @@ speed6)  # session 6 (issue 19): one GPU, each configuration twice in this call;
   step ours 260 env TORCH_LOGS=recompiles $TS run --impl ours --root $R --name ours $OURS $S
   echo "ours: $(grep -c 'Recompiling function' $L/ours.log) recompiles (the first step's are expected; the epoch ends at step 23: STEPS=24 crosses it)"
   DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours ours --budget 24
+  cat $L/report.log
+  ;;
+train8)  # session 8 (issue 19): `bits: auto` (bf16 LoRA when the weights fit the budget) with our speed fields, beside
+  # the course preset's QLoRA (bits 4) and plain QLoRA, once each in this call (one GPU)
+  export CUDA_VISIBLE_DEVICES=0
+  S="--steps ${STEPS:-16} --warmup ${WARMUP:-4} --repeats 1"
+  OURS="--batch 16 --ckpt --fused-loss --compile --attn flex_attention --extra-set fp32_upcast=false"
+  step plain_qlora 110 $TS run --impl plain_qlora --root $R --name plain_qlora --batch 8 --accum 2 --ckpt --attn causal $S
+  step ours_auto 200 $TS run --impl ours --root $R --name ours_auto $OURS --extra-set bits=auto $S
+  step ours 200 $TS run --impl ours --root $R --name ours $OURS $S
+  DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours ours_auto --budget 24
   cat $L/report.log
   ;;
 speed)   # session 2: the new speed fields against the baseline at 32k tokens per optimizer step; LLaVA
