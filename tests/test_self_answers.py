@@ -23,7 +23,7 @@ def bundle_env(tiny_base, tmp_path, monkeypatch):
     monkeypatch.setattr(prompts, "train_prompts", lambda lang="both": [{"prompt": p, "lang": "en"} for p in PROMPTS])
     monkeypatch.setattr(sd, "BUNDLE_DIR", tmp_path / "bundles")
     monkeypatch.setenv("OWN_ASSISTANT_CACHE", str(tmp_path / "cache"))    # no answers cached from elsewhere
-    out = sd.write_bundle(str(tiny_base), tmp_path / "bundles" / "tiny.json", echo=lambda s: None)
+    out = sd.write_bundle(tiny_base, tmp_path / "bundles" / "tiny.json", echo=lambda s: None)
     bundle = json.loads(out.read_text(encoding="utf-8"))
     for i, p in enumerate(PROMPTS[:3]):                   # the 4th prompt is left out of the bundle
         bundle["answers"][p] = {"text": f"Bundled answer number {i}.", "finished": True}
@@ -38,7 +38,7 @@ def test_a_bundle_records_how_it_was_made(bundle_env, tiny_base):
     assert bundle["key"] == {"cache_version": sd.CACHE_VERSION, "system_prompt": sd.SYSTEM_PROMPT,
                              "max_new_tokens": sd.MAX_NEW_TOKENS}
     assert {"torch", "transformers", "date"} <= set(bundle["made_with"])
-    assert "python -m trainer.data.self_distill" in bundle["about"]
+    assert "python -m trainer self-answers" in bundle["about"]
 
 
 def test_the_bundle_answers_for_the_same_weights_and_the_rest_is_generated(bundle_env, tiny_base):

@@ -4,6 +4,7 @@
     import-gguf        any GGUF chat model transformers can read -> a Hugging Face model dir
     tiny               build the tiny offline base chat model
     data               identity conversations (held-out split, general-chat mixing, any input format)
+    self-answers       (re)make the bundled file of a base's own answers to the bundled prompts (--mix self)
     check-data         every problem in a data file as FILE:LINE (exit 2 if any)
     show-data          the rendered chat text, loss-bearing tokens marked
     list-cfg/copy-cfg  the shipped presets (like xtuner list-cfg / copy-cfg)
@@ -36,6 +37,7 @@ COMMANDS = {
     "import-gguf": "trainer.commands.import_gguf",
     "tiny": "trainer.bases.tiny",
     "data": "trainer.commands.data",
+    "self-answers": "trainer.commands.self_answers",
     "check-data": "trainer.commands.check_data",
     "show-data": "trainer.commands.show_data",
     "list-cfg": "trainer.commands.list_cfg",

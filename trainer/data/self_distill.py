@@ -20,7 +20,7 @@ The embedded base's answers also ship with the repo (trainer/data/self_answers/,
 demo on 2 cores), used only when the model's weights are byte for byte the ones they were made from
 (sha256) and the settings match; the file records how it was made. Make it again with
 
-    python -m trainer.data.self_distill smollm2
+    python -m trainer self-answers smollm2
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def bundled_answers(model_dir: Path, system_prompt: str | None, max_new_tokens: 
     """{prompt: answer} from a bundled file (trainer/data/self_answers/) made from these very weights
     under the same settings, and that file; ({}, None) when none is. The embedded base's answers ship
     with the repo because generating them takes ~4 minutes of the demo on 2 cores; the file says how it
-    was made and `python -m trainer.data.self_distill smollm2` makes it again."""
+    was made and `python -m trainer self-answers smollm2` makes it again."""
     key = _bundle_key(system_prompt, max_new_tokens)
     candidates = []
     for f in sorted(BUNDLE_DIR.glob("*.json")):
@@ -159,7 +159,7 @@ def self_conversations(model_dir, prompts: list[str], system_prompt: str | None,
             missing = [p for p in prompts if p not in bundled]
             if source is not None:
                 echo(f"{len(prompts) - len(missing)} of the base's own answers from {source.name} (bundled: "
-                     f"made from these very weights, `python -m trainer.data.self_distill` makes it again)")
+                     f"made from these very weights, `python -m trainer self-answers` makes it again)")
             fresh = dict(zip(missing, _generate(model_dir, missing, system_prompt, max_new_tokens, echo))) \
                 if missing else {}
             answers = [bundled.get(p) or fresh[p] for p in prompts]
@@ -173,25 +173,25 @@ def self_conversations(model_dir, prompts: list[str], system_prompt: str | None,
     return convs
 
 
-def write_bundle(model: str, out: Path | None = None, echo=print) -> Path:
-    """Answer every bundled train prompt with MODEL (an embedded base's name or a dir) under the
-    smollm2 preset's system prompt and write them as a bundle file beside this module."""
+def write_bundle(model_dir, out: Path | None = None, made_by: str | None = None, echo=print) -> Path:
+    """Answer every bundled train prompt with the model in MODEL_DIR under the smollm2 preset's system
+    prompt and write them as a bundle file (default: beside this module). `python -m trainer self-answers`."""
     import datetime
 
     import torch
     import transformers
 
-    from trainer.bases.registry import resolve_model
     from trainer.data.prompts import train_prompts
 
-    model_dir = resolve_model(model)
+    model_dir = Path(model_dir)
     prompts = [p["prompt"] for p in train_prompts()]
     answers = _generate(model_dir, prompts, SYSTEM_PROMPT, MAX_NEW_TOKENS, echo)
     keep = ("text", "finished", "before_loop", "repetition_penalty")     # the token ids are not needed
-    out = out or BUNDLE_DIR / f"{model_dir.name}.json"
+    out = Path(out) if out else BUNDLE_DIR / f"{model_dir.name}.json"
     bundle = {
         "about": f"{model_dir.name}'s own greedy answers to trainer/data/general_prompts.json's train prompts, "
-                 f"used by `--mix self` when the weights match; made by `python -m trainer.data.self_distill {model}`",
+                 f"used by `--mix self` when the weights match; made by "
+                 f"`python -m trainer self-answers {made_by or model_dir}`",
         "key": _bundle_key(SYSTEM_PROMPT, MAX_NEW_TOKENS),
         "weights_sha256": weights_sha256(model_dir),
         "made_with": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -202,19 +202,3 @@ def write_bundle(model: str, out: Path | None = None, echo=print) -> Path:
     write_text(out, json.dumps(bundle, ensure_ascii=False, indent=0) + "\n")
     echo(f"wrote {out}")
     return out
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m trainer.data.self_distill",
-                                description="(Re)make the bundled self-answers file of a base model.")
-    p.add_argument("model", nargs="?", default="smollm2", help="embedded base name or model dir (default smollm2)")
-    p.add_argument("--out", type=Path, help="file to write (default: trainer/data/self_answers/MODEL_DIR_NAME.json)")
-    args = p.parse_args(argv)
-    write_bundle(args.model, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
