@@ -249,9 +249,11 @@ def test_two_processes_write_once_and_match_one(two_and_one):
     assert losses(two) == pytest.approx(losses(one), rel=1e-3)        # same global batch, same losses
     # tokens/s counts both processes' tokens (logged as an exact integer): counting rank 0 alone would give
     # ~half. The windows are not row-for-row the same: each dataloader collates one micro-batch ahead, which
-    # is half a step on 1 process (2 micro-batches per step) and a whole step on 2, so allow a few percent.
+    # is half a step on 1 process (2 micro-batches per step) and a whole step on 2, so the windows differ by the
+    # length of the micro-batches at their edges (measured 1.00x-1.10x, depending on the data's row lengths); 20%
+    # still tells both ranks (~1x) from rank 0 alone (~0.5x).
     two_tokens, one_tokens = [r["tokens"] for r in recs], [r["tokens"] for r in scalars(one)]
-    assert two_tokens[-1] - two_tokens[0] == pytest.approx(one_tokens[-1] - one_tokens[0], rel=0.05)
+    assert two_tokens[-1] - two_tokens[0] == pytest.approx(one_tokens[-1] - one_tokens[0], rel=0.2)
     assert sorted(p.name for p in two.glob("eval_outputs_step_*.txt")) == ["eval_outputs_step_0.txt",
                                                                              "eval_outputs_step_4.txt"]
     assert [p.name for p in checkpoints.complete_checkpoints(two)] == ["checkpoint-2", "checkpoint-4"]
