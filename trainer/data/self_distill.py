@@ -16,7 +16,7 @@ decoding, and Chinese chats that are only identity teach the model to put its na
 Chinese answer. They are cached per model weights,
 prompts and settings under the user cache, so a second `data` run on the same base is instant.
 
-The embedded base's answers also ship with the repo (trainer/data/self_answers/, ~4 minutes of the
+The embedded base's answers also ship with the repo (trainer/data/self_answers/, ~6 minutes of the
 demo on 2 cores), used only when the model's weights are byte for byte the ones they were made from
 (sha256) and the settings match; the file records how it was made. Make it again with
 
@@ -114,7 +114,7 @@ def _bundle_key(system_prompt: str | None, max_new_tokens: int) -> dict:
 def bundled_answers(model_dir: Path, system_prompt: str | None, max_new_tokens: int) -> tuple[dict, Path | None]:
     """{prompt: answer} from a bundled file (trainer/data/self_answers/) made from these very weights
     under the same settings, and that file; ({}, None) when none is. The embedded base's answers ship
-    with the repo because generating them takes ~4 minutes of the demo on 2 cores; the file says how it
+    with the repo because generating them takes ~6 minutes of the demo on 2 cores; the file says how it
     was made and `python -m trainer self-answers smollm2` makes it again."""
     key = _bundle_key(system_prompt, max_new_tokens)
     candidates = []
