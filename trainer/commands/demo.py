@@ -37,11 +37,8 @@ DEMOS = {
 }
 
 
-T0 = time.time()
-
-
-def step(title: str):
-    print(f"\n== [{time.time() - T0:.0f} s] {title}", flush=True)      # where the demo's minutes go
+def step(t0: float, title: str):
+    print(f"\n== [{time.time() - t0:.0f} s] {title}", flush=True)      # where the demo's minutes go
 
 
 def main(argv=None) -> int:
@@ -70,8 +67,7 @@ def main(argv=None) -> int:
     from trainer.engine.train import train
     from trainer.export.merge import merge
 
-    global T0
-    T0 = time.time()
+    t0 = time.time()
     work = Path(args.work_dir)
     if args.fresh and work.exists():
         if not (work / MARKER).is_file():
@@ -82,11 +78,11 @@ def main(argv=None) -> int:
         work.mkdir(parents=True)
         (work / MARKER).write_text("created by python -m trainer demo; --fresh may delete this dir\n",
                                    encoding="utf-8")
-    step(f"1/6 base model: {args.base} (built once, cached)")
+    step(t0, f"1/6 base model: {args.base} (built once, cached)")
     base = resolve_model(args.base)
     print(f"base: {base}")
 
-    step("2/6 identity data, mixed with general chat" + (" answered by the base itself" if demo["mix"] == "self" else ""))
+    step(t0, "2/6 identity data, mixed with general chat" + (" answered by the base itself" if demo["mix"] == "self" else ""))
     data, held = work / "data" / "identity_mix.jsonl", work / "data" / "identity_heldout.jsonl"
     if not data.is_file():
         mix = ["--mix", demo["mix"]] + (["--model", str(base)] if demo["mix"] == "self" else [])
@@ -97,7 +93,7 @@ def main(argv=None) -> int:
     else:
         print(f"reusing {data}")
 
-    step(f"3/6 LoRA fine-tune (preset: {demo['preset']})")
+    step(t0, f"3/6 LoRA fine-tune (preset: {demo['preset']})")
     final = work / "train" / "final"
     if not (final / "adapter_config.json").is_file():
         cfg = load_config(demo["preset"], {"model": str(base), "data": [str(data)], "work_dir": str(work / "train"),
@@ -107,7 +103,7 @@ def main(argv=None) -> int:
         print(f"reusing {final}")
 
     every = demo["eval"] == "all"
-    step("4/6 evaluate " + ("every checkpoint" if every else "the final adapter") + ": identity on held-out "
+    step(t0, "4/6 evaluate " + ("every checkpoint" if every else "the final adapter") + ": identity on held-out "
          "questions, leakage and retention on held-out general prompts" +
          ("; best/ = the one that knows its name and leaks it least" if every else ""))
     report = work / "eval.json"
@@ -125,13 +121,13 @@ def main(argv=None) -> int:
     print(f"merging {chosen}" + ("" if chosen == best or not every
                                  else " (no checkpoint met the retention floor, so the last one)"))
 
-    step("5/6 merge adapter into the base")
+    step(t0, "5/6 merge adapter into the base")
     merged = work / "merged"
     if not (merged / "config.json").is_file():
         merge(base, chosen, merged)
     print(f"merged model: {merged}")
 
-    step("6/6 serve")
+    step(t0, "6/6 serve")
     chat_cmd = f"python -m trainer chat {merged}"
     if args.no_serve:
         print(f"done. Chat in the terminal: {chat_cmd}")

@@ -32,6 +32,7 @@ from pathlib import Path
 from inference.atomic import cache_root, locked, write_text
 from inference.batch_generate import generate_answers
 from inference.device import cpu_has_fast_bf16, pick
+from inference.repo_files import files_sha256
 
 CACHE_VERSION = 3         # bumped when what is cached changes
 RETRY_PENALTY = 1.3      # answers that looped are asked again with this repetition penalty (see `retry_loops`)
@@ -99,12 +100,7 @@ def retry_loops(loaded, prompts: list[str], answers: list[dict], system_prompt: 
 def weights_sha256(model_dir: Path) -> str:
     """The weights' content digest (every safetensors / bin file, in name order): a second import of the
     same GGUF writes the same bytes, so it names the weights wherever they were written (1-2 s here)."""
-    h = hashlib.sha256()
-    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+    return files_sha256(sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")))
 
 
 def _bundle_key(system_prompt: str | None, max_new_tokens: int) -> dict:
@@ -188,6 +184,7 @@ def write_bundle(model_dir, out: Path | None = None, made_by: str | None = None,
     answers = _generate(model_dir, prompts, SYSTEM_PROMPT, MAX_NEW_TOKENS, echo)
     keep = ("text", "finished", "before_loop", "repetition_penalty")     # the token ids are not needed
     out = Path(out) if out else BUNDLE_DIR / f"{model_dir.name}.json"
+    device = pick("auto").device
     bundle = {
         "about": f"{model_dir.name}'s own greedy answers to trainer/data/general_prompts.json's train prompts, "
                  f"used by `--mix self` when the weights match; made by "
@@ -195,7 +192,7 @@ def write_bundle(model_dir, out: Path | None = None, made_by: str | None = None,
         "key": _bundle_key(SYSTEM_PROMPT, MAX_NEW_TOKENS),
         "weights_sha256": weights_sha256(model_dir),
         "made_with": {"torch": torch.__version__, "transformers": transformers.__version__,
-                      "bf16": pick("auto").device == "cpu" and cpu_has_fast_bf16(), "device": pick("auto").device,
+                      "bf16": device == "cpu" and cpu_has_fast_bf16(), "device": device,
                       "date": datetime.date.today().isoformat()},
         "answers": {p: {k: a[k] for k in keep if k in a} for p, a in zip(prompts, answers)},
     }

@@ -34,7 +34,6 @@ trainer/evaluation/report.py; `eval_identity: true` in a training config runs th
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import math
 import random
@@ -49,6 +48,7 @@ from inference.batch_generate import generate_answers
 from inference.chat_format import with_system
 from trainer.data.formats import read_records
 from inference.errors import UserError, where
+from inference.repo_files import files_sha256
 from trainer.data.general import general_pair
 from trainer.data.prompts import heldout_prompts
 
@@ -326,12 +326,7 @@ def is_work_dir(path: Path) -> bool:
 
 def weights_digest(path: Path) -> str | None:
     files = sorted(path.glob("adapter_model.*")) or sorted(path.glob("*.safetensors"))
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.read_bytes())
-    return h.hexdigest()
+    return files_sha256(files) if files else None
 
 
 def evaluate_dirs(dirs: list[Path], base: Path | None, es: EvalSet, device: str = "auto",
