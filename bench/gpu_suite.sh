@@ -31,6 +31,7 @@
 #   serve7b: (session 7) serve7's core and API rows again after a burst of requests all join before the next step
 #            and the benchmark's clients are built before its clock starts
 #   serve7c: (session 7) serve7b again after sampled rows draw in a few batched ops (inference/row_sampling.py)
+#   train9:  (session 9) train8 plus bf16 LoRA with half the layers recomputed, and with LoRA dropout 0
 #   train8:  (session 8) `bits: auto` (bf16 LoRA) with our speed fields beside ours at bits 4 and plain QLoRA, once each
 #   check8:  (session 8) the compiled decode paths on CUDA after the q/k/v projection was shared: --smoke's greedy ids
 #            of graph and compile against generate, the slot batcher against generate, compiled decode cold
@@ -135,6 +136,21 @@ train8)  # session 8 (issue 19): `bits: auto` (bf16 LoRA when the weights fit th
   step ours_auto 200 $TS run --impl ours --root $R --name ours_auto $OURS --extra-set bits=auto $S
   step ours 200 $TS run --impl ours --root $R --name ours $OURS $S
   DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours ours_auto --budget 24
+  cat $L/report.log
+  ;;
+train9)  # session 9 (issue 19): train8's runs plus where bf16 LoRA's time goes -- half the layers recomputed
+  # (checkpoint_fraction 0.5: bf16 weights leave room for the activations) and LoRA dropout 0 (PEFT draws one
+  # dropout mask per adapted linear: 7 a layer); plain QLoRA is the baseline of every ratio (one GPU, once each)
+  export CUDA_VISIBLE_DEVICES=0
+  S="--steps ${STEPS:-16} --warmup ${WARMUP:-4} --repeats 1"
+  OURS="--batch 16 --ckpt --fused-loss --compile --attn flex_attention --extra-set fp32_upcast=false"
+  step plain_qlora 100 $TS run --impl plain_qlora --root $R --name plain_qlora --batch 8 --accum 2 --ckpt --attn causal $S
+  step ours 170 $TS run --impl ours --root $R --name ours $OURS $S
+  step ours_auto 130 $TS run --impl ours --root $R --name ours_auto $OURS --extra-set bits=auto $S
+  step ours_auto_ck50 100 $TS run --impl ours --root $R --name ours_auto_ck50 $OURS --ckpt-fraction 0.5 --extra-set bits=auto $S
+  step ours_auto_nodrop 100 $TS run --impl ours --root $R --name ours_auto_nodrop $OURS --ckpt-fraction 0.5 \
+    --extra-set bits=auto --extra-set lora_dropout=0 $S
+  DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours ours_auto_ck50 --budget 24
   cat $L/report.log
   ;;
 speed)   # session 2: the new speed fields against the baseline at 32k tokens per optimizer step; LLaVA
