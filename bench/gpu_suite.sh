@@ -32,6 +32,7 @@
 #            and the benchmark's clients are built before its clock starts
 #   serve7c: (session 7) serve7b again after sampled rows draw in a few batched ops (inference/row_sampling.py)
 #   train9:  (session 9) train8 plus bf16 LoRA with half the layers recomputed, and with LoRA dropout 0
+#   course9: (session 9) the course's job as shipped against bits auto merged in the training process
 #   train8:  (session 8) `bits: auto` (bf16 LoRA) with our speed fields beside ours at bits 4 and plain QLoRA, once each
 #   check8:  (session 8) the compiled decode paths on CUDA after the q/k/v projection was shared: --smoke's greedy ids
 #            of graph and compile against generate, the slot batcher against generate, compiled decode cold
@@ -152,6 +153,14 @@ train9)  # session 9 (issue 19): train8's runs plus where bf16 LoRA's time goes 
     --extra-set bits=auto --extra-set lora_dropout=0 $S
   DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours ours_auto_ck50 --budget 24
   cat $L/report.log
+  ;;
+course9)  # session 9 (issue 19): the course's job end to end (bench/course_e2e.py) as shipped (QLoRA, then a second
+  # `merge` process) against `bits: auto` (bf16 LoRA: no quantisation) merged in the training process (--merge-to)
+  export CUDA_VISIBLE_DEVICES=0
+  C="python3 bench/course_e2e.py --model $R/model-internlm2-1.8b --data $R/data.jsonl"
+  step course_shipped 200 $C --work $R/runs/course_shipped
+  step course_auto_inproc 200 $C --work $R/runs/course_auto_inproc --set bits=auto --merge-to
+  step course_shipped_inproc 160 $C --work $R/runs/course_shipped_inproc --merge-to
   ;;
 speed)   # session 2: the new speed fields against the baseline at 32k tokens per optimizer step; LLaVA
   S="--steps ${STEPS:-40} --warmup 8 --profile 2"

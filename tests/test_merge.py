@@ -149,3 +149,38 @@ def test_merge_onto_another_base_of_the_same_shape_warns(tiny_base, tuned_adapte
         (moved / name).write_text(json.dumps(data), encoding="utf-8")
     assert cli(["merge", str(other), str(moved), str(tmp_path / "m4")]) == 0
     assert "warning:" not in capsys.readouterr().err
+
+
+def test_train_merge_to_writes_what_merge_writes(tiny_base, identity_files, tmp_path):
+    """`train --merge-to OUT` merges in the training process: the same weights as `merge` of WORK_DIR/final."""
+    from safetensors.torch import load_file
+
+    from trainer.commands.train import main as train_main
+
+    work, out = tmp_path / "work", tmp_path / "merged"
+    assert train_main(["tiny", "--model", str(tiny_base), "--data", str(identity_files["train"]),
+                       "--work-dir", str(work), "--set", "max_steps=6", "--set", "save_steps=0",
+                       "--set", "evaluation_inputs=[]", "--merge-to", str(out)]) == 0
+    separate = merge(tiny_base, work / "final", tmp_path / "separate")
+    got, want = load_file(out / "model.safetensors"), load_file(separate / "model.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    base = load_file(Path(tiny_base) / "model.safetensors")
+    assert any(not torch.equal(got[k], base[k]) for k in base)        # the adapter's update is in it
+    assert json.loads((out / "assistant.json").read_text())["adapter"] == str(work / "final")
+
+
+def test_train_merge_to_refuses_before_training(tiny_base, identity_files, tmp_path):
+    from trainer.commands.train import main as train_main
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    common = ["--model", str(tiny_base), "--data", str(identity_files["train"]), "--set", "max_steps=2"]
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        train_main(["tiny", *common, "--work-dir", str(tmp_path / "w1"), "--merge-to", str(taken)])
+    with pytest.raises(UserError, match="writes a full model already"):
+        train_main(["tiny", *common, "--work-dir", str(tmp_path / "w2"), "--set", "method=full",
+                    "--merge-to", str(tmp_path / "new")])
+    assert not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()     # nothing trained, nothing written
+    assert (taken / "keep.txt").read_text() == "mine"
