@@ -32,6 +32,7 @@
 #            and the benchmark's clients are built before its clock starts
 #   serve7c: (session 7) serve7b again after sampled rows draw in a few batched ops (inference/row_sampling.py)
 #   train9:  (session 9) train8 plus bf16 LoRA with half the layers recomputed, and with LoRA dropout 0
+#   one9:    (session 9) the one call: plain QLoRA, bits auto, the course's job shipped vs bits auto merged in-process
 #   course9: (session 9) the course's job as shipped against bits auto merged in the training process
 #   train8:  (session 8) `bits: auto` (bf16 LoRA) with our speed fields beside ours at bits 4 and plain QLoRA, once each
 #   check8:  (session 8) the compiled decode paths on CUDA after the q/k/v projection was shared: --smoke's greedy ids
@@ -152,6 +153,21 @@ train9)  # session 9 (issue 19): train8's runs plus where bf16 LoRA's time goes 
   step ours_auto_nodrop 100 $TS run --impl ours --root $R --name ours_auto_nodrop $OURS --ckpt-fraction 0.5 \
     --extra-set bits=auto --extra-set lora_dropout=0 $S
   DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours ours_auto_ck50 --budget 24
+  cat $L/report.log
+  ;;
+one9)  # session 9 (issue 19), ONE call for all of it (the device budget left one): plain QLoRA (the baseline of every
+  # training ratio), ours with `bits: auto` (bf16 LoRA), the course's job with bits auto merged in the training process
+  # against the course's job as shipped (same call), then bits auto with half the layers recomputed if time is left
+  export CUDA_VISIBLE_DEVICES=0
+  S="--steps ${STEPS:-12} --warmup ${WARMUP:-3} --repeats 1"
+  OURS="--batch 16 --ckpt --fused-loss --compile --attn flex_attention --extra-set fp32_upcast=false"
+  C="python3 bench/course_e2e.py --model $R/model-internlm2-1.8b --data $R/data.jsonl"
+  step plain_qlora 80 $TS run --impl plain_qlora --root $R --name plain_qlora --batch 8 --accum 2 --ckpt --attn causal $S
+  step ours_auto 160 $TS run --impl ours --root $R --name ours_auto $OURS --extra-set bits=auto $S
+  step course_auto_inproc 130 $C --work $R/runs/course_auto_inproc --set bits=auto --merge-to
+  step course_shipped 140 $C --work $R/runs/course_shipped
+  step ours_auto_ck50 90 $TS run --impl ours --root $R --name ours_auto_ck50 $OURS --ckpt-fraction 0.5 --extra-set bits=auto $S
+  DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours ours_auto --budget 24
   cat $L/report.log
   ;;
 course9)  # session 9 (issue 19): the course's job end to end (bench/course_e2e.py) as shipped (QLoRA, then a second
