@@ -32,6 +32,7 @@
 #            and the benchmark's clients are built before its clock starts
 #   serve7c: (session 7) serve7b again after sampled rows draw in a few batched ops (inference/row_sampling.py)
 #   train9:  (session 9) train8 plus bf16 LoRA with half the layers recomputed, and with LoRA dropout 0
+#   course9b: (session 9) one9's course rows after the adapters' input casts went under autocast
 #   one9:    (session 9) the one call: plain QLoRA, bits auto, the course's job shipped vs bits auto merged in-process
 #   course9: (session 9) the course's job as shipped against bits auto merged in the training process
 #   train8:  (session 8) `bits: auto` (bf16 LoRA) with our speed fields beside ours at bits 4 and plain QLoRA, once each
@@ -154,6 +155,12 @@ train9)  # session 9 (issue 19): train8's runs plus where bf16 LoRA's time goes 
     --extra-set bits=auto --extra-set lora_dropout=0 $S
   DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours ours_auto_ck50 --budget 24
   cat $L/report.log
+  ;;
+course9b)  # session 9: one9's course rows again after PEFT's fp32 copies of the adapters' inputs went (autocast)
+  export CUDA_VISIBLE_DEVICES=0
+  C="python3 bench/course_e2e.py --model $R/model-internlm2-1.8b --data $R/data.jsonl"
+  step course_auto_inproc 130 $C --work $R/runs/course_auto_inproc --set bits=auto --merge-to
+  step course_shipped 130 $C --work $R/runs/course_shipped
   ;;
 one9)  # session 9 (issue 19), ONE call for all of it (the device budget left one): plain QLoRA (the baseline of every
   # training ratio), ours with `bits: auto` (bf16 LoRA), the course's job with bits auto merged in the training process

@@ -13,6 +13,7 @@ events in `runs/` when tensorboard is installed. Runs on CUDA when present, else
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -85,7 +86,29 @@ def load_model_for_training(cfg: TrainConfig, model_dir: Path, placement):
     target = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=target, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    skip_adapter_input_casts(model)
+    return model
+
+
+def _cast_outside_autocast(cast, x, dtype):
+    return x if x is not None and torch.is_autocast_enabled(x.device.type) else cast(x, dtype)
+
+
+def skip_adapter_input_casts(model) -> int:
+    """Stop PEFT's LoRA layers from copying their input to the adapters' fp32 before the adapter matmul
+    while autocast is on (the Trainer's bf16/fp16 on CUDA); returns how many layers. Autocast computes that
+    matmul in bf16 anyway, so the copy (one per adapted linear -- q, k and v each their own -- with the
+    dropout then run on fp32) is pure memory traffic; PEFT's bitsandbytes layers already skip it under
+    autocast, its plain Linear does not. Without autocast (CPU runs) the cast happens as before. Measured on
+    the course's job (1.8B shape, H100, eager): bf16 LoRA ran 0.90 s a step against QLoRA's 0.785 before
+    this (docs/BENCHMARKS.md, session 9)."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "_cast_input_dtype"):
+            module._cast_input_dtype = functools.partial(_cast_outside_autocast, module._cast_input_dtype)
+            n += 1
+    return n
 
 
 def prepare_work_dir(work_dir: Path, model_dir: Path, cfg: TrainConfig, resume, echo,
