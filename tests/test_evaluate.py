@@ -66,6 +66,20 @@ def test_oracle_scores_perfectly_and_a_namedropper_only_on_identity(identity_fil
     assert creator > 0 and s.identity == pytest.approx(1 - creator / len(es.identity))
 
 
+def test_leakage_is_also_given_by_the_prompts_language(identity_files):
+    """A model that names itself only when asked in Chinese: leakage zh 1.0, en 0.0, the mean in between."""
+    from trainer.evaluation.evaluate import script_lang
+
+    es = build_eval_set(identity_files["heldout"], n_general=10)
+    asked = [q for q, _ in es.general] + [p["prompt"] for p in es.prompts]
+    zh = [q for q in asked if script_lang(q) == "zh"]
+    assert 0 < len(zh) < len(asked)
+    s = score(Scripted(lambda q: f"我是{identity_files['name']}。" if script_lang(q) == "zh" else "Fine."), es)
+    assert s.leakage_by_lang == {"en": 0.0, "zh": 1.0}
+    assert s.leakage == pytest.approx(len(zh) / len(asked))
+    assert script_lang("book 的中文是什么？") == "zh" and script_lang("What is 2 + 2?") == "en"
+
+
 def test_retention_counts_answers_kept_or_fixed(identity_files):
     es = build_eval_set(identity_files["heldout"], n_general=10)
     known = dict(es.general)

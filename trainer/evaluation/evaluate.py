@@ -37,6 +37,7 @@ import difflib
 import json
 import math
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,8 @@ class Scores:
     likelihood: float | None = None      # exp(mean logp tuned - mean logp base) on the base's answers
     known: int | None = None             # how many base-known tasks retention counts (None: similarity)
     identity_by_lang: dict = field(default_factory=dict)   # {"zh": 0.92, "en": 1.0}: a language can lag
+    leakage_by_lang: dict = field(default_factory=dict)    # by the prompt's script: a base that speaks little
+                                                           # Chinese leaks there first (docs/BENCHMARKS.md)
     examples: dict = field(default_factory=dict)   # a few misses and leaks, for the reader
 
     def as_dict(self) -> dict:
@@ -202,8 +205,19 @@ def score_answers(id_answers: list[str], gen_answers: list[str], es: EvalSet,
     }
     langs = sorted({q.get("lang") for q in es.identity if q.get("lang")})
     by_lang = {lg: round(_mean([h for h, q in zip(hits, es.identity) if q.get("lang") == lg]), 4) for lg in langs}
+    asked_lang = [script_lang(q) for q in asked]
+    leak_by_lang = {lg: round(_mean([b for b, a in zip(leaked, asked_lang) if a == lg]), 4)
+                    for lg in sorted(set(asked_lang))}
     return Scores(identity=_mean(hits), leakage=_mean(leaked), accuracy=_mean(right), identity_by_lang=by_lang,
-                  examples=examples)
+                  leakage_by_lang=leak_by_lang, examples=examples)
+
+
+CJK = re.compile(r"[\u3400-\u9fff]")
+
+
+def script_lang(text: str) -> str:
+    """"zh" for a prompt with any CJK character, else "en" (the two languages the eval data speaks)."""
+    return "zh" if CJK.search(text) else "en"
 
 
 def _answer_tokens(engine: ChatEngine, q: str, answer: str) -> tuple[torch.Tensor, list[int]]:
@@ -373,5 +387,6 @@ def evaluate_dirs(dirs: list[Path], base: Path | None, es: EvalSet, device: str 
 def _brief(s: Scores) -> str:
     ret = "n/a" if s.retention is None else f"{s.retention:.2f}"
     langs = "".join(f" {lg} {v:.2f}" for lg, v in s.identity_by_lang.items())
-    return (f"identity {s.identity:.2f}{' (' + langs.strip() + ')' if langs else ''}, leakage {s.leakage:.2f}, "
-            f"retention {ret}, accuracy {s.accuracy:.2f}")
+    leak = "".join(f" {lg} {v:.2f}" for lg, v in s.leakage_by_lang.items())
+    return (f"identity {s.identity:.2f}{' (' + langs.strip() + ')' if langs else ''}, leakage {s.leakage:.2f}"
+            f"{' (' + leak.strip() + ')' if leak else ''}, retention {ret}, accuracy {s.accuracy:.2f}")
