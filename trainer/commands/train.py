@@ -6,8 +6,9 @@
     python -m trainer train internlm2_chat_1_8b_qlora --data data.jsonl --merge-to work_dirs/merged
 
 --merge-to OUT also writes the merged model (what `python -m trainer merge BASE WORK_DIR/final OUT` writes)
-from this process once training ends: no second start-up of Python, torch and CUDA (~10 s of the course's
-job on a GPU). Its checks run before training, so a bad OUT fails in a second, not after the run.
+from this process once training ends: no second start-up of Python, torch and CUDA (the course's merge
+took ~6 s instead of 18 s on an H100, docs/BENCHMARKS.md). Its checks run before training, so a bad OUT
+fails in a second, not after the run.
 
 The loop itself is trainer/engine/train.py; this resolves the base (trainer/bases/registry.py) and, with
 --gpus / --cpu-procs, launches the workers (trainer/engine/distributed.py).
