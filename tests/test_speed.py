@@ -346,3 +346,36 @@ def test_adapter_inputs_stay_bf16_under_autocast_with_the_same_loss_and_grads(ti
     assert torch.equal(out[True][0], out[False][0])
     assert out[True][1].keys() == out[False][1].keys()
     assert all(torch.equal(out[True][1][k], out[False][1][k]) for k in out[False][1])
+
+
+def test_compiled_blocks_take_the_uncast_adapter_inputs_without_graph_breaks(tiny_base):
+    """The GPU runs `compile: true` under autocast: the compiled blocks must trace the autocast check of
+    `skip_adapter_input_casts` (no graph break) and give the loss and gradients of PEFT's casting path."""
+    import torch._dynamo.utils as dynamo_utils
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainer.engine.speed import compile_layers
+    from trainer.engine.train import skip_adapter_input_casts
+
+    ids = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for skip in (False, True):
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16)
+        m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                         init_lora_weights=False))
+        if skip:
+            assert skip_adapter_input_casts(m) > 0
+        assert compile_layers(m) > 0
+        m.train()                                    # the compiled forward runs for training steps only
+        dynamo_utils.counters.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert dynamo_utils.counters["stats"]["calls_captured"] > 0          # dynamo traced these blocks
+        assert not dynamo_utils.counters["graph_break"], dict(dynamo_utils.counters["graph_break"])
+        out[skip] = (loss.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad})
+    assert torch.allclose(out[True][0], out[False][0], rtol=1e-3)
+    for k, g in out[False][1].items():
+        assert torch.allclose(out[True][1][k].float(), g.float(), rtol=1e-2, atol=1e-4), k
