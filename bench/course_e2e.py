@@ -32,10 +32,11 @@ def main(argv=None) -> int:
     train = [sys.executable, "-m", "trainer", "train", "internlm2_chat_1_8b_qlora", "--model", a.model,
              "--data", a.data, "--work-dir", str(a.work), *(x for kv in a.sets for x in ("--set", kv))]
     merged = a.work.parent / f"{a.work.name}-merged"
-    merge = [sys.executable, "-m", "trainer", "merge", a.model, str(a.work / "final"), str(merged),
-             "--device", "cuda", "--dtype", "bf16"]
-    jobs = [("train", train + ["--merge-to", str(merged), "--merge-dtype", "bf16"])] if a.merge_to else \
-        [("train", train), ("merge", merge)]
+    if a.merge_to:
+        jobs = [("train", train + ["--merge-to", str(merged), "--merge-dtype", "bf16"])]
+    else:
+        jobs = [("train", train), ("merge", [sys.executable, "-m", "trainer", "merge", a.model, str(a.work / "final"),
+                                             str(merged), "--device", "cuda", "--dtype", "bf16"])]
     times = {"merge_s": 0.0}
     for name, cmd in jobs:
         print("+", " ".join(cmd[1:]), flush=True)

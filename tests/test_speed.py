@@ -307,42 +307,49 @@ def test_front_ends_pick_fast_decode_by_device(tiny_base, monkeypatch):
     assert seen == ["graph", False]
 
 
-def test_adapter_inputs_stay_bf16_under_autocast_with_the_same_loss_and_grads(tiny_base):
-    """`skip_adapter_input_casts`: under autocast the LoRA matmul sees the bf16 input itself (no fp32 copy),
-    and loss and adapter gradients equal PEFT's casting path; without autocast the cast happens as before."""
+def _bf16_lora(tiny_base, skip: bool):
+    """The tiny base in bf16 with fp32 LoRA adapters (B != 0: they change the output), the same seed each
+    time; with SKIP, `skip_adapter_input_casts` applied (asserted to find layers)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from trainer.engine.train import skip_adapter_input_casts
 
-    def build(skip: bool):
-        torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16)
-        m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                                         init_lora_weights=False))       # B != 0: the adapters change the output
-        assert next(p for n, p in m.named_parameters() if "lora_A" in n).dtype == torch.float32
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16)
+    m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                     init_lora_weights=False))
+    assert next(p for n, p in m.named_parameters() if "lora_A" in n).dtype == torch.float32
+    if skip:
+        assert skip_adapter_input_casts(m) > 0
+    return m
+
+
+def _autocast_step(m, ids):
+    """Loss and adapter gradients of one bf16-autocast training step."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad}
+
+
+def test_adapter_inputs_stay_bf16_under_autocast_with_the_same_loss_and_grads(tiny_base):
+    """`skip_adapter_input_casts`: under autocast the LoRA matmul sees the bf16 input itself (no fp32 copy),
+    and loss and adapter gradients equal PEFT's casting path; without autocast the cast happens as before."""
+    ids = torch.randint(0, 200, (2, 24))
+    out = {}
+    for skip in (False, True):
+        m = _bf16_lora(tiny_base, skip)
         seen = []
         for mod in m.modules():
             if hasattr(mod, "lora_A"):
                 mod.lora_A["default"].register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
-        n = skip_adapter_input_casts(m) if skip else 0
-        return m, seen, n
-
-    ids = torch.randint(0, 200, (2, 24))
-    out = {}
-    for skip in (False, True):
-        m, seen, n = build(skip)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
-        grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad}
-        out[skip] = (loss.detach(), grads, set(seen), n)
+        out[skip] = (*_autocast_step(m, ids), set(seen))
         if skip:
             seen.clear()
             m(input_ids=ids)                                 # no autocast: PEFT's cast to fp32, as before
             assert set(seen) == {torch.float32}
     assert out[False][2] == {torch.float32} and out[True][2] == {torch.bfloat16}
-    assert out[True][3] > 0
     assert torch.equal(out[True][0], out[False][0])
     assert out[True][1].keys() == out[False][1].keys()
     assert all(torch.equal(out[True][1][k], out[False][1][k]) for k in out[False][1])
@@ -352,30 +359,19 @@ def test_compiled_blocks_take_the_uncast_adapter_inputs_without_graph_breaks(tin
     """The GPU runs `compile: true` under autocast: the compiled blocks must trace the autocast check of
     `skip_adapter_input_casts` (no graph break) and give the loss and gradients of PEFT's casting path."""
     import torch._dynamo.utils as dynamo_utils
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from trainer.engine.speed import compile_layers
-    from trainer.engine.train import skip_adapter_input_casts
 
     ids = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(1))
     out = {}
     for skip in (False, True):
-        torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16)
-        m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                                         init_lora_weights=False))
-        if skip:
-            assert skip_adapter_input_casts(m) > 0
+        m = _bf16_lora(tiny_base, skip)
         assert compile_layers(m) > 0
         m.train()                                    # the compiled forward runs for training steps only
         dynamo_utils.counters.clear()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
+        out[skip] = _autocast_step(m, ids)
         assert dynamo_utils.counters["stats"]["calls_captured"] > 0          # dynamo traced these blocks
         assert not dynamo_utils.counters["graph_break"], dict(dynamo_utils.counters["graph_break"])
-        out[skip] = (loss.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad})
     assert torch.allclose(out[True][0], out[False][0], rtol=1e-3)
     for k, g in out[False][1].items():
         assert torch.allclose(out[True][1][k].float(), g.float(), rtol=1e-2, atol=1e-4), k
