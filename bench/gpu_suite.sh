@@ -34,6 +34,10 @@
 #   train9:  (session 9) train8 plus bf16 LoRA with half the layers recomputed, and with LoRA dropout 0
 #   course9b: (session 9) one9's course rows after the adapters' input casts went under autocast
 #   one9:    (session 9) the one call: plain QLoRA, bits auto, the course's job shipped vs bits auto merged in-process
+#   train10: (session 10) the course's job as shipped vs bits auto merged in-process, plain QLoRA vs bits auto, after
+#            the adapters' input casts went under autocast (session 9's fix), once each
+#   decode10: (session 10) compiled batch-1 decode cold and warm, the streaming paths against generate, the slot
+#            batcher, on whatever card comes (the issue's 600 tokens/s is about an H200)
 #   course9: (session 9) the course's job as shipped against bits auto merged in the training process
 #   train8:  (session 8) `bits: auto` (bf16 LoRA) with our speed fields beside ours at bits 4 and plain QLoRA, once each
 #   check8:  (session 8) the compiled decode paths on CUDA after the q/k/v projection was shared: --smoke's greedy ids
@@ -101,7 +105,7 @@ EOF
 export PEAK_TFLOPS=$(grep -o 'matmul [0-9]*' "$L/ceilings.log" | grep -o '[0-9]*' || echo 780)
 python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 case "$STAGE" in   # stages that never read the packed identity data: decode, serving, big3 (its own shape)
-  big3|serve5|serve6|serve6b|serve7|serve7b|serve7c|check8) ;;
+  big3|serve5|serve6|serve6b|serve7|serve7b|serve7c|check8|decode10) ;;
   *) step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001 ;;
 esac
 ls -la $R
@@ -176,6 +180,33 @@ one9)  # session 9 (issue 19), ONE call for all of it (the device budget left on
   step ours_auto_ck50 90 $TS run --impl ours --root $R --name ours_auto_ck50 $OURS --ckpt-fraction 0.5 --extra-set bits=auto $S
   DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours ours_auto --budget 24
   cat $L/report.log
+  ;;
+train10)  # session 10 (issue 19): session 9's fix (no fp32 copies of the adapters' inputs under autocast) measured:
+  # the course's job as shipped against bits auto merged in the training process, then plain QLoRA against bits auto
+  export CUDA_VISIBLE_DEVICES=0
+  S="--steps ${STEPS:-12} --warmup ${WARMUP:-3} --repeats 1"
+  OURS="--batch 16 --ckpt --fused-loss --compile --attn flex_attention --extra-set fp32_upcast=false"
+  C="python3 bench/course_e2e.py --model $R/model-internlm2-1.8b --data $R/data.jsonl"
+  step course_auto_inproc 130 $C --work $R/runs/course_auto_inproc --set bits=auto --merge-to
+  step course_shipped 130 $C --work $R/runs/course_shipped
+  step plain_qlora 80 $TS run --impl plain_qlora --root $R --name plain_qlora --batch 8 --accum 2 --ckpt --attn causal $S
+  step ours_auto 150 $TS run --impl ours --root $R --name ours_auto $OURS --extra-set bits=auto $S
+  DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours ours_auto --budget 24
+  cat $L/report.log
+  ;;
+decode10)  # session 10 (issue 19): compiled batch-1 decode cold then warm (the 600 tokens/s and < 10 s cold goals),
+  # the streaming paths against plain generate, the slot batcher at 1 and 16 streams; 1.8B shape, SmolLM2's tokenizer
+  M=$R/model-1.8b-smolvocab
+  build_smol
+  rm -rf /tmp/ind-decode
+  D="python3 bench/decode_speed.py --model $M --impl compile --cache-dir /tmp/ind-decode --new-tokens 256 --repeats 3"
+  step decode_cold 110 $D --out $R/decode_cold.json
+  step decode_warm 70 $D --out $R/decode_warm.json
+  BD="python3 bench/batch_decode.py --model $M --max-tokens 128 --repeats ${REPEATS:-3}"
+  step core_stream 90 $BD --impl generate worker stream --streams 1 --max-tokens 64 --out $R/core_stream.json
+  step core 90 $BD --impl generate slots --streams 1,16 --out $R/core.json
+  serve6_tables
+  python3 bench/decode_speed.py --table $R/decode_cold.json $R/decode_warm.json 2>/dev/null | tee -a $L/serve6_table.txt
   ;;
 course9)  # session 9 (issue 19): the course's job end to end (bench/course_e2e.py) as shipped (QLoRA, then a second
   # `merge` process) against `bits: auto` (bf16 LoRA: no quantisation) merged in the training process (--merge-to)
