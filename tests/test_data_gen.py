@@ -156,6 +156,11 @@ def test_mix_with_user_file_in_any_format(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{general}: has 400 conversations" in err and "need 1350" in err
     assert not (tmp_path / "x.jsonl").exists()
+    # --twins picks what a base is asked under --mix self; with a file it means nothing, and says so
+    assert trainer_main(["data", "--name", NAME, "--author", AUTHOR, "--n", "150", "--mix", str(general),
+                         "--twins", "on", "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "--twins on is only for --mix self" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_general_corpus_alone_has_computed_answers(tmp_path):

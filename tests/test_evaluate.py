@@ -66,6 +66,37 @@ def test_oracle_scores_perfectly_and_a_namedropper_only_on_identity(identity_fil
     assert creator > 0 and s.identity == pytest.approx(1 - creator / len(es.identity))
 
 
+def test_a_right_answer_in_english_to_a_chinese_question_counts(identity_files):
+    """中国的首都是哪里？ answered "Beijing" is right: a base that speaks no Chinese is trained to answer so."""
+    es = build_eval_set(identity_files["heldout"], n_general=10)
+    zh_facts = [p for p in es.prompts if p["lang"] == "zh" and p.get("expect")]
+    assert zh_facts and all(p.get("expect_en") and p.get("en") for p in zh_facts)
+    known = dict(es.general)
+    known.update({p["prompt"]: f"It is {p['expect'][0]}." if p.get("expect") else "Here you go." for p in es.prompts})
+    in_english = {**known, **{p["prompt"]: f"It is {p['expect_en'][0].title()}." for p in zh_facts}}
+    wrong = {**known, **{p["prompt"]: "It is Paris." for p in zh_facts}}
+    scored = [score(Scripted(lambda q, k=k: k[q] if q in k else "?"), es).accuracy for k in (known, in_english, wrong)]
+    assert scored[0] == scored[1] == 1.0 and scored[2] < 1.0
+
+
+def test_the_reference_for_a_base_that_speaks_no_chinese_is_its_answer_to_the_twin(tiny_base, small_heldout):
+    """Under twins the kept answer to a Chinese held-out prompt is the base's answer to its English twin
+    (what `--mix self` trains), every other kept answer and the base's own scores stay as they were."""
+    from inference import load
+    from trainer.evaluation.evaluate import _user, base_reference, greedy_batch
+
+    engine = load(tiny_base, device="cpu").engine(fast_decode=False)
+    es = build_eval_set(small_heldout, n_general=4)
+    own, twinned = (base_reference(engine, es, 12, twins=t) for t in (False, True))
+    zh = [i for i, p in enumerate(es.prompts) if p["lang"] == "zh"]
+    twin_ids = [a["ids"] for a in greedy_batch(engine, [_user(es.prompts[i]["en"]) for i in zh], 12)]
+    assert zh and [twinned.prompt_ids[i] for i in zh] == twin_ids
+    assert twin_ids != [own.prompt_ids[i] for i in zh]
+    others = [i for i in range(len(es.prompts)) if i not in zh]
+    assert [twinned.prompt_ids[i] for i in others] == [own.prompt_ids[i] for i in others]
+    assert twinned.scores == own.scores and twinned.prompt_answers == own.prompt_answers
+
+
 def test_leakage_is_also_given_by_the_prompts_language(identity_files):
     """A model that names itself only when asked in Chinese: leakage zh 1.0, en 0.0, the mean in between."""
     from trainer.evaluation.evaluate import script_lang

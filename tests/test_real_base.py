@@ -57,6 +57,24 @@ def test_learns_its_name_and_keeps_what_it_knew(tuned):
     assert scores["retention"] >= 0.75 and scores["accuracy"] >= base["accuracy"], (scores, base)
 
 
+def test_chinese_general_prompts_are_trained_on_the_bases_english_answers(tuned, real_base):
+    """The base speaks no Chinese (its import says so): `--mix self` asked the English twin of each Chinese
+    prompt and paired its answer with the Chinese prompt, and the manifest says so."""
+    from inference.assistant_file import manifest_path
+    from inference.gguf_import import base_languages
+    from trainer.data.prompts import train_prompts
+    from trainer.evaluation.evaluate import script_lang
+
+    assert base_languages(real_base) == ["en"]
+    manifest = json.loads(manifest_path(tuned["work"] / "me.jsonl").read_text(encoding="utf-8"))
+    assert manifest["sources"][1]["chinese_asked_in_english"] is True
+    twins = {p["prompt"] for p in train_prompts("zh")}
+    rows = [json.loads(line)["messages"] for line in (tuned["work"] / "me.jsonl").read_text(encoding="utf-8").splitlines()]
+    general_zh = [m for m in rows if m[0]["content"] in twins]
+    english = [m for m in general_zh if script_lang(m[1]["content"]) == "en"]     # a few may quote a Chinese word
+    assert len(general_zh) >= 10 and len(english) >= 0.9 * len(general_zh), general_zh[:3]
+
+
 def test_identity_holds_in_both_languages(tuned, real_base):
     from inference import load
 
@@ -93,11 +111,12 @@ def test_the_shipped_self_answers_are_this_bases_own(real_base):
     from inference import load
     from inference.engine import ChatEngine
     from trainer.data.prompts import train_prompts
-    from trainer.data.self_distill import MAX_NEW_TOKENS, SYSTEM_PROMPT, bundled_answers
+    from trainer.data.self_distill import MAX_NEW_TOKENS, SYSTEM_PROMPT, asked, bundled_answers, use_twins
     from trainer.evaluation.evaluate import _answer_tokens, agreement
 
     answers, source = bundled_answers(real_base, SYSTEM_PROMPT, MAX_NEW_TOKENS)
-    assert source is not None and set(answers) == {p["prompt"] for p in train_prompts()}
+    # the base speaks no Chinese: it was asked each Chinese prompt's English twin
+    assert use_twins(real_base) and set(answers) == {asked(p, True) for p in train_prompts()}
     loaded = load(real_base, device="cpu")                           # fp32; the file was made in bf16
     engine = ChatEngine(loaded.model, loaded.tokenizer, system_prompt=SYSTEM_PROMPT)
     picked = [(p, a["text"]) for p, a in answers.items() if a["finished"] and "repetition_penalty" not in a][:24]

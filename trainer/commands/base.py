@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from inference.errors import UserError
-from inference.gguf_import import embedded_gguf, import_gguf
+from inference.gguf_import import SMOLLM2_LANGUAGES, embedded_gguf, import_gguf
 from trainer.bases.registry import BASES
 
 
@@ -34,6 +34,6 @@ def main(argv=None) -> int:
 
         build_tiny(args.out)
     else:
-        import_gguf(embedded_gguf(), args.out)
+        import_gguf(embedded_gguf(), args.out, languages=SMOLLM2_LANGUAGES)
     return 0
 

@@ -29,7 +29,7 @@ from trainer.data.identity import Identity, check_placeholders, form_of, heldout
 from inference.assistant_file import manifest_path
 from trainer.data.prompts import train_prompts
 from trainer.data.mix import blend, check_ratio, general_needed, write_manifest
-from trainer.data.self_distill import SYSTEM_PROMPT as SELF_SYSTEM_PROMPT
+from trainer.data.self_distill import SYSTEM_PROMPT as SELF_SYSTEM_PROMPT, TWINS
 
 DEFAULT_RATIO = 0.2
 
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=SELF_SYSTEM_PROMPT,
                    help="with --mix self: the system prompt the answers are generated under -- the one the "
                         f"run trains and serves with (default: {SELF_SYSTEM_PROMPT!r}, as the smollm2 preset)")
+    p.add_argument("--twins", choices=TWINS, default="auto",
+                   help="with --mix self: ask the base each Chinese prompt's English twin and train the Chinese "
+                        "prompt on its English answer (auto: when the base speaks no Chinese, as the embedded "
+                        "smollm2; its model dir's gguf_source.json says)")
     p.add_argument("--ratio", type=float, help=f"identity share of the mixed set (default {DEFAULT_RATIO})")
     p.add_argument("--general", type=int, metavar="N", help="write N general conversations alone (no identity)")
     return p
@@ -81,6 +85,8 @@ def _check_args(args) -> None:
         check_ratio(args.ratio)
     if (args.mix == "self") != bool(args.model):
         raise UserError("--mix self needs --model BASE (the model that answers), and --model is only for --mix self")
+    if args.twins != "auto" and args.mix != "self":
+        raise UserError(f"--twins {args.twins} is only for --mix self (it picks what the base is asked)")
     paths = [Path(p).resolve() for p in (args.out, args.eval_out, args.mix) if p and p not in ("general", "self")]
     if len(set(paths)) != len(paths):
         raise UserError("--out, --eval-out and --mix must be different files")
@@ -100,10 +106,12 @@ def _self_mix(args, need: int) -> list[dict]:
     then cached), as many in Chinese as the identity data's Chinese share: identity chats in a language
     with no general chat beside them teach the model to answer every question in it with its name."""
     from trainer.bases.registry import resolve_model
-    from trainer.data.self_distill import self_conversations
+    from trainer.data.self_distill import self_conversations, use_twins
 
     prompts = train_prompts(args.lang)
-    convs = self_conversations(resolve_model(args.model), [p["prompt"] for p in prompts], args.system_prompt or None)
+    model_dir = resolve_model(args.model)
+    args.twins_used = use_twins(model_dir, args.twins)
+    convs = self_conversations(model_dir, prompts, args.system_prompt or None, twins=args.twins_used)
     if not convs:
         raise UserError(f"--mix self: {args.model} finished none of {len(prompts)} bundled prompts -- use a chat "
                         "model, or --mix FILE with conversations of your own")
@@ -159,7 +167,8 @@ def main(argv=None) -> int:
         sources.append({"kind": "general", "from": args.mix, "count": len(records) - len(identity),
                         "available": None if args.mix == "general" else len(general)})
         if args.mix == "self":
-            sources[-1].update({"model": str(args.model), "system_prompt": args.system_prompt})
+            sources[-1].update({"model": str(args.model), "system_prompt": args.system_prompt,
+                                "chinese_asked_in_english": args.twins_used})
     held = heldout_questions(ident, lang=args.lang) if args.eval_out else []
 
     write_jsonl(args.out, records)

@@ -13,6 +13,10 @@ def main(argv=None) -> int:
                                             "as a Hugging Face model dir.")
     p.add_argument("gguf_file")
     p.add_argument("out")
+    p.add_argument("--languages", metavar="LANG[,LANG]",
+                   help="the languages the model speaks, e.g. en (recorded in OUT/gguf_source.json): `--mix self` "
+                        "asks a base that speaks no Chinese the English twin of each Chinese prompt")
     args = p.parse_args(argv)
-    import_gguf(args.gguf_file, args.out)
+    langs = [x.strip() for x in args.languages.split(",") if x.strip()] if args.languages else None
+    import_gguf(args.gguf_file, args.out, languages=langs)
     return 0

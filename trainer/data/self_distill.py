@@ -13,7 +13,11 @@ cut back to its last sentence end before that (a cut mid-sentence would teach st
 a loop to loop), or dropped when too little is left. Answers that looped are first asked again with
 a repetition penalty: SmolLM2-135M loops on about a quarter of the Chinese prompts under greedy
 decoding, and Chinese chats that are only identity teach the model to put its name into every
-Chinese answer. They are cached per model weights,
+Chinese answer. A base that speaks no Chinese (its model dir says so: `base_languages`; the embedded
+SmolLM2 does) is asked each Chinese prompt's English twin instead, and its English answer is paired
+with the Chinese prompt: its own Chinese is word salad, and trained on that the tuned model leaked
+its name into Chinese answers (leakage 0.05 -> 0.00 on the demo's data, docs/BENCHMARKS.md "Session 9:
+Chinese answers for Chinese prompts"). They are cached per model weights,
 prompts and settings under the user cache, so a second `data` run on the same base is instant.
 
 The embedded base's answers also ship with the repo (trainer/data/self_answers/, ~6 minutes of the
@@ -32,6 +36,8 @@ from pathlib import Path
 from inference.atomic import cache_root, locked, write_text
 from inference.batch_generate import generate_answers
 from inference.device import cpu_has_fast_bf16, pick
+from inference.errors import UserError
+from inference.gguf_import import base_languages
 from inference.repo_files import files_sha256
 
 CACHE_VERSION = 3         # bumped when what is cached changes
@@ -48,6 +54,25 @@ def _weights_key(model_dir: Path) -> str:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()
+
+
+TWINS = ("auto", "on", "off")   # --twins: ask a Chinese prompt's English twin instead (auto: when the base speaks no Chinese)
+
+
+def use_twins(model_dir: Path, twins: str = "auto") -> bool:
+    """Whether Chinese prompts are asked in their English twin: "on" / "off", or "auto" -- when the
+    base's recorded languages leave out Chinese."""
+    if twins not in TWINS:
+        raise UserError(f"--twins {twins!r}: pick one of {', '.join(TWINS)}")
+    if twins != "auto":
+        return twins == "on"
+    langs = base_languages(model_dir)
+    return langs is not None and "zh" not in langs
+
+
+def asked(prompt: dict, twins: bool) -> str:
+    """What the base is asked for PROMPT ({"prompt", "lang", "en"?}): its English twin under TWINS."""
+    return prompt["en"] if twins and prompt["lang"] != "en" and prompt.get("en") else prompt["prompt"]
 
 
 def cache_file(model_dir: Path, prompts: list[str], system_prompt: str | None, max_new_tokens: int) -> Path:
@@ -141,10 +166,16 @@ def _generate(model_dir: Path, prompts: list[str], system_prompt: str | None, ma
     return retry_loops(loaded, prompts, answers, system_prompt, max_new_tokens, echo)
 
 
-def self_conversations(model_dir, prompts: list[str], system_prompt: str | None,
-                       max_new_tokens: int = MAX_NEW_TOKENS, echo=print) -> list[dict]:
-    """One conversation per prompt the base answered within the cap: {"messages": [user, assistant]}."""
+def self_conversations(model_dir, prompt_list: list[dict], system_prompt: str | None,
+                       max_new_tokens: int = MAX_NEW_TOKENS, twins: bool = False, echo=print) -> list[dict]:
+    """One conversation per prompt ({"prompt", "lang", "en"?}) the base answered within the cap:
+    {"messages": [user, assistant]}; under TWINS a Chinese prompt gets the answer to its English twin."""
     model_dir = Path(model_dir)
+    questions = [p["prompt"] for p in prompt_list]
+    prompts = list(dict.fromkeys(asked(p, twins) for p in prompt_list))     # what the base is asked, once each
+    if twins:
+        echo(f"{sum(asked(p, True) != p['prompt'] for p in prompt_list)} Chinese prompts asked in English (the "
+             f"base speaks no Chinese: its English answer is what the tuned model learns to say)")
     cache = cache_file(model_dir, prompts, system_prompt, max_new_tokens)
     with locked(cache.with_suffix(".lock")):
         if cache.is_file():
@@ -160,18 +191,21 @@ def self_conversations(model_dir, prompts: list[str], system_prompt: str | None,
                 if missing else {}
             answers = [bundled.get(p) or fresh[p] for p in prompts]
             write_text(cache, json.dumps(answers, ensure_ascii=False))
+    by_prompt = dict(zip(prompts, answers))
+    answers = [by_prompt[asked(p, twins)] for p in prompt_list]
     texts = [usable_answer(a) for a in answers]
-    convs = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
-             for p, a in zip(prompts, texts) if a]
+    convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in zip(questions, texts) if a]
     cut = sum(1 for a, x in zip(answers, texts) if x and not a.get("finished"))
     echo(f"  {len(convs)} answers kept ({cut} cut back to the sentence before a loop or the "
-         f"{max_new_tokens}-token cap), {len(prompts) - len(convs)} dropped (too little left)")
+         f"{max_new_tokens}-token cap), {len(questions) - len(convs)} dropped (too little left)")
     return convs
 
 
 def write_bundle(model_dir, out: Path | None = None, made_by: str | None = None, echo=print) -> Path:
-    """Answer every bundled train prompt with the model in MODEL_DIR under the smollm2 preset's system
-    prompt and write them as a bundle file (default: beside this module). `python -m trainer self-answers`."""
+    """Answer every bundled train prompt (a Chinese one's English twin when the base speaks no Chinese)
+    with the model in MODEL_DIR under the smollm2 preset's system prompt and write them as a bundle file
+    (default: beside this module). `python -m trainer self-answers`."""
     import datetime
 
     import torch
@@ -180,14 +214,16 @@ def write_bundle(model_dir, out: Path | None = None, made_by: str | None = None,
     from trainer.data.prompts import train_prompts
 
     model_dir = Path(model_dir)
-    prompts = [p["prompt"] for p in train_prompts()]
+    twins = use_twins(model_dir)
+    prompts = list(dict.fromkeys(asked(p, twins) for p in train_prompts()))
     answers = _generate(model_dir, prompts, SYSTEM_PROMPT, MAX_NEW_TOKENS, echo)
     keep = ("text", "finished", "before_loop", "repetition_penalty")     # the token ids are not needed
     out = Path(out) if out else BUNDLE_DIR / f"{model_dir.name}.json"
     device = pick("auto").device
+    twin_note = " (the English twins of the Chinese ones: it speaks no Chinese)" if twins else ""
     bundle = {
-        "about": f"{model_dir.name}'s own greedy answers to trainer/data/general_prompts.json's train prompts, "
-                 f"used by `--mix self` when the weights match; made by "
+        "about": f"{model_dir.name}'s own greedy answers to trainer/data/general_prompts.json's train prompts"
+                 f"{twin_note}, used by `--mix self` when the weights match; made by "
                  f"`python -m trainer self-answers {made_by or model_dir}`",
         "key": _bundle_key(SYSTEM_PROMPT, MAX_NEW_TOKENS),
         "weights_sha256": weights_sha256(model_dir),

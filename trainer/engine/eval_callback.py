@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from inference.engine import ChatEngine
 from inference.loader import load, read_system_prompt
 from trainer.evaluation import report as eval_report
+from trainer.data.self_distill import use_twins
 from trainer.evaluation.evaluate import base_reference, build_eval_set, score
 
 
@@ -46,15 +47,16 @@ class IdentityEval(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         base_prompt = read_system_prompt(self.base_dir)
+        twins = use_twins(self.base_dir)          # a base that speaks no Chinese: see base_reference
         with _eval_mode(model):
             if hasattr(model, "disable_adapter"):      # LoRA: the base is the same weights, adapter off
                 with model.disable_adapter():
-                    self.ref = base_reference(self._engine(model, base_prompt), self.es, self.max_new_tokens)
+                    self.ref = base_reference(self._engine(model, base_prompt), self.es, self.max_new_tokens, twins)
             elif state.global_step == 0:               # full fine-tuning, not started yet: it *is* the base
-                self.ref = base_reference(self._engine(model, base_prompt), self.es, self.max_new_tokens)
+                self.ref = base_reference(self._engine(model, base_prompt), self.es, self.max_new_tokens, twins)
             else:                                      # full fine-tuning resumed: load the base beside it
                 self.ref = base_reference(load(self.base_dir, device=model.device.type).engine(fast_decode=False), self.es,
-                                          self.max_new_tokens)
+                                          self.max_new_tokens, twins)
         previous = self.work_dir / "eval_report.json"
         if state.global_step > 0 and previous.is_file():   # resumed: keep the rows already scored
             rows = json.loads(previous.read_text(encoding="utf-8")).get("checkpoints", [])

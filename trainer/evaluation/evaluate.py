@@ -15,7 +15,9 @@
   A real base (one that knows fewer than MIN_KNOWN of them, because it phrases answers its own way)
   is measured on the held-out bundled prompts instead (trainer/data/general_prompts.json, never
   trained on): retention is then the share of the base's own greedy answer tokens that the tuned
-  model still ranks first, teacher-forced (`agreement`).
+  model still ranks first, teacher-forced (`agreement`). A base that speaks no Chinese (`--mix self`
+  trains a Chinese prompt on its answer to the English twin, trainer/data/self_distill.py) is held
+  to the same: its reference answer to a held-out Chinese prompt is its answer to the twin.
   (An engine without logits -- a stand-in in the tests -- gets the mean similarity (difflib ratio) of
   its greedy answers to the base's, a correct answer counting 1.) Reported beside it:
   - `likelihood`: exp(mean log p_tuned - mean log p_base) over the tokens of the base's own greedy
@@ -23,7 +25,8 @@
     the base said. It falls as soon as LoRA moves the distribution at all, even where no answer
     changes (and the tiny base's many wrong answers drift freely), so it is reported, not chosen by;
   - `accuracy`: the share of the general prompts with a known answer (computed tasks, bundled fact
-    questions) whose greedy answer contains it.
+    questions) whose greedy answer contains it (in the prompt's language or, for a Chinese one, in
+    English: "Beijing" answers 中国的首都是哪里？ rightly).
 Leakage covers both the computed tasks and the held-out bundled prompts.
 
 General prompts come from a fixed seed, so every run is scored on the same ones. The task family is
@@ -52,6 +55,7 @@ from inference.errors import UserError, where
 from inference.repo_files import files_sha256
 from trainer.data.general import general_pair
 from trainer.data.prompts import heldout_prompts
+from trainer.data.self_distill import asked, use_twins
 
 GENERAL_SEED = 7919      # fixed, so every run and checkpoint is scored on the same general prompts
 N_GENERAL = 40           # prompts answered (generation) for leakage, accuracy and the likelihood
@@ -197,7 +201,8 @@ def score_answers(id_answers: list[str], gen_answers: list[str], es: EvalSet,
     answers = list(gen_answers) + list(prompt_answers)
     leaked = [leaks(a, es.markers) for a in answers]
     right = [answers_correctly(a, known) for a, (_, known) in zip(gen_answers, es.general)]
-    right += [contains_all(a, p["expect"]) for a, p in zip(prompt_answers, es.prompts) if p.get("expect")]
+    right += [contains_all(a, p["expect"]) or bool(p.get("expect_en")) and contains_all(a, p["expect_en"])
+              for a, p in zip(prompt_answers, es.prompts) if p.get("expect")]
     examples = {
         "identity_misses": [{"q": q["messages"][-1]["content"], "a": a}
                             for a, q, ok in zip(id_answers, es.identity, hits) if not ok][:3],
@@ -261,14 +266,22 @@ def knows(engine: ChatEngine, tasks: list[tuple[str, str]]) -> list[bool]:
     return out
 
 
-def base_reference(engine: ChatEngine, es: EvalSet, max_new_tokens: int = MAX_NEW_TOKENS) -> Reference:
-    """Score the base itself and keep its greedy answers to the general prompts (as token ids)."""
+def base_reference(engine: ChatEngine, es: EvalSet, max_new_tokens: int = MAX_NEW_TOKENS,
+                   twins: bool = False) -> Reference:
+    """Score the base itself and keep its greedy answers to the general prompts (as token ids); under
+    TWINS (a base that speaks no Chinese) the kept answer to a Chinese prompt is the one to its English
+    twin -- what `--mix self` trained the tuned model to say -- while the base is scored on its own."""
     prompts = [q for q, _ in es.general]
     general = greedy_batch(engine, [_user(q) for q in prompts], max_new_tokens)
     ids, texts = [a["ids"] for a in general], [a["text"] for a in general]
     id_answers = chat_answers(engine, [q["messages"] for q in es.identity], max_new_tokens)
     bundled = greedy_batch(engine, [_user(p["prompt"]) for p in es.prompts], max_new_tokens)
     p_ids, p_texts = [a["ids"] for a in bundled], [a["text"] for a in bundled]
+    twinned = [i for i, p in enumerate(es.prompts) if asked(p, twins) != p["prompt"]]
+    if twinned:
+        twin_answers = greedy_batch(engine, [_user(asked(es.prompts[i], True)) for i in twinned], max_new_tokens)
+        for i, a in zip(twinned, twin_answers):
+            p_ids[i] = a["ids"]
     scores = score_answers(id_answers, texts, es, p_texts)
     logprob = answer_logprobs(engine, prompts, ids)
     known = [i for i, ok in enumerate(knows(engine, es.pool)) if ok]
@@ -355,7 +368,8 @@ def evaluate_dirs(dirs: list[Path], base: Path | None, es: EvalSet, device: str 
         loaded = load(base, adapter=dirs[0], device=device)
         model, tok = loaded.model, loaded.tokenizer
         with model.disable_adapter():
-            ref = base_reference(ChatEngine(model, tok, read_system_prompt(base)), es, max_new_tokens)
+            ref = base_reference(ChatEngine(model, tok, read_system_prompt(base)), es, max_new_tokens,
+                                 twins=use_twins(base))
         echo(f"base {base}: identity {ref.scores.identity:.2f}, accuracy {ref.scores.accuracy:.2f}")
         results, seen = [], {}
         for i, d in enumerate(dirs):
@@ -376,7 +390,8 @@ def evaluate_dirs(dirs: list[Path], base: Path | None, es: EvalSet, device: str 
         return ref.scores, results
     ref = None
     if base is not None:
-        ref = base_reference(load(base, device=device).engine(fast_decode=False), es, max_new_tokens)
+        ref = base_reference(load(base, device=device).engine(fast_decode=False), es, max_new_tokens,
+                             twins=use_twins(base))
     results = []
     for d in dirs:
         results.append(score(load(d, device=device).engine(fast_decode=False), es, ref, max_new_tokens))
