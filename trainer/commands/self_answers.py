@@ -1,6 +1,6 @@
 """`python -m trainer self-answers`: (re)make the bundled file of a base's own answers to the bundled prompts.
 
-    python -m trainer self-answers smollm2           # -> trainer/data/self_answers/smollm2-135m-instruct-v1.json
+    python -m trainer self-answers smollm2           # -> trainer/data/self_answers/smollm2-135m-instruct-v2.json
     python -m trainer self-answers MODEL_DIR --out answers.json
 
 `--mix self` reads such a file instead of generating (trainer/data/self_distill.py), only for the very
