@@ -55,6 +55,9 @@ def test_learns_its_name_and_keeps_what_it_knew(tuned):
     assert scores["identity"] >= 0.75, scores["examples"]
     assert scores["leakage"] <= 0.1, scores["examples"]
     assert scores["retention"] >= 0.75 and scores["accuracy"] >= base["accuracy"], (scores, base)
+    # retention by the prompt's language, whose token-weighted mean is the overall figure
+    by_lang = scores["retention_by_lang"]
+    assert set(by_lang) == {"en", "zh"} and min(by_lang.values()) <= scores["retention"] <= max(by_lang.values())
 
 
 def test_chinese_general_prompts_are_trained_on_the_bases_english_answers(tuned, real_base):

@@ -98,6 +98,7 @@ class Scores:
     identity_by_lang: dict = field(default_factory=dict)   # {"zh": 0.92, "en": 1.0}: a language can lag
     leakage_by_lang: dict = field(default_factory=dict)    # by the prompt's script: a base that speaks little
                                                            # Chinese leaks there first (docs/BENCHMARKS.md)
+    retention_by_lang: dict = field(default_factory=dict)  # token agreement by the prompt's language (real bases)
     examples: dict = field(default_factory=dict)   # a few misses and leaks, for the reader
 
     def as_dict(self) -> dict:
@@ -293,13 +294,20 @@ def agreement(engine: ChatEngine, prompts: list[str], answers: list[list[int]]) 
     """Share of the base's own greedy answer tokens that this model also ranks first, teacher-forced
     (the base scores 1.0). A real base phrases answers its own way, so the computed-answer pool cannot
     measure it; this asks instead how much of what it would have said is still what the model says."""
-    same = total = 0
+    return agreement_by_lang(engine, prompts, answers)[0]
+
+
+def agreement_by_lang(engine: ChatEngine, prompts: list[str], answers: list[list[int]]) -> tuple[float, dict]:
+    """`agreement` overall and by the prompt's language ({"en": ..., "zh": ...})."""
+    counts: dict[str, list[int]] = {}
     for q, ids in zip(prompts, answers):
         if ids:
             logits, answer = _answer_logits(engine, engine.prepare(_user(q), None, len(ids)), ids)
-            same += int((logits.argmax(-1) == answer).sum())
-            total += len(ids)
-    return same / max(total, 1)
+            c = counts.setdefault(script_lang(q), [0, 0])
+            c[0] += int((logits.argmax(-1) == answer).sum())
+            c[1] += len(ids)
+    same, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    return same / max(total, 1), {lg: round(c[0] / c[1], 4) for lg, c in sorted(counts.items())}
 
 
 def score(engine, es: EvalSet, reference: Reference | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> Scores:
@@ -316,7 +324,8 @@ def score(engine, es: EvalSet, reference: Reference | None = None, max_new_token
         scores.retention = _mean(knows(engine, [es.pool[i] for i in reference.known]))
         scores.known = len(reference.known)
     elif real and reference.prompt_ids:
-        scores.retention = agreement(engine, [p["prompt"] for p in es.prompts], reference.prompt_ids)
+        scores.retention, scores.retention_by_lang = agreement_by_lang(engine, [p["prompt"] for p in es.prompts],
+                                                                       reference.prompt_ids)
     else:
         scores.retention = _mean(kept(a, b, known) for a, b, (_, known)
                                  in zip(gen_answers, reference.answers, es.general))
@@ -403,5 +412,7 @@ def _brief(s: Scores) -> str:
     ret = "n/a" if s.retention is None else f"{s.retention:.2f}"
     langs = "".join(f" {lg} {v:.2f}" for lg, v in s.identity_by_lang.items())
     leak = "".join(f" {lg} {v:.2f}" for lg, v in s.leakage_by_lang.items())
+    kept_by = "".join(f" {lg} {v:.2f}" for lg, v in s.retention_by_lang.items())
     return (f"identity {s.identity:.2f}{' (' + langs.strip() + ')' if langs else ''}, leakage {s.leakage:.2f}"
-            f"{' (' + leak.strip() + ')' if leak else ''}, retention {ret}, accuracy {s.accuracy:.2f}")
+            f"{' (' + leak.strip() + ')' if leak else ''}, retention {ret}{' (' + kept_by.strip() + ')' if kept_by else ''}"
+            f", accuracy {s.accuracy:.2f}")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from inference.atomic import new_dir, write_text
 
-SCORE_KEYS = ("identity", "identity_by_lang", "leakage", "leakage_by_lang", "retention", "likelihood", "accuracy",
-              "known")
+SCORE_KEYS = ("identity", "identity_by_lang", "leakage", "leakage_by_lang", "retention", "retention_by_lang",
+              "likelihood", "accuracy", "known")
 # Training state a checkpoint carries that a loadable model does not need.
 TRAINING_ONLY = {"optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
                  "checkpoint.json"}
