@@ -4,7 +4,7 @@
     python -m trainer self-answers MODEL_DIR --out answers.json
 
 `--mix self` reads such a file instead of generating (trainer/data/self_distill.py), only for the very
-weights it was made from (sha256) and the same settings; ~6 minutes for SmolLM2-135M on 2 CPU cores.
+weights it was made from (sha256) and the same settings; ~8 minutes for SmolLM2-135M on 2 CPU cores.
 """
 from __future__ import annotations
 

@@ -16,11 +16,11 @@ decoding, and Chinese chats that are only identity teach the model to put its na
 Chinese answer. A base that speaks no Chinese (its model dir says so: `base_languages`; the embedded
 SmolLM2 does) is asked each Chinese prompt's English twin instead, and its English answer is paired
 with the Chinese prompt: its own Chinese is word salad, and trained on that the tuned model leaked
-its name into Chinese answers (leakage 0.05 -> 0.00 on the demo's data, docs/BENCHMARKS.md "Session 9:
-Chinese answers for Chinese prompts"). They are cached per model weights,
+its name into Chinese answers (leakage 0.04-0.05 in every run; asked in English 0.00, 0.03 and 0.04 in
+three, docs/BENCHMARKS.md "Session 9: Chinese answers for Chinese prompts" and "Session 10"). They are cached per model weights,
 prompts and settings under the user cache, so a second `data` run on the same base is instant.
 
-The embedded base's answers also ship with the repo (trainer/data/self_answers/, ~6 minutes of the
+The embedded base's answers also ship with the repo (trainer/data/self_answers/, ~8 minutes of the
 demo on 2 cores), used only when the model's weights are byte for byte the ones they were made from
 (sha256) and the settings match; the file records how it was made. Make it again with
 
@@ -135,7 +135,7 @@ def _bundle_key(system_prompt: str | None, max_new_tokens: int) -> dict:
 def bundled_answers(model_dir: Path, system_prompt: str | None, max_new_tokens: int) -> tuple[dict, Path | None]:
     """{prompt: answer} from a bundled file (trainer/data/self_answers/) made from these very weights
     under the same settings, and that file; ({}, None) when none is. The embedded base's answers ship
-    with the repo because generating them takes ~6 minutes of the demo on 2 cores; the file says how it
+    with the repo because generating them takes ~8 minutes of the demo on 2 cores; the file says how it
     was made and `python -m trainer self-answers smollm2` makes it again."""
     key = _bundle_key(system_prompt, max_new_tokens)
     candidates = []
