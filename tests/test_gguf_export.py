@@ -203,6 +203,19 @@ def test_tiny_modelfile_renders_the_chat_template(tiny_exports):
     assert mf["system"] == "You are Lumi, made by 小菜鸡." and mf["template"].startswith("<s>")   # the tokenizer adds no BOS
 
 
+def test_import_gguf_records_the_languages_the_model_speaks(tiny_exports, tmp_path):
+    """`import-gguf --languages en` writes them into gguf_source.json; `--mix self` and evaluation then ask the
+    model the English twin of a Chinese prompt (without them: not known, each prompt as it is)."""
+    from inference.gguf_import import base_languages
+    from trainer.data.self_distill import use_twins
+
+    _, files = tiny_exports
+    assert cli(["import-gguf", str(files["f16"]), str(tmp_path / "en"), "--languages", "en"]) == 0
+    assert cli(["import-gguf", str(files["f16"]), str(tmp_path / "plain")]) == 0
+    assert base_languages(tmp_path / "en") == ["en"] and use_twins(tmp_path / "en")
+    assert base_languages(tmp_path / "plain") is None and not use_twins(tmp_path / "plain")
+
+
 # ---------------------------------------------------------------- bad input
 def run_cli(argv, capsys):
     code = cli(argv)
