@@ -10,7 +10,8 @@ optionally mixed with general chat, plus a manifest saying what went in.
 
 `--mix FILE` takes OpenAI messages (JSONL or JSON array), Alpaca or ShareGPT; `--mix general` uses the
 repo's own corpus (trainer/data/general.py); `--mix self --model BASE` the bundled general prompts
-answered by BASE itself (trainer/data/self_distill.py: the right choice for a real model). `--ratio` is the identity share of the result (default
+answered by BASE itself (trainer/data/self_distill.py: the right choice for a real model; a base that speaks no
+Chinese is asked each Chinese prompt's English twin, `--twins`). `--ratio` is the identity share of the result (default
 0.2). The held-out file (`--eval-out`) holds question forms never used in training, each with the
 strings a correct answer must contain: `{"messages": [...], "expect": [...], "kind": ..., "lang": ...}`.
 Check the result with `python -m trainer check-data OUT` and look at it with `show-data`.
@@ -101,17 +102,18 @@ def _general_only(args) -> int:
     return 0
 
 
-def _self_mix(args, need: int) -> list[dict]:
+def _self_mix(args, need: int) -> tuple[list[dict], bool]:
     """NEED conversations from the base's own answers to the bundled prompts (all of them answered once,
     then cached), as many in Chinese as the identity data's Chinese share: identity chats in a language
-    with no general chat beside them teach the model to answer every question in it with its name."""
+    with no general chat beside them teach the model to answer every question in it with its name.
+    Also whether the Chinese prompts were asked in their English twins (`--twins`)."""
     from trainer.bases.registry import resolve_model
     from trainer.data.self_distill import self_conversations, use_twins
 
     prompts = train_prompts(args.lang)
     model_dir = resolve_model(args.model)
-    args.twins_used = use_twins(model_dir, args.twins)
-    convs = self_conversations(model_dir, prompts, args.system_prompt or None, twins=args.twins_used)
+    twins = use_twins(model_dir, args.twins)
+    convs = self_conversations(model_dir, prompts, args.system_prompt or None, twins=twins)
     if not convs:
         raise UserError(f"--mix self: {args.model} finished none of {len(prompts)} bundled prompts -- use a chat "
                         "model, or --mix FILE with conversations of your own")
@@ -124,7 +126,7 @@ def _self_mix(args, need: int) -> list[dict]:
     n_zh = min(len(by_lang["zh"]), round(need * zh_share))
     n_en = min(len(by_lang["en"]), need - n_zh)
     n_zh = min(len(by_lang["zh"]), need - n_en)        # fill from Chinese when English runs short
-    return by_lang["zh"][:n_zh] + by_lang["en"][:n_en]
+    return by_lang["zh"][:n_zh] + by_lang["en"][:n_en], twins
 
 
 def _forms_used(records: list[dict], langs: list[str]) -> dict[str, int]:
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
         if args.mix == "general":
             general = general_conversations(general_needed(len(identity), ratio), seed=args.seed + 1, unique=True)
         elif args.mix == "self":
-            general = _self_mix(args, general_needed(len(identity), ratio))
+            general, twins = _self_mix(args, general_needed(len(identity), ratio))
             if general_needed(len(identity), ratio) > len(general):
                 ratio = len(identity) / (len(identity) + len(general))
                 print(f"the base finished {len(general)} answers: using them all (identity share {ratio:.2f})")
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
                         "available": None if args.mix == "general" else len(general)})
         if args.mix == "self":
             sources[-1].update({"model": str(args.model), "system_prompt": args.system_prompt,
-                                "chinese_asked_in_english": args.twins_used})
+                                "chinese_asked_in_english": twins})
     held = heldout_questions(ident, lang=args.lang) if args.eval_out else []
 
     write_jsonl(args.out, records)
