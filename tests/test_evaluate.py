@@ -126,6 +126,26 @@ def test_retention_counts_answers_kept_or_fixed(identity_files):
     assert kept("我是Lumi，是小菜鸡的小助手。", "The capital of France is Paris.", "Paris!") < 0.2
 
 
+def test_the_whole_pool_is_checked_only_for_a_base_that_knows_enough_of_its_start(monkeypatch):
+    """A base that knows fewer than 4 of the first 40 computed tasks phrases answers its own way: the other 160
+    are not checked (retention then goes by `agreement`); one that knows 4 is checked to the end."""
+    import trainer.evaluation.evaluate as ev
+
+    pool = general_tasks(200)
+    for known_at_start, checked_to in ((3, 40), (4, 200)):
+        checked = []
+
+        def flags(engine, tasks, k=known_at_start):       # the base knows tasks 0..k-1 and task 100
+            start = len(checked)
+            checked.extend(tasks)
+            return [start + i < k or start + i == 100 for i in range(len(tasks))]
+
+        monkeypatch.setattr(ev, "knows", flags)
+        known = ev.base_known(None, pool)
+        assert known == list(range(known_at_start)) + ([100] if checked_to == 200 else [])
+        assert checked == pool[:checked_to]
+
+
 def test_bad_eval_data_names_file_and_line(tmp_path, capsys):
     from inference.errors import run_cli
 
