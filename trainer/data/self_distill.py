@@ -17,8 +17,8 @@ Chinese answer. A base that speaks no Chinese (its model dir says so: `base_lang
 SmolLM2 does) is asked each Chinese prompt's English twin instead, and its English answer is paired
 with the Chinese prompt: its own Chinese is word salad, and trained on that the tuned model leaked
 its name into Chinese answers (leakage 0.04-0.05 in every run; asked in English 0.00, 0.03 and 0.04 in
-three, docs/BENCHMARKS.md "Session 9: Chinese answers for Chinese prompts" and "Session 10"). They are cached per model weights,
-prompts and settings under the user cache, so a second `data` run on the same base is instant.
+three, docs/BENCHMARKS.md "Session 9: Chinese answers for Chinese prompts" and "Session 10"). They
+are cached per model weights, prompts and settings under the user cache, so a second `data` run on the same base is instant.
 
 The embedded base's answers also ship with the repo (trainer/data/self_answers/, ~8 minutes of the
 demo on 2 cores), used only when the model's weights are byte for byte the ones they were made from
@@ -56,7 +56,7 @@ def _weights_key(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-TWINS = ("auto", "on", "off")   # --twins: ask a Chinese prompt's English twin instead (auto: when the base speaks no Chinese)
+TWINS = ("auto", "on", "off")   # --twins: ask a Chinese prompt's English twin (auto: when the base speaks no Chinese)
 
 
 def use_twins(model_dir: Path, twins: str = "auto") -> bool:
@@ -172,9 +172,10 @@ def self_conversations(model_dir, prompt_list: list[dict], system_prompt: str | 
     {"messages": [user, assistant]}; under TWINS a Chinese prompt gets the answer to its English twin."""
     model_dir = Path(model_dir)
     questions = [p["prompt"] for p in prompt_list]
-    prompts = list(dict.fromkeys(asked(p, twins) for p in prompt_list))     # what the base is asked, once each
+    asks = [asked(p, twins) for p in prompt_list]
+    prompts = list(dict.fromkeys(asks))                  # what the base is asked, once each
     if twins:
-        echo(f"{sum(asked(p, True) != p['prompt'] for p in prompt_list)} Chinese prompts asked in English (the "
+        echo(f"{sum(a != q for a, q in zip(asks, questions))} Chinese prompts asked in English (the "
              f"base speaks no Chinese: its English answer is what the tuned model learns to say)")
     cache = cache_file(model_dir, prompts, system_prompt, max_new_tokens)
     with locked(cache.with_suffix(".lock")):
@@ -192,7 +193,7 @@ def self_conversations(model_dir, prompt_list: list[dict], system_prompt: str | 
             answers = [bundled.get(p) or fresh[p] for p in prompts]
             write_text(cache, json.dumps(answers, ensure_ascii=False))
     by_prompt = dict(zip(prompts, answers))
-    answers = [by_prompt[asked(p, twins)] for p in prompt_list]
+    answers = [by_prompt[a] for a in asks]
     texts = [usable_answer(a) for a in answers]
     convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
              for q, a in zip(questions, texts) if a]

@@ -292,7 +292,7 @@ def base_reference(engine: ChatEngine, es: EvalSet, max_new_tokens: int = MAX_NE
     p_ids, p_texts = [a["ids"] for a in bundled], [a["text"] for a in bundled]
     twinned = [i for i, p in enumerate(es.prompts) if asked(p, twins) != p["prompt"]]
     if twinned:
-        twin_answers = greedy_batch(engine, [_user(asked(es.prompts[i], True)) for i in twinned], max_new_tokens)
+        twin_answers = greedy_batch(engine, [_user(asked(es.prompts[i], twins)) for i in twinned], max_new_tokens)
         for i, a in zip(twinned, twin_answers):
             p_ids[i] = a["ids"]
     scores = score_answers(id_answers, texts, es, p_texts)
@@ -383,14 +383,14 @@ def evaluate_dirs(dirs: list[Path], base: Path | None, es: EvalSet, device: str 
 
     Adapters share one loaded base: each is loaded beside it and switched on in turn, and the base's
     answers come from the same weights with the adapter switched off."""
+    twins = base is not None and use_twins(base)         # a base that speaks no Chinese: see base_reference
     if all(is_adapter(d) for d in dirs):
         if base is None:
             raise UserError(f"{dirs[0]}: cannot tell which base this adapter belongs to -- pass --base BASE_DIR")
         loaded = load(base, adapter=dirs[0], device=device)
         model, tok = loaded.model, loaded.tokenizer
         with model.disable_adapter():
-            ref = base_reference(ChatEngine(model, tok, read_system_prompt(base)), es, max_new_tokens,
-                                 twins=use_twins(base))
+            ref = base_reference(ChatEngine(model, tok, read_system_prompt(base)), es, max_new_tokens, twins)
         echo(f"base {base}: identity {ref.scores.identity:.2f}, accuracy {ref.scores.accuracy:.2f}")
         results, seen = [], {}
         for i, d in enumerate(dirs):
@@ -411,8 +411,7 @@ def evaluate_dirs(dirs: list[Path], base: Path | None, es: EvalSet, device: str 
         return ref.scores, results
     ref = None
     if base is not None:
-        ref = base_reference(load(base, device=device).engine(fast_decode=False), es, max_new_tokens,
-                             twins=use_twins(base))
+        ref = base_reference(load(base, device=device).engine(fast_decode=False), es, max_new_tokens, twins)
     results = []
     for d in dirs:
         results.append(score(load(d, device=device).engine(fast_decode=False), es, ref, max_new_tokens))
@@ -420,11 +419,12 @@ def evaluate_dirs(dirs: list[Path], base: Path | None, es: EvalSet, device: str 
     return (ref.scores if ref else None), results
 
 
+def _by_lang(scores: dict) -> str:
+    """" (en 0.92 zh 1.00)" for {"en": 0.92, "zh": 1.0}; "" for {}."""
+    return f" ({' '.join(f'{lg} {v:.2f}' for lg, v in scores.items())})" if scores else ""
+
+
 def _brief(s: Scores) -> str:
     ret = "n/a" if s.retention is None else f"{s.retention:.2f}"
-    langs = "".join(f" {lg} {v:.2f}" for lg, v in s.identity_by_lang.items())
-    leak = "".join(f" {lg} {v:.2f}" for lg, v in s.leakage_by_lang.items())
-    kept_by = "".join(f" {lg} {v:.2f}" for lg, v in s.retention_by_lang.items())
-    return (f"identity {s.identity:.2f}{' (' + langs.strip() + ')' if langs else ''}, leakage {s.leakage:.2f}"
-            f"{' (' + leak.strip() + ')' if leak else ''}, retention {ret}{' (' + kept_by.strip() + ')' if kept_by else ''}"
-            f", accuracy {s.accuracy:.2f}")
+    return (f"identity {s.identity:.2f}{_by_lang(s.identity_by_lang)}, leakage {s.leakage:.2f}"
+            f"{_by_lang(s.leakage_by_lang)}, retention {ret}{_by_lang(s.retention_by_lang)}, accuracy {s.accuracy:.2f}")
