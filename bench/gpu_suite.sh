@@ -34,6 +34,9 @@
 #   train9:  (session 9) train8 plus bf16 LoRA with half the layers recomputed, and with LoRA dropout 0
 #   course9b: (session 9) one9's course rows after the adapters' input casts went under autocast
 #   one9:    (session 9) the one call: plain QLoRA, bits auto, the course's job shipped vs bits auto merged in-process
+#   train11: (session 11) the 24 GiB budget spent on fewer recomputed layers instead of a big micro-batch: bits auto
+#            and bits 4 at 2 x 8 with no recomputation, bits auto at 4 x 4 with a quarter recomputed, against plain
+#            QLoRA and bits auto as shipped (16 x 1, all recomputed), once each
 #   train10: (session 10) the course's job as shipped vs bits auto merged in-process, plain QLoRA vs bits auto, after
 #            the adapters' input casts went under autocast (session 9's fix), once each
 #   decode10: (session 10) compiled batch-1 decode cold and warm, the streaming paths against generate, the slot
@@ -192,6 +195,18 @@ train10)  # session 10 (issue 19): session 9's fix (no fp32 copies of the adapte
   step plain_qlora 80 $TS run --impl plain_qlora --root $R --name plain_qlora --batch 8 --accum 2 --ckpt --attn causal $S
   step ours_auto 150 $TS run --impl ours --root $R --name ours_auto $OURS --extra-set bits=auto $S
   DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours ours_auto --budget 24
+  cat $L/report.log
+  ;;
+train11)  # session 11 (issue 19): micro-batch against recomputation inside 24 GiB, plain QLoRA the baseline
+  export CUDA_VISIBLE_DEVICES=0
+  S="--steps ${STEPS:-12} --warmup ${WARMUP:-3} --repeats 1"
+  F="--fused-loss --compile --attn flex_attention --extra-set fp32_upcast=false"
+  step plain_qlora 80 $TS run --impl plain_qlora --root $R --name plain_qlora --batch 8 --accum 2 --ckpt --attn causal $S
+  step auto_2x8 120 $TS run --impl ours --root $R --name auto_2x8 --batch 2 --accum 8 $F --extra-set bits=auto $S
+  step q4_2x8 120 $TS run --impl ours --root $R --name q4_2x8 --batch 2 --accum 8 $F $S
+  step auto_4x4_ck25 110 $TS run --impl ours --root $R --name auto_4x4_ck25 --batch 4 --accum 4 --ckpt --ckpt-fraction 0.25 $F --extra-set bits=auto $S
+  step auto_16 110 $TS run --impl ours --root $R --name auto_16 --batch 16 --ckpt $F --extra-set bits=auto $S
+  DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours auto_2x8 --budget 24
   cat $L/report.log
   ;;
 decode10)  # session 10 (issue 19): compiled batch-1 decode cold then warm (the 600 tokens/s and < 10 s cold goals),
