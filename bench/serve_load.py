@@ -253,7 +253,13 @@ def summarise(kind: str, n: int, reps: list[dict]) -> dict:
 def versions() -> dict:
     import importlib.metadata as md
 
-    return {n: md.version(n) for n in ("torch", "transformers", "fastapi", "uvicorn", "openai")}
+    def version(name: str) -> str | None:     # None where it is not installed (the GPU machine has no fastapi)
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {n: version(n) for n in ("torch", "transformers", "fastapi", "uvicorn", "openai")}
 
 
 def table(results: list[dict]) -> str:
