@@ -1,7 +1,10 @@
 """The bundled general prompts (trainer/data/general_prompts.json): zh and en facts, writing, advice,
 code, reasoning and explanations. `train` ones are answered by the base itself for `--mix self`
 (trainer/data/self_distill.py); `heldout` ones are never trained on and measure leakage and retention
-(trainer/evaluation/evaluate.py), ten or so with the fact a right answer contains (`expect`).
+(trainer/evaluation/evaluate.py), about twenty with the fact a right answer contains (`expect`). Among
+the train prompts, 40 ask for first-person writing (self-introductions, letters, notes): the base writes
+"My name is [Your Name]" there, and without them the tuned model wrote its own name into such texts
+(docs/BENCHMARKS.md, "Session 11: first-person writing in the self-answers").
 """
 from __future__ import annotations
 
