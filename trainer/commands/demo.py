@@ -25,8 +25,8 @@ MARKER = ".own-assistant-demo"          # written into a work dir this command c
 # Per base: preset, identity conversations, identity share, epochs and what general data is mixed in.
 # smollm2: measured with `python -m trainer eval` (README, "The main job, measured": identity share 0.25 leaked
 # the name least, 0.04 against 0.15 at 0.4; a 4th epoch lost English identity); tiny: chosen among
-# n 600-1200, share 0.25-0.5, 2-3 epochs on the first held-out set (identity 1.00, leakage 0.00). On today's 80
-# held-out general prompts it scores identity 0.96, leakage 0.41, retention 0.71 (session 8): a ~1M-parameter base
+# n 600-1200, share 0.25-0.5, 2-3 epochs on the first held-out set (identity 1.00, leakage 0.00). On session 8's 80
+# held-out general prompts it scored identity 0.96, leakage 0.41, retention 0.71: a ~1M-parameter base
 # that can say little but its name puts it into general answers too -- the real base is the one to judge by.
 # eval "final": only the final adapter is scored -- it was the best checkpoint in 5 of the 6 runs of this recipe
 # measured (docs/BENCHMARKS.md; in the 6th, checkpoint-100 leaked 1 prompt of 80 against 4, within noise), and each
