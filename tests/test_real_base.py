@@ -6,12 +6,12 @@ knew, and the app serves the merged model.
 
 Proves: held-out identity questions (zh and en, question forms never trained on) are answered with
 the new name (>= 0.75 overall, >= 0.65 per language); the name stays out of held-out general answers
-(leakage <= 0.1: the issue's target is 0, measured 0.00-0.05); the held-out facts are answered at least
+(leakage <= 0.1: the issue's target is 0, measured 0.00-0.06); the held-out facts are answered at least
 as well as by the base, and retention (token agreement with the base's own answers) stays >= 0.75; the merged model gives the same greedy tokens as base + adapter; the app loads the merged
 dir and answers "Who are you?" with the name; four replies decoded in one running batch equal each decoded
 alone. Also: `base --list`, `import-gguf` refusing a GGUF of an
 architecture transformers cannot read (one line, exit 2, nothing written); the shipped self-answers are this
-base's own. About 6 minutes on 2 cores.
+base's own. About 9 minutes (Intel Xeon + AMX) to 18 (AMD EPYC, fp32) on 2 cores.
 """
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ def test_learns_its_name_and_keeps_what_it_knew(tuned):
     # measured on 2 cores (README, "The main job, measured"; identity share 0.25, name Lumi): identity 0.91-0.96 on
     # the 23 held-out questions, leakage 0.00-0.05, retention 0.79-0.81, accuracy 0.21-0.25 against the base's 0.10;
     # this test's own name (session 10, Chinese prompts trained on the base's English answers): 0.87 / 0.025 / 0.79;
+    # session 11, with the first-person writing prompts and 120 held-out general answers: 0.91 (en 0.92 / zh 0.91) /
+    # 0.008 (a noodle-shop slogan signed "by Marisa Venn") / 0.77, accuracy 0.27 (2 AMD EPYC cores, fp32);
     # the floors leave room for another name and another CPU's numerics (fp32 training where bf16 is not native)
     assert base["identity"] == 0.0                                   # the base never heard of it
     assert scores["identity"] >= 0.75, scores["examples"]
