@@ -35,22 +35,14 @@ def cuda_ok() -> bool:
 
 def cpu_has_fast_bf16() -> bool:
     """The CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 matmuls ran 2.7x fp32's speed
-    (409 vs 151 GFLOP/s on 2 EPYC cores). Without it bf16 is emulated and slower than fp32."""
+    (409 vs 151 GFLOP/s on 2 EPYC cores). Without it bf16 is emulated and slower than fp32. LoRA training of
+    the real base in bf16 ran 1.55x fp32 with AMX (385-417 against 250-258 tokens/s, 2 Xeon cores) and 1.4x with
+    AVX512-BF16 alone (285-304 against 205-213, 2 EPYC cores, session 11); batch-1 decoding is slower in bf16."""
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def cpu_has_amx() -> bool:
-    """The CPU has AMX tiles for bf16 (Intel Sapphire Rapids and later). There LoRA training of the real
-    base in bf16 ran at 385-417 tokens/s against 250-258 in fp32 (2 cores, docs/BENCHMARKS.md); with
-    AVX512-BF16 alone (2 EPYC cores) bf16 bought only 1.08x, and batch-1 decoding is slower in bf16 on both."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
 
 
 def pick(device: str = "auto", dtype: str = "auto") -> Placement:

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from inference.device import cpu_has_amx, pick
+from inference.device import cpu_has_fast_bf16, pick
 from inference.loader import check_model_dir, param_count, quantization_config, write_assistant_file
 from trainer.engine import checkpoints
 from trainer.engine import distributed
@@ -183,8 +183,9 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print, model_
         echo(f"bits auto: {why}")
     if cfg.bits and placement.device == "cpu" and cfg.dtype == "auto":
         placement = pick("cpu", "fp32")
-    elif placement.device == "cpu" and cfg.dtype == "auto" and cfg.method == "lora" and cpu_has_amx():
-        # bf16 frozen weights under fp32 LoRA weights (PEFT keeps adapters in fp32): 1.55x on AMX CPUs
+    elif placement.device == "cpu" and cfg.dtype == "auto" and cfg.method == "lora" and cpu_has_fast_bf16():
+        # bf16 frozen weights under fp32 LoRA weights (PEFT keeps adapters in fp32): 1.55x on AMX CPUs, 1.4x with
+        # AVX512-BF16 alone (2 EPYC cores, session 11; docs/BENCHMARKS.md "CPU training of the real base")
         placement = pick("cpu", "bf16")
     checkpoint = prepare_work_dir(work_dir, model_dir, cfg, resume, echo, overwrite)   # fail fast, before loading
     set_seed(cfg.seed)
