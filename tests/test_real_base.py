@@ -11,7 +11,7 @@ as well as by the base, and retention (token agreement with the base's own answe
 dir and answers "Who are you?" with the name; four replies decoded in one running batch equal each decoded
 alone. Also: `base --list`, `import-gguf` refusing a GGUF of an
 architecture transformers cannot read (one line, exit 2, nothing written); the shipped self-answers are this
-base's own. About 9 minutes (Intel Xeon + AMX) to 18 (AMD EPYC, fp32) on 2 cores.
+base's own. About 9 (Intel Xeon + AMX) to 18 (AMD EPYC, fp32) minutes on 2 cores.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ class TrainConfig:
     lora_alpha: int = 32                 # adapter scale is lora_alpha / lora_r
     lora_dropout: float = 0.05           # dropout on the adapter's input (0 for tiny data sets)
     lora_target: str = "all-linear"      # PEFT target_modules: "all-linear" or comma-separated names
-    dtype: str = "auto"                  # auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA; CPU: fp32, LoRA bf16 with AMX)
+    dtype: str = "auto"                  # auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA; CPU: fp32, LoRA bf16 with native bf16)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
     checkpoint_fraction: float = 1.0     # with gradient_checkpointing: recompute only this share of layers
     compile: bool = False                # torch.compile the decoder blocks (trainer/engine/speed.py; pays on CUDA)
