@@ -18,7 +18,8 @@ SmolLM2 does) is asked each Chinese prompt's English twin instead, and its Engli
 with the Chinese prompt: its own Chinese is word salad, and trained on that the tuned model leaked
 its name into Chinese answers (leakage 0.04-0.05 in every run; asked in English 0.00, 0.03 and 0.04 in
 three, docs/BENCHMARKS.md "Session 9: Chinese answers for Chinese prompts" and "Session 10"). They
-are cached per model weights, prompts and settings under the user cache, so a second `data` run on the same base is instant.
+are cached per model weights, prompts and settings under the user cache, so a second `data` run on the
+same base is instant.
 
 The embedded base's answers also ship with the repo (trainer/data/self_answers/, ~8 minutes of the
 demo on 2 cores), used only when the model's weights are byte for byte the ones they were made from

@@ -290,10 +290,10 @@ def base_reference(engine: ChatEngine, es: EvalSet, max_new_tokens: int = MAX_NE
     id_answers = chat_answers(engine, [q["messages"] for q in es.identity], max_new_tokens)
     bundled = greedy_batch(engine, [_user(p["prompt"]) for p in es.prompts], max_new_tokens)
     p_ids, p_texts = [a["ids"] for a in bundled], [a["text"] for a in bundled]
-    twinned = [i for i, p in enumerate(es.prompts) if asked(p, twins) != p["prompt"]]
+    twinned = [(i, ask) for i, p in enumerate(es.prompts) if (ask := asked(p, twins)) != p["prompt"]]
     if twinned:
-        twin_answers = greedy_batch(engine, [_user(asked(es.prompts[i], twins)) for i in twinned], max_new_tokens)
-        for i, a in zip(twinned, twin_answers):
+        twin_answers = greedy_batch(engine, [_user(ask) for _, ask in twinned], max_new_tokens)
+        for (i, _), a in zip(twinned, twin_answers):
             p_ids[i] = a["ids"]
     scores = score_answers(id_answers, texts, es, p_texts)
     logprob = answer_logprobs(engine, prompts, ids)
