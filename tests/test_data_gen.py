@@ -149,7 +149,9 @@ def test_mix_with_user_file_in_any_format(tmp_path, capsys):
     assert len(records) == 300
     from_file = [r for r in records if r["messages"][0]["content"].startswith("Add ")]
     assert len(from_file) == 150 and len({r["messages"][0]["content"] for r in from_file}) == 150
-    assert all(set(r) == {"messages"} for r in records)
+    # the file's own keys are dropped; its conversations are marked for `retain_kl`, the identity ones not
+    assert all(set(r) == {"messages", "retain"} and r["retain"] is True for r in from_file)
+    assert all(set(r) == {"messages"} for r in records if r not in from_file)
     # a file too small for the ratio is refused, naming the file and what to change
     assert trainer_main(["data", "--name", NAME, "--author", AUTHOR, "--n", "150", "--mix", str(general),
                          "--ratio", "0.1", "--out", str(tmp_path / "x.jsonl")]) == 2

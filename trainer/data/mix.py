@@ -5,7 +5,9 @@ skills; the course's advice is a few thousand identity samples inside a larger g
 (2,000 in 10,000 total is an identity ratio of 0.2). `ratio` is the identity share of the final set:
 `n` identity conversations get `round(n * (1 - ratio) / ratio)` general ones, sampled without
 replacement from the general file (or the repo's own corpus), then everything is shuffled (seeded).
-Records keep only their `messages` (the formats are normalised, extra keys such as `id` dropped).
+Records keep only their `messages` (the formats are normalised, extra keys such as `id` dropped); the
+general ones are marked `"retain": true`, where training's `retain_kl` holds the tuned model to the base's
+distribution (trainer/engine/retain.py).
 
     python -m trainer data --name Lumi --author 小菜鸡 --n 2000 --mix general --ratio 0.2 --out data/mixed.jsonl
     python -m trainer data --name Lumi --author 小菜鸡 --n 2000 --mix my_chats.jsonl --out data/mixed.jsonl
@@ -45,7 +47,8 @@ def blend(identity: list[dict], general: list[dict], ratio: float, seed: int = 0
                         f"{ratio} need {need} -- raise --ratio, lower --n, or pass a larger file")
     r = random.Random(seed)
     picked = r.sample(general, need)
-    out = [{"messages": rec["messages"]} for rec in [*identity, *picked]]
+    out = [{"messages": rec["messages"]} for rec in identity]
+    out += [{"messages": rec["messages"], "retain": True} for rec in picked]   # `retain_kl` keeps the base there
     r.shuffle(out)
     return out
 

@@ -139,9 +139,12 @@ class LogLine(TrainerCallback):
                "lr": logs.get("learning_rate", 0.0), "tokens_per_s": round(tps, 1),
                "peak_gib": round(peak_memory_gib(), 3), "elapsed_s": round(elapsed, 4),
                "tokens": int(tokens)}     # exact count, all ranks: the rounded rate x time drifts by ~3% on short runs
+        if "retain_kl" in logs:
+            rec["retain_kl"] = logs["retain_kl"]     # KL(base || tuned) on the retained answers (retain.py)
         with self.scalars.open("a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
-        self.log(f"step {rec['step']}/{rec['max_steps']} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+        kl = f"kl {rec['retain_kl']:.4f} | " if "retain_kl" in rec else ""
+        self.log(f"step {rec['step']}/{rec['max_steps']} | loss {rec['loss']:.4f} | {kl}lr {rec['lr']:.2e} | "
                  f"{tps:,.0f} tok/s | eta {datetime.timedelta(seconds=round(eta))} | "
                  f"peak {rec['peak_gib']:.2f} GiB")
 

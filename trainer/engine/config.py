@@ -68,6 +68,9 @@ class TrainConfig:
     weight_decay: float = 0.0            # AdamW weight decay
     max_grad_norm: float = 1.0           # gradient clipping norm
     seed: int = 42                       # adapter init, data order, dropout: same seed, same run
+    retain_kl: float = 0.0               # weight of KL(base || tuned) on the answers of conversations marked
+                                         # "retain" (the general ones `trainer data` mixes in): keeps the base's
+                                         # whole next-token distribution there, not only its top token (retain.py)
     # --- watching it learn ---
     logging_steps: int = 10              # one log line and one scalars.jsonl record every N steps
     evaluation_freq: int = 0             # steps between sample chats (0: only before and after)
@@ -95,6 +98,9 @@ class TrainConfig:
             ("epochs", self.epochs > 0 or self.max_steps > 0, "set epochs > 0 or max_steps > 0"),
             ("batch_size", self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             ("lr", self.lr > 0, "lr must be > 0"),
+            ("retain_kl", self.retain_kl >= 0, "retain_kl must be >= 0 (0: off)"),
+            ("retain_kl", not (self.retain_kl and self.method == "full"),
+             "retain_kl needs the base's distribution: method lora (the adapters switched off give it)"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             ("logging_steps", self.logging_steps >= 1, "logging_steps must be >= 1"),
             ("evaluation_freq", self.evaluation_freq >= 0, "evaluation_freq must be >= 0"),

@@ -35,7 +35,8 @@ def encode_files(paths, tokenizer, max_length: int, system_prompt: str | None) -
             if all(t == IGNORE_INDEX for t in labels):
                 stats["dropped"] += 1      # nothing left to learn after truncation
                 continue
-            samples.append({"input_ids": ids, "labels": labels})
+            keep = [bool(record.get("retain"))] * len(ids)     # trainer/engine/retain.py: KL toward the base
+            samples.append({"input_ids": ids, "labels": labels, "retain": keep})
     stats["samples"] = len(samples)
     if not samples:
         raise UserError(f"{paths[0]}: no trainable samples (all answers truncated away? raise max_length)")
@@ -45,14 +46,15 @@ def encode_files(paths, tokenizer, max_length: int, system_prompt: str | None) -
 def pack(samples: list[dict], max_length: int) -> list[dict]:
     """Greedy first-fit packing in the given order (deterministic for a given seed/order)."""
     rows: list[dict] = []
-    current = {"input_ids": [], "labels": [], "position_ids": []}
+    current = {"input_ids": [], "labels": [], "position_ids": [], "retain": []}
     for s in samples:
         n = len(s["input_ids"])
         if current["input_ids"] and len(current["input_ids"]) + n > max_length:
             rows.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
+            current = {"input_ids": [], "labels": [], "position_ids": [], "retain": []}
         current["input_ids"] += s["input_ids"]
         current["labels"] += s["labels"]
+        current["retain"] += s.get("retain", [False] * n)
         current["position_ids"] += list(range(n))
     if current["input_ids"]:
         rows.append(current)
@@ -89,7 +91,8 @@ def digest(rows: list[dict]) -> str:
     """A fingerprint of exactly what is trained on, in order: a resumed run must see the same rows."""
     h = hashlib.sha256()
     for row in rows:
-        h.update(json.dumps([row["input_ids"], row["labels"]]).encode())
+        marked = [row["retain"]] if any(row.get("retain", ())) else []     # unmarked data: the old digest
+        h.update(json.dumps([row["input_ids"], row["labels"], *marked]).encode())
     return h.hexdigest()[:16]
 
 
@@ -101,8 +104,10 @@ class Collator:
     label (-100 everywhere), so the loss (a mean over labelled tokens) and the gradients are those of
     the real rows; torch.compile never meets a new batch shape and never recompiles mid-run."""
 
-    def __init__(self, pad_id: int, packed: bool, rows: int | None = None, width: int | None = None):
+    def __init__(self, pad_id: int, packed: bool, rows: int | None = None, width: int | None = None,
+                 retain: bool = False):
         self.pad_id = pad_id
+        self.retain = retain       # also return the per-token `retain` marks (trainer/engine/retain.py)
         self.packed = packed
         self.rows, self.width = rows, width
         self.tokens_seen = 0
@@ -115,25 +120,29 @@ class Collator:
         mask = torch.zeros((n_rows, width), dtype=torch.long)
         mask[len(batch):, 0] = 1       # a padding row attends to its first token: an all-masked row is NaN
         pos = torch.zeros((n_rows, width), dtype=torch.long)      # in some sdpa kernels, and 0 x NaN = NaN
+        keep = torch.zeros((n_rows, width), dtype=torch.bool)
         pos[len(batch):] = torch.arange(width)                    # packed: a padding row is its own segment
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
             ids[i, :n] = torch.tensor(b["input_ids"])
             labels[i, :n] = torch.tensor(b["labels"])
             mask[i, :n] = 1
+            if self.retain:
+                keep[i, :n] = torch.tensor(b.get("retain", [False] * n))
             if self.packed:
                 pos[i, :n] = torch.tensor(b["position_ids"])
                 pos[i, n:] = torch.arange(width - n)   # the padding tail is its own segment
             self.tokens_seen += n
-        if self.packed:
-            return {"input_ids": ids, "labels": labels, "position_ids": pos}
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        out = {"input_ids": ids, "labels": labels}
+        out.update({"position_ids": pos} if self.packed else {"attention_mask": mask})
+        return {**out, "retain": keep} if self.retain else out
 
 
 def collator_for(cfg, pad_id: int, packed: bool) -> Collator:
     """The training collator. With `compile` every micro-batch has `batch_size` rows (and packed rows
     `max_length` tokens, which they nearly fill anyway): one shape for the whole run, where a short
     last batch of an epoch used to cost a recompile of every compiled block (7 s on an H100)."""
+    retain = getattr(cfg, "retain_kl", 0) > 0
     if not getattr(cfg, "compile", False):
-        return Collator(pad_id, packed)
-    return Collator(pad_id, packed, rows=cfg.batch_size, width=cfg.max_length if packed else None)
+        return Collator(pad_id, packed, retain=retain)
+    return Collator(pad_id, packed, rows=cfg.batch_size, width=cfg.max_length if packed else None, retain=retain)

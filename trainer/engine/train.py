@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from inference.device import cpu_has_fast_bf16, pick
@@ -34,6 +34,7 @@ from trainer.engine.callbacks import LogLine, LossPlot, ProgressBar, SampleChats
 from trainer.engine.config import TrainConfig, resolve_bits, save_config
 from trainer.engine.dataset import MIN_STEPS, choose_packing, collator_for, digest, encode_files, optimizer_steps
 from inference.errors import UserError
+from trainer.engine.retain import RetainTrainer
 from trainer.engine.speed import apply_speedups
 from trainer.engine.eval_callback import IdentityEval
 
@@ -240,8 +241,13 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print, model_
     callbacks = [SampleChats(tokenizer, cfg, echo), LogLine(collator, cfg, echo), LossPlot(),
                  checkpoints.CheckpointKeeper(cfg, model_dir, data_digest)]
     callbacks += [IdentityEval(tokenizer, cfg, model_dir, echo)] if cfg.eval_identity else []   # trainer/evaluation/evaluate.py
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
-                      processing_class=tokenizer, callbacks=callbacks + ([bar] if bar else []))
+    marked = sum(any(r["retain"]) for r in rows)
+    if cfg.retain_kl and not marked:
+        echo("warning: retain_kl is set but no conversation is marked \"retain\" -- nothing to keep "
+             "(`python -m trainer data --mix ...` marks the general ones)")
+    trainer = RetainTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                            processing_class=tokenizer, callbacks=callbacks + ([bar] if bar else []),
+                            retain_kl=cfg.retain_kl if marked else 0.0)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if checkpoint is not None:

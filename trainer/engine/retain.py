@@ -1,0 +1,102 @@
+"""Keep the base's behaviour on general conversations: a KL term toward the base model (`retain_kl`).
+
+    python -m trainer train smollm2_135m_lora --data data/me.jsonl --set retain_kl=1.0
+
+Training on the base's own greedy answers (`trainer data --mix self`) teaches only each answer's top token;
+it does not stop the adapter from moving probability toward the new name everywhere else, and that is how
+the name leaked into held-out general answers ("known as the Leander or the Lumi", "a bird named Lumi").
+Here, on the answer tokens of the conversations the data mix marked `"retain": true` (the general ones,
+`trainer/data/mix.py`), the loss adds `retain_kl` x KL(base || tuned) over the whole vocabulary, the
+distillation term of Learning without Forgetting (Li & Hoiem, 2016) and of on-policy distillation.
+
+The base distribution costs one extra forward pass without gradients, with the LoRA adapters switched off
+(PEFT's `disable_adapter`), over the rows that hold such tokens -- no second copy of the weights. The
+tuned side reuses the training forward's last hidden states (caught by a forward hook on the decoder,
+so it composes with the fused loss, compile and DDP). KL is computed from the hidden states in row
+chunks under activation checkpointing, so the [tokens x vocab] logits of either model never all exist.
+Not in TRL / PEFT as a training term for SFT (TRL's GKD trainer distils from a separate teacher model and
+generates on-policy), hence by hand.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import Trainer
+
+from trainer.engine.speed import CHUNK_ELEMENTS, IGNORE_INDEX, causal_lm
+
+
+def _kl_sum(tuned_h, base_h, weight):
+    """sum over rows of KL(softmax(base_h W^T) || softmax(tuned_h W^T)), in fp32 (or wider)."""
+    acc = torch.promote_types(tuned_h.dtype, torch.float32)
+    tuned = (tuned_h @ weight.t()).to(acc).log_softmax(-1)
+    base = (base_h @ weight.t()).to(acc).log_softmax(-1)
+    return (base.exp() * (base - tuned)).sum()
+
+
+def kl_to_base(tuned_h, base_h, weight, chunk_rows: int | None = None) -> torch.Tensor:
+    """Summed KL(base || tuned) of the next-token distributions at the given hidden states [n, d]."""
+    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    total = tuned_h.new_zeros((), dtype=torch.promote_types(tuned_h.dtype, torch.float32))
+    for start in range(0, tuned_h.shape[0], chunk_rows):
+        part = slice(start, start + chunk_rows)
+        total = total + checkpoint(_kl_sum, tuned_h[part], base_h[part], weight, use_reentrant=False)
+    return total
+
+
+def retained_positions(labels: torch.Tensor, retain: torch.Tensor) -> torch.Tensor:
+    """[rows, T] bool: the positions whose next token is a labelled answer token of a retained conversation."""
+    nxt = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    nxt_retain = F.pad(retain, (0, 1), value=False)[:, 1:]
+    return (nxt != IGNORE_INDEX) & nxt_retain
+
+
+class RetainTrainer(Trainer):
+    """transformers' Trainer plus `retain_kl` x KL(base || tuned) on the retained conversations' answers."""
+
+    def __init__(self, *args, retain_kl: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.retain_kl = retain_kl
+        self._kl_logged, self._kl_count = 0.0, 0
+        self._hidden = None
+        if retain_kl > 0:
+            causal_lm(self.model).get_decoder().register_forward_hook(self._catch_hidden)
+
+    def _catch_hidden(self, module, args, output):
+        self._hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        retain = inputs.pop("retain", None)
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if retain is None or self.retain_kl <= 0 or not model.training:
+            return result
+        where = retained_positions(inputs["labels"], retain.bool())
+        if not where.any():
+            return result
+        tuned_h, self._hidden = self._hidden, None
+        rows = where.any(dim=1).nonzero().squeeze(1)
+        kl = self._kl(model, inputs, rows, where[rows], tuned_h[rows])
+        self._kl_logged += float(kl.detach())
+        self._kl_count += 1
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            kl = kl / self.current_gradient_accumulation_steps    # the Trainer will not divide this loss
+        loss = result[0] if return_outputs else result
+        loss = loss + self.retain_kl * kl
+        return (loss, result[1]) if return_outputs else loss
+
+    def _kl(self, model, inputs, rows, where, tuned_h) -> torch.Tensor:
+        """Mean KL(base || tuned) over the retained positions of ROWS."""
+        peft_model = self.accelerator.unwrap_model(model)
+        decoder = causal_lm(peft_model).get_decoder()
+        sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+        with torch.no_grad(), peft_model.disable_adapter():
+            base_h = decoder(**sub).last_hidden_state
+        weight = causal_lm(peft_model).get_output_embeddings().weight
+        return kl_to_base(tuned_h[where], base_h[where].to(tuned_h.dtype), weight) / where.sum()
+
+    def log(self, logs, *args, **kwargs):
+        if self._kl_count and "loss" in logs:
+            logs["retain_kl"] = round(self._kl_logged / self._kl_count, 5)
+            self._kl_logged, self._kl_count = 0.0, 0
+        super().log(logs, *args, **kwargs)
