@@ -269,6 +269,40 @@ def test_int8_cpu_decode_gives_a_sane_reply(loaded):
     assert batched.chat(_ask("Who are you?"), max_new_tokens=24).strip()
 
 
+def test_int4_cpu_decode_gives_a_sane_reply(loaded):
+    """cpu_decode="int4": the same, with 4-bit weights in groups of 32 (torch's CPU int4 kernel)."""
+    import torch
+
+    from inference.cpu_decode import Int4Linear
+
+    engine = loaded.engine(cpu_decode="int4")
+    assert isinstance(engine.model.lm_head, Int4Linear) and type(loaded.model.lm_head) is torch.nn.Linear
+    reply = engine.chat(_ask("Who are you?"), max_new_tokens=24)
+    assert reply.strip() and "\ufffd" not in reply
+    assert loaded.engine(cpu_decode="int4", max_batch=2).chat(_ask("Who are you?"), max_new_tokens=24).strip()
+
+
+def test_int4_weights_are_within_half_a_grid_step_and_multiply_as_dequantized():
+    """Int4Linear: each weight comes back within half its group's step (16 levels from the group's min to its
+    max; plus bf16 rounding, the kernel's activation and output type), and x W^T is x times those weights."""
+    import torch
+
+    from inference.cpu_decode import GROUP, Int4Linear
+
+    torch.manual_seed(0)
+    out_f, in_f = 64, 4 * GROUP
+    linear = torch.nn.Linear(in_f, out_f, bias=True)
+    weight = linear.weight.data = torch.randn(out_f, in_f) * 0.05
+    int4 = Int4Linear(linear)
+    recovered = int4(torch.eye(in_f)).t() - linear.bias.data[:, None].bfloat16().float()   # column j = W[:, j]
+    groups = weight.reshape(out_f, -1, GROUP)
+    half_step = ((groups.amax(-1) - groups.amin(-1)) / 30).repeat_interleave(GROUP, dim=1)
+    assert ((recovered - weight).abs() <= half_step + 2**-7 * (weight.abs() + linear.bias.data.abs()[:, None])).all()
+    assert ((recovered - weight).abs() > 0.25 * half_step).any()       # 4 bits, not a copy of the fp32 weights
+    x = torch.randn(3, in_f).bfloat16().float()
+    assert torch.allclose(int4(x), x @ recovered.t() + linear.bias.data, rtol=2e-2, atol=2e-2)
+
+
 def test_the_compiled_cpu_slot_step_equals_the_eager_one(loaded):
     """The slot step compiled by inductor's C++ backend on CPU decodes the eager step's tokens (fp32, greedy)."""
     from inference.slot_batcher import SlotBatcher
@@ -286,10 +320,10 @@ def test_the_compiled_cpu_slot_step_equals_the_eager_one(loaded):
 def test_a_bad_cpu_decode_choice_is_one_clear_line(loaded, monkeypatch):
     from inference.errors import UserError
 
-    with pytest.raises(ValueError, match=r"cpu_decode='int4': expected one of 'fp32', 'int8'"):
-        loaded.engine(cpu_decode="int4")
-    monkeypatch.setenv("CPU_DECODE", "int4")
-    with pytest.raises(UserError, match="CPU_DECODE='int4'"):
+    with pytest.raises(ValueError, match=r"cpu_decode='int3': expected one of 'fp32', 'int8', 'int4'"):
+        loaded.engine(cpu_decode="int3")
+    monkeypatch.setenv("CPU_DECODE", "int3")
+    with pytest.raises(UserError, match="CPU_DECODE='int3'"):
         loaded.engine()
     monkeypatch.setenv("CPU_DECODE", "int8")
     from inference.cpu_decode import Int8Linear

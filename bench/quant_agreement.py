@@ -1,11 +1,12 @@
-"""How far int8 CPU decoding (inference/cpu_decode.py) agrees with fp32: greedy replies, token by token.
+"""How far int8 / int4 CPU decoding (inference/cpu_decode.py) agrees with fp32: greedy replies, token by token.
 
-    python bench/int8_agreement.py --model smollm2 --prompts 8 --max-tokens 64 --out agreement.json
+    python bench/quant_agreement.py --model smollm2 --weights int8,int4 --prompts 8 --max-tokens 64 --out agreement.json
 
 For the first N bundled held-out prompts (trainer/data/prompts.py; half English, half Chinese) each
-engine (`cpu_decode` fp32 and int8, plain generate, greedy, no system prompt) replies; reported: replies
-identical to fp32's, the tokens both share before they part (a common prefix; after a first difference
-the replies are no longer comparable position by position), and each pair's first difference.
+engine (`cpu_decode` fp32 and each of --weights, plain generate, greedy, no system prompt) replies;
+reported per weight format: replies identical to fp32's, the tokens both share before they part (a
+common prefix; after a first difference the replies are no longer comparable position by position),
+and each pair's first difference.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2", help="a model dir or a base name (smollm2, tiny)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--weights", default="int8", help="comma-separated cpu_decode choices to compare with fp32")
     p.add_argument("--out")
     a = p.parse_args(argv)
     from inference import load
@@ -40,14 +42,17 @@ def main(argv=None) -> int:
     en, zh = [q for q in held if q["lang"] == "en"], [q for q in held if q["lang"] != "en"]
     prompts = en[:(a.prompts + 1) // 2] + zh[:a.prompts // 2]
     replies, texts = {}, {}
-    for choice in ("fp32", "int8"):
+    kinds = [w.strip() for w in a.weights.split(",") if w.strip()]
+    for choice in ["fp32", *kinds]:
         engine = loaded.engine(fast_decode=False, cpu_decode=choice)
         replies[choice] = [engine.greedy_ids([{"role": "user", "content": q["prompt"]}], a.max_tokens, system_prompt="")
                            for q in prompts]
         texts[choice] = [loaded.tokenizer.decode(r, skip_special_tokens=True) for r in replies[choice]]
-    res = {"model": a.model, "max_tokens": a.max_tokens, **agreement(replies["fp32"], replies["int8"]),
-           "pairs": [{"prompt": q["prompt"], "fp32": f, "int8": i} for q, f, i in zip(prompts, texts["fp32"], texts["int8"])]}
-    print(json.dumps({k: v for k, v in res.items() if k != "pairs"}))
+    res = {"model": a.model, "max_tokens": a.max_tokens,
+           **{k: agreement(replies["fp32"], replies[k]) for k in kinds},
+           "pairs": [{"prompt": q["prompt"], **{k: texts[k][i] for k in texts}} for i, q in enumerate(prompts)]}
+    for k in kinds:
+        print(json.dumps({"weights": k, **res[k]}))
     for pair in res["pairs"]:
         print(json.dumps(pair, ensure_ascii=False))
     if a.out:
