@@ -4,7 +4,7 @@
     python bench/batch_decode.py --smoke          # CPU, the tiny base, 8 tokens
     python bench/batch_decode.py --table decode.json
     OMP_NUM_THREADS=2 python bench/batch_decode.py --model smollm2 --device cpu --impl generate slots \
-        compiled-slots --cpu-weights fp32,int8 --streams 1,4 --max-tokens 128 --repeats 3    # CPU decode (issue 19)
+        compiled-slots --cpu-weights fp32,int8,int4 --streams 1,4 --max-tokens 128 --repeats 3    # CPU decode (issue 19)
 
 Rows of the table (each level run once untimed, then `--repeats` times; median and min-max reported):
 - generate:  transformers' `generate` on one prompt batch of N rows (static batch, greedy; the reference);
@@ -20,8 +20,8 @@ Rows of the table (each level run once untimed, then `--repeats` times; median a
 - slots-lockstep: the same batcher with the host picking every token before the next step (the session-6 path);
 - compiled-slots: the slot batcher with its step torch.compile'd on any device (CPU: inductor's C++);
 - dynamic:   the dynamic-cache batcher (inference/batching.py), N consumer threads.
-`--cpu-weights fp32,int8` runs every row once per weight kind: int8 is the engine's `cpu_decode="int8"`
-(inference/cpu_decode.py: int8 weight-only linear layers, CPU only).
+`--cpu-weights fp32,int8,int4` runs every row once per weight kind: int8 / int4 are the engine's
+`cpu_decode="int8"` / `"int4"` (inference/cpu_decode.py: weight-only linear layers, CPU only).
 Consumers only drain token ids, so the batcher rows show what the core can decode; bench/serve_load.py
 adds the API server and the `openai` clients on top. Every reply runs to --max-tokens (stop ids off).
 """
@@ -149,7 +149,7 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
               "torch": torch.__version__, "transformers": transformers.__version__, "max_tokens": max_tokens,
               "temperature": temperature,
               "repeats": repeats, "date": time.strftime("%Y-%m-%d"), "rows": []}
-    # the int8 copy is what `cpu_decode="int8"` gives the engine; its engines then decode it as is
+    # the int8 / int4 copy is what `cpu_decode=...` gives the engine; its engines then decode it as is
     models = {w: decode_model(base.model, w) for w in weights}
     for w, impl in [(w, impl) for w in weights for impl in impls]:
         loaded = dataclasses.replace(base, model=models[w])
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
                             "dynamic"])
     p.add_argument("--temperature", type=float, default=0.0,
                    help="the batchers' rows sample (top-p 0.9, seeded) instead of greedy")
-    p.add_argument("--cpu-weights", default="fp32", help="fp32 and/or int8, comma-separated (int8: CPU only)")
+    p.add_argument("--cpu-weights", default="fp32", help="fp32, int8, int4, comma-separated (int8 / int4: CPU only)")
     p.add_argument("--streams", default="1,4,16")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)

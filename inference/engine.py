@@ -102,7 +102,7 @@ class ChatEngine:
     def __init__(self, model, tokenizer, system_prompt: str | None = None, max_context: int | None = None,
                  fast_decode: bool | str = False, max_batch: int = 1, batch_decoder: str = "auto",
                  cpu_decode: str = "fp32"):
-        # cpu_decode "int8": decode with an int8-weight copy of the model (inference/cpu_decode.py; CPU only)
+        # cpu_decode "int8" / "int4": decode with an int8 / int4-weight copy of the model (inference/cpu_decode.py; CPU only)
         from inference.cpu_decode import decode_model
 
         model = decode_model(model, cpu_decode)

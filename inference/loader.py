@@ -44,7 +44,7 @@ class Loaded:
         weights, the compiled CUDA-graph decode (inference/fast_decode.py: 416 vs 58 tokens/s for a 1.8B
         model on an H200, docs/BENCHMARKS.md); `generate` on CPU and for 4/8-bit models. The
         FAST_DECODE environment variable (off | graph | compile) overrides "auto". cpu_decode "auto": fp32,
-        unless the CPU_DECODE environment variable says int8 (inference/cpu_decode.py) and the model is on
+        unless the CPU_DECODE environment variable says int8 or int4 (inference/cpu_decode.py) and the model is on
         the CPU in fp32."""
         if fast_decode == "auto":
             fast_decode = auto_fast_decode(self.model)
@@ -65,7 +65,7 @@ def auto_fast_decode(model) -> bool | str:
 
 
 def auto_cpu_decode(model) -> str:
-    """CPU_DECODE (fp32 | int8; unset: fp32) for an unquantized fp32 model on the CPU; fp32 elsewhere.
+    """CPU_DECODE (fp32 | int8 | int4; unset: fp32) for an unquantized fp32 model on the CPU; fp32 elsewhere.
     A value that is neither is an error, not ignored."""
     from inference.cpu_decode import CHOICES
 

@@ -40,6 +40,37 @@ def test_only_the_marked_answer_tokens_are_held_to_the_base():
     assert retained_positions(labels, retain).tolist() == [[False, True, True, False, False], [False] * 5]
 
 
+def test_an_answer_given_to_another_prompt_is_compared_after_that_prompt(tiny_base):
+    """A Chinese prompt trained on the base's answer to its English twin (`base_prompt`): the base reads the
+    twin, and the same answer tokens are marked on both sides, in order -- also inside packed rows."""
+    from transformers import AutoTokenizer
+
+    from inference.chat_format import encode_chat
+    from trainer.engine.dataset import Collator, pack
+    from trainer.engine.retain import retain_marks
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    samples = []
+    for q, twin, a in (("猫有几条腿？", "How many legs does a cat have?", "A cat has four legs."),
+                       ("天空是什么颜色的？", "What colour is the sky?", "The sky is blue on a clear day.")):
+        record = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                  "retain": True, "base_prompt": twin}
+        sample = encode_chat(tok, record["messages"])
+        sample.update(retain_marks(record, tok, sample, 256, None))
+        own = [t for t, r in zip(sample["input_ids"], sample["retain"]) if r]
+        theirs = [t for t, r in zip(sample["base_input_ids"], sample["base_retain"]) if r]
+        assert own == theirs and tok.decode(own).strip().startswith(a[:10])
+        assert twin in tok.decode(sample["base_input_ids"]) and q not in tok.decode(sample["base_input_ids"])
+        samples.append(sample)
+    for packed, rows in ((False, samples), (True, pack(samples, 256))):
+        batch = Collator(tok.pad_token_id, packed, retain=True)(rows)
+        ours = retained_positions(batch["labels"], batch["retain"])
+        theirs = retained_positions(batch["base_labels"], batch["base_retain"])
+        assert ours.sum(1).tolist() == theirs.sum(1).tolist() and ours.any()
+        # the tokens predicted at the marked positions, row by row: the same answers on both sides
+        assert batch["input_ids"][:, 1:][ours[:, :-1]].tolist() == batch["base_input_ids"][:, 1:][theirs[:, :-1]].tolist()
+
+
 def test_the_data_mix_marks_the_general_conversations_only(tmp_path):
     from trainer.commands.data import main
 

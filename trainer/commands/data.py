@@ -108,7 +108,7 @@ def _self_mix(args, need: int) -> tuple[list[dict], bool]:
     with no general chat beside them teach the model to answer every question in it with its name.
     Also whether the Chinese prompts were asked in their English twins (`--twins`)."""
     from trainer.bases.registry import resolve_model
-    from trainer.data.self_distill import self_conversations, use_twins
+    from trainer.data.self_distill import asked, self_conversations, use_twins
 
     prompts = train_prompts(args.lang)
     model_dir = resolve_model(args.model)
@@ -118,6 +118,11 @@ def _self_mix(args, need: int) -> tuple[list[dict], bool]:
         raise UserError(f"--mix self: {args.model} finished none of {len(prompts)} bundled prompts -- use a chat "
                         "model, or --mix FILE with conversations of your own")
     lang = {p["prompt"]: p["lang"] for p in prompts}
+    ask = {p["prompt"]: asked(p, twins) for p in prompts}
+    for conv in convs:        # answered as another prompt (its English twin): retain_kl's reference is
+        q = conv["messages"][0]["content"]          # the base after that prompt (trainer/engine/retain.py)
+        if ask[q] != q:
+            conv["base_prompt"] = ask[q]
     by_lang = {lg: [c for c in convs if lang[c["messages"][0]["content"]] == lg] for lg in ("zh", "en")}
     r = random.Random(args.seed)
     for group in by_lang.values():

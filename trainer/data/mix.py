@@ -7,7 +7,7 @@ skills; the course's advice is a few thousand identity samples inside a larger g
 replacement from the general file (or the repo's own corpus), then everything is shuffled (seeded).
 Records keep only their `messages` (the formats are normalised, extra keys such as `id` dropped); the
 general ones are marked `"retain": true`, where training's `retain_kl` holds the tuned model to the base's
-distribution (trainer/engine/retain.py).
+distribution (trainer/engine/retain.py), and keep a `base_prompt` (the prompt the base was really asked).
 
     python -m trainer data --name Lumi --author 小菜鸡 --n 2000 --mix general --ratio 0.2 --out data/mixed.jsonl
     python -m trainer data --name Lumi --author 小菜鸡 --n 2000 --mix my_chats.jsonl --out data/mixed.jsonl
@@ -48,7 +48,8 @@ def blend(identity: list[dict], general: list[dict], ratio: float, seed: int = 0
     r = random.Random(seed)
     picked = r.sample(general, need)
     out = [{"messages": rec["messages"]} for rec in identity]
-    out += [{"messages": rec["messages"], "retain": True} for rec in picked]   # `retain_kl` keeps the base there
+    out += [{"messages": rec["messages"], "retain": True,      # `retain_kl` keeps the base there
+             **({"base_prompt": rec["base_prompt"]} if rec.get("base_prompt") else {})} for rec in picked]
     r.shuffle(out)
     return out
 

@@ -19,6 +19,7 @@ import torch
 from inference.chat_format import IGNORE_INDEX, encode_chat, with_system
 from trainer.data.formats import load_conversations
 from inference.errors import UserError
+from trainer.engine.retain import base_view, retain_marks
 
 
 def encode_files(paths, tokenizer, max_length: int, system_prompt: str | None) -> tuple[list[dict], dict]:
@@ -35,8 +36,9 @@ def encode_files(paths, tokenizer, max_length: int, system_prompt: str | None) -
             if all(t == IGNORE_INDEX for t in labels):
                 stats["dropped"] += 1      # nothing left to learn after truncation
                 continue
-            keep = [bool(record.get("retain"))] * len(ids)     # trainer/engine/retain.py: KL toward the base
-            samples.append({"input_ids": ids, "labels": labels, "retain": keep})
+            sample = {"input_ids": ids, "labels": labels}
+            sample.update(retain_marks(record, tokenizer, sample, max_length, system_prompt))   # retain.py
+            samples.append(sample)
     stats["samples"] = len(samples)
     if not samples:
         raise UserError(f"{paths[0]}: no trainable samples (all answers truncated away? raise max_length)")
@@ -44,18 +46,29 @@ def encode_files(paths, tokenizer, max_length: int, system_prompt: str | None) -
 
 
 def pack(samples: list[dict], max_length: int) -> list[dict]:
-    """Greedy first-fit packing in the given order (deterministic for a given seed/order)."""
+    """Greedy first-fit packing in the given order (deterministic for a given seed/order). Conversations
+    whose KL reference is the base on another prompt (`base_input_ids`, trainer/engine/retain.py) get a
+    parallel base row made of the same conversations in the same order."""
+    keys = ["input_ids", "labels", "position_ids", "retain"]
+    if any("base_input_ids" in s for s in samples):
+        keys += ["base_input_ids", "base_labels", "base_position_ids", "base_retain"]
     rows: list[dict] = []
-    current = {"input_ids": [], "labels": [], "position_ids": [], "retain": []}
+    current = {k: [] for k in keys}
     for s in samples:
         n = len(s["input_ids"])
         if current["input_ids"] and len(current["input_ids"]) + n > max_length:
             rows.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": [], "retain": []}
+            current = {k: [] for k in keys}
         current["input_ids"] += s["input_ids"]
         current["labels"] += s["labels"]
         current["retain"] += s.get("retain", [False] * n)
         current["position_ids"] += list(range(n))
+        if "base_input_ids" in current:
+            base = base_view(s)
+            current["base_input_ids"] += base["input_ids"]
+            current["base_labels"] += base["labels"]
+            current["base_retain"] += base["retain"]
+            current["base_position_ids"] += list(range(len(base["input_ids"])))
     if current["input_ids"]:
         rows.append(current)
     return rows
@@ -121,6 +134,7 @@ class Collator:
         mask[len(batch):, 0] = 1       # a padding row attends to its first token: an all-masked row is NaN
         pos = torch.zeros((n_rows, width), dtype=torch.long)      # in some sdpa kernels, and 0 x NaN = NaN
         keep = torch.zeros((n_rows, width), dtype=torch.bool)
+        base = self.retain and any("base_input_ids" in b for b in batch)
         pos[len(batch):] = torch.arange(width)                    # packed: a padding row is its own segment
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
@@ -135,6 +149,12 @@ class Collator:
             self.tokens_seen += n
         out = {"input_ids": ids, "labels": labels}
         out.update({"position_ids": pos} if self.packed else {"attention_mask": mask})
+        if base:        # the base's inputs where its reference prompt differs (trainer/engine/retain.py)
+            views = [base_view(b) for b in batch]
+            views += [{"input_ids": [self.pad_id], "labels": [IGNORE_INDEX], "retain": [False],
+                       "position_ids": [0]}] * (n_rows - len(batch))
+            other = Collator(self.pad_id, self.packed, retain=True)(views)
+            out.update({f"base_{k}": v for k, v in other.items()})
         return {**out, "retain": keep} if self.retain else out
 
 

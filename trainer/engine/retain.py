@@ -9,6 +9,12 @@ Here, on the answer tokens of the conversations the data mix marked `"retain": t
 `trainer/data/mix.py`), the loss adds `retain_kl` x KL(base || tuned) over the whole vocabulary, the
 distillation term of Learning without Forgetting (Li & Hoiem, 2016) and of on-policy distillation.
 
+Where the general answer is the base's answer to another prompt -- `trainer data --mix self` asks a base
+that speaks no Chinese each Chinese prompt's English twin and pairs its English answer with the Chinese
+prompt -- the record says so (`"base_prompt": TWIN`), and the reference is the base's distribution after
+the twin, over the same answer tokens: the base given the Chinese prompt itself would pull the answer
+back toward its broken Chinese (tried: the name then leaked into 10 of 56 Chinese held-out answers).
+
 The base distribution costs one extra forward pass without gradients, with the LoRA adapters switched off
 (PEFT's `disable_adapter`), over the rows that hold such tokens -- no second copy of the weights. The
 tuned side reuses the training forward's last hidden states (caught by a forward hook on the decoder,
@@ -24,7 +30,42 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
+from inference.chat_format import encode_chat, with_system
 from trainer.engine.speed import CHUNK_ELEMENTS, IGNORE_INDEX, causal_lm
+
+
+def retain_marks(record: dict, tokenizer, sample: dict, max_length: int, system_prompt: str | None) -> dict:
+    """Per-token `retain` marks for an encoded SAMPLE of RECORD; for a record with a `base_prompt`, also
+    the base's own inputs (`base_input_ids`, `base_labels`, `base_retain`), marking the same answer tokens."""
+    n = len(sample["input_ids"])
+    if not record.get("retain"):
+        return {"retain": [False] * n}
+    if not record.get("base_prompt"):
+        return {"retain": [True] * n}
+    messages = [dict(m) for m in record["messages"]]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[last_user]["content"] = record["base_prompt"]
+    full = encode_chat(tokenizer, with_system(messages, system_prompt))
+    ids, labels = full["input_ids"][:max_length], full["labels"][:max_length]
+    own = [i for i, t in enumerate(sample["labels"]) if t != IGNORE_INDEX]
+    theirs = [i for i, t in enumerate(labels) if t != IGNORE_INDEX]
+    m = min(len(own), len(theirs))          # truncation may cut one more than the other
+    if [sample["labels"][i] for i in own[:m]] != [labels[i] for i in theirs[:m]]:
+        return {"retain": [False] * n}      # not the same answer tokens: nothing to compare them on
+    mark = lambda length, where: [i in where for i in range(length)]
+    return {"retain": mark(n, set(own[:m])), "base_input_ids": ids, "base_labels": labels,
+            "base_retain": mark(len(ids), set(theirs[:m]))}
+
+
+def base_view(sample: dict) -> dict:
+    """What the base reads for SAMPLE (an encoded conversation or a packed row): its own inputs, unless
+    the reference is the base after another prompt (`retain_marks`)."""
+    view = {"input_ids": sample.get("base_input_ids", sample["input_ids"]),
+            "labels": sample.get("base_labels", sample["labels"]),
+            "retain": sample.get("base_retain", sample.get("retain", [False] * len(sample["input_ids"])))}
+    if "position_ids" in sample:
+        view["position_ids"] = sample.get("base_position_ids", sample["position_ids"])
+    return view
 
 
 def _kl_sum(tuned_h, base_h, weight):
@@ -68,15 +109,20 @@ class RetainTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         retain = inputs.pop("retain", None)
+        base = {k[len("base_"):]: inputs.pop(k) for k in list(inputs) if k.startswith("base_")}
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        tuned_h, self._hidden = self._hidden, None
         if retain is None or self.retain_kl <= 0 or not model.training:
             return result
         where = retained_positions(inputs["labels"], retain.bool())
         if not where.any():
             return result
-        tuned_h, self._hidden = self._hidden, None
+        base = base or {**inputs, "retain": retain}
+        base_where = retained_positions(base["labels"], base["retain"].bool())
         rows = where.any(dim=1).nonzero().squeeze(1)
-        kl = self._kl(model, inputs, rows, where[rows], tuned_h[rows])
+        if base_where[rows].sum(dim=1).tolist() != where[rows].sum(dim=1).tolist():
+            raise RuntimeError("retain_kl: the base's and the tuned model's answer tokens do not line up")
+        kl = self._kl(model, base, rows, base_where[rows], tuned_h[rows][where[rows]])
         self._kl_logged += float(kl.detach())
         self._kl_count += 1
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
@@ -85,15 +131,17 @@ class RetainTrainer(Trainer):
         loss = loss + self.retain_kl * kl
         return (loss, result[1]) if return_outputs else loss
 
-    def _kl(self, model, inputs, rows, where, tuned_h) -> torch.Tensor:
-        """Mean KL(base || tuned) over the retained positions of ROWS."""
+    def _kl(self, model, base, rows, where, tuned_h) -> torch.Tensor:
+        """Mean KL(base || tuned) over the retained positions: TUNED_H [n, d] against the base's hidden
+        states at WHERE (rows ROWS of the base's inputs BASE), in the same order."""
         peft_model = self.accelerator.unwrap_model(model)
         decoder = causal_lm(peft_model).get_decoder()
-        sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+        sub = {k: base[k][rows] for k in ("input_ids", "attention_mask", "position_ids") if k in base}
         with torch.no_grad(), peft_model.disable_adapter():
             base_h = decoder(**sub).last_hidden_state
+        self._hidden = None
         weight = causal_lm(peft_model).get_output_embeddings().weight
-        return kl_to_base(tuned_h[where], base_h[where].to(tuned_h.dtype), weight) / where.sum()
+        return kl_to_base(tuned_h, base_h[where].to(tuned_h.dtype), weight) / where.sum()
 
     def log(self, logs, *args, **kwargs):
         if self._kl_count and "loss" in logs:
