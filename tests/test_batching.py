@@ -270,13 +270,16 @@ def test_int8_cpu_decode_gives_a_sane_reply(loaded):
 
 
 def test_int4_cpu_decode_gives_a_sane_reply(loaded):
-    """cpu_decode="int4": the same, with 4-bit weights in groups of 32 (torch's CPU int4 kernel)."""
+    """cpu_decode="int4": the same, with 4-bit weights in groups of 32 (torch's CPU int4 kernel) in every
+    decoder layer and the output layer at int8."""
     import torch
 
-    from inference.cpu_decode import Int4Linear
+    from inference.cpu_decode import Int4Linear, Int8Linear
 
     engine = loaded.engine(cpu_decode="int4")
-    assert isinstance(engine.model.lm_head, Int4Linear) and type(loaded.model.lm_head) is torch.nn.Linear
+    layers = engine.model.model.layers
+    assert all(isinstance(m, Int4Linear) for layer in layers for m in (layer.self_attn.q_proj, layer.mlp.down_proj))
+    assert isinstance(engine.model.lm_head, Int8Linear) and type(loaded.model.lm_head) is torch.nn.Linear
     reply = engine.chat(_ask("Who are you?"), max_new_tokens=24)
     assert reply.strip() and "\ufffd" not in reply
     assert loaded.engine(cpu_decode="int4", max_batch=2).chat(_ask("Who are you?"), max_new_tokens=24).strip()

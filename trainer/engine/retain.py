@@ -19,7 +19,7 @@ The base distribution costs one extra forward pass without gradients, with the L
 (PEFT's `disable_adapter`), over the rows that hold such tokens -- no second copy of the weights. The
 tuned side reuses the training forward's last hidden states (caught by a forward hook on the decoder,
 so it composes with the fused loss, compile and DDP). KL is computed from the hidden states in row
-chunks under activation checkpointing, so the [tokens x vocab] logits of either model never all exist.
+chunks, its gradient made in the same pass, so the [tokens x vocab] logits of either model never all exist.
 Not in TRL / PEFT as a training term for SFT (TRL's GKD trainer distils from a separate teacher model and
 generates on-policy), hence by hand.
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
 from inference.chat_format import encode_chat, with_system
@@ -68,22 +67,39 @@ def base_view(sample: dict) -> dict:
     return view
 
 
-def _kl_sum(tuned_h, base_h, weight):
-    """sum over rows of KL(softmax(base_h W^T) || softmax(tuned_h W^T)), in fp32 (or wider)."""
-    acc = torch.promote_types(tuned_h.dtype, torch.float32)
-    tuned = (tuned_h @ weight.t()).to(acc).log_softmax(-1)
-    base = (base_h @ weight.t()).to(acc).log_softmax(-1)
-    return (base.exp() * (base - tuned)).sum()
+class ChunkedKL(torch.autograd.Function):
+    """sum_i KL(softmax(base_i W^T) || softmax(tuned_i W^T)), one row chunk at a time.
+
+    As `ChunkedLinearCrossEntropy` (trainer/engine/speed.py): the gradient, (p_tuned - p_base) W per row, is
+    made chunk by chunk in the forward pass and only scaled in backward, so the logits are computed once
+    and one chunk of them exists at a time (activation checkpointing would compute them twice). W is the
+    frozen output embedding: it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, tuned_h, base_h, weight, chunk_rows: int):
+        acc = torch.promote_types(tuned_h.dtype, torch.float32)
+        total = torch.zeros((), dtype=acc, device=tuned_h.device)
+        grad = torch.empty_like(tuned_h)
+        for start in range(0, tuned_h.shape[0], chunk_rows):
+            part = slice(start, start + chunk_rows)
+            tuned = (tuned_h[part] @ weight.t()).to(acc).log_softmax(-1)
+            base = (base_h[part] @ weight.t()).to(acc).log_softmax(-1)
+            p_base = base.exp()
+            total += (p_base * (base - tuned)).sum()
+            grad[part] = ((tuned.exp_() - p_base).to(tuned_h.dtype)) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None
 
 
 def kl_to_base(tuned_h, base_h, weight, chunk_rows: int | None = None) -> torch.Tensor:
     """Summed KL(base || tuned) of the next-token distributions at the given hidden states [n, d]."""
     chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    total = tuned_h.new_zeros((), dtype=torch.promote_types(tuned_h.dtype, torch.float32))
-    for start in range(0, tuned_h.shape[0], chunk_rows):
-        part = slice(start, start + chunk_rows)
-        total = total + checkpoint(_kl_sum, tuned_h[part], base_h[part], weight, use_reentrant=False)
-    return total
+    return ChunkedKL.apply(tuned_h, base_h.detach(), weight.detach(), chunk_rows)
 
 
 def retained_positions(labels: torch.Tensor, retain: torch.Tensor) -> torch.Tensor:
