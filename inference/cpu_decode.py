@@ -21,9 +21,9 @@ measures it on the bundled held-out prompts).
 `int4` (`Int4Linear`): 4-bit weights in groups of 32 along the input, each group with its own scale and
 offset (w = q x scale + min, q in 0..15: llama.cpp's Q4_1, the very format the embedded base ships in), run
 by torch's `_weight_int4pack_mm_for_cpu` on bf16 activations (its fp32 / fp16 paths are ~30x slower
-here); the output layer stays int8. An eighth of fp32's bytes: on 2 EPYC cores the model's matmuls for
-one token took 11-13 ms against 74 ms in fp32 and 33 ms in int8 (one thread, session 12); whole replies
-are ~1.7x fp32's speed, the rest of a token being the eager model's many small ops (docs/BENCHMARKS.md).
+here); the output layer stays int8. An eighth of fp32's bytes: for the real base on 2 EPYC cores 30.5
+tokens/s against fp32's 17.2 and int8's 26.2 (docs/BENCHMARKS.md "Session 12: int4 weights"), the rest of
+a token being the eager model's many small ops.
 Layers whose input width is not a multiple of 32 stay as they are.
 """
 from __future__ import annotations
@@ -107,8 +107,8 @@ def quantized_copy(model, choice: str = "int8"):
             for name, child in list(module.named_children()):
                 if type(child) is not torch.nn.Linear:
                     continue
-                # int4 keeps the output layer at int8, as llama.cpp's Q4_K_M keeps it at 6 bits: the logits
-                # are where rounding shows first (all-int4: 1 of 16 greedy replies identical to fp32, session 12)
+                # int4 keeps the output layer at int8, as llama.cpp's Q4_K_M keeps it at 6 bits: the logits are
+                # where rounding shows first (greedy replies identical to fp32: all-int4 2 of 16, this 7; session 12)
                 if choice == "int8" or child is head:
                     setattr(module, name, Int8Linear(child))
                 elif child.in_features % GROUP == 0:

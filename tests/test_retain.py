@@ -68,7 +68,8 @@ def test_an_answer_given_to_another_prompt_is_compared_after_that_prompt(tiny_ba
         theirs = retained_positions(batch["base_labels"], batch["base_retain"])
         assert ours.sum(1).tolist() == theirs.sum(1).tolist() and ours.any()
         # the tokens predicted at the marked positions, row by row: the same answers on both sides
-        assert batch["input_ids"][:, 1:][ours[:, :-1]].tolist() == batch["base_input_ids"][:, 1:][theirs[:, :-1]].tolist()
+        predicted = batch["input_ids"][:, 1:][ours[:, :-1]]
+        assert predicted.tolist() == batch["base_input_ids"][:, 1:][theirs[:, :-1]].tolist()
 
 
 def test_the_data_mix_marks_the_general_conversations_only(tmp_path):
@@ -128,9 +129,9 @@ def test_retain_kl_keeps_the_general_answers_near_the_base_and_still_learns_the_
                  "--out", str(data)]) == 0
     scores = {}
     for weight in (0.0, 4.0):
-        cfg = load_config("tiny", {"model": str(tiny_base), "data": [str(data)], "work_dir": str(tmp_path / f"w{weight}"),
-                                   "max_steps": 40, "lr": 3e-3, "save_steps": 0, "evaluation_inputs": [],
-                                   "retain_kl": weight})
+        cfg = load_config("tiny", {"model": str(tiny_base), "data": [str(data)], "max_steps": 40, "lr": 3e-3,
+                                   "work_dir": str(tmp_path / f"w{weight}"), "save_steps": 0,
+                                   "evaluation_inputs": [], "retain_kl": weight})
         scores[weight] = _kl_and_identity_loss(tiny_base, train(cfg, echo=lambda s: None), data)
     (kl_plain, ident_plain, ident_base), (kl_kept, ident_kept, _) = scores[0.0], scores[4.0]
     assert kl_kept < 0.5 * kl_plain, scores            # the general answers' distributions stay near the base's
