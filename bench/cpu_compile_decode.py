@@ -1,8 +1,9 @@
 """Batch-1 CPU decode of a model: eager `generate` against `generate` with a static cache and a compiled
-forward, with and without inductor's weight freezing, in fp32 and bf16. One process per setting.
+forward, with and without inductor's weight freezing, in fp32 and bf16 (or int8 / int4 weights).
 
     OMP_NUM_THREADS=2 python bench/cpu_compile_decode.py --model smollm2 --dtype bf16 --freeze   # one row
-    python bench/cpu_compile_decode.py --model smollm2 --all --out cpu_compile.json            # every row
+    OMP_NUM_THREADS=2 python bench/cpu_compile_decode.py --model smollm2 --dtype int4           # cpu_decode's int4 copy
+    python bench/cpu_compile_decode.py --model smollm2 --all --out cpu_compile.json            # fp32/bf16 rows
     python bench/cpu_compile_decode.py --table cpu_compile.json                                # markdown table
 
 Why: issue 19 asks for >= 40 tokens/s for one stream on 2 cores. The engine's own compiled step
@@ -39,8 +40,12 @@ def one(model: str, dtype: str, freeze: bool, tokens: int, repeats: int) -> dict
     inductor_config.freezing = freeze
     path = resolve_model(model)
     tok = AutoTokenizer.from_pretrained(path)
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     m.eval()
+    if dtype in ("int8", "int4"):
+        from inference.cpu_decode import decode_model
+
+        m = decode_model(m, dtype)        # what `cpu_decode=...` gives the engine
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
 
@@ -79,7 +84,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="model dir or embedded base name")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8", "int4"], default="bf16")
     p.add_argument("--freeze", action="store_true", help="inductor freezing (weights as constants, prepacked)")
     p.add_argument("--all", action="store_true", help="every dtype x freezing, one process each")
     p.add_argument("--tokens", type=int, default=64)
