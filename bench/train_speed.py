@@ -194,11 +194,11 @@ def run_ours(a, work: Path) -> dict:
     if a.profile:
         import trainer.engine.train as engine
 
-        class ProfiledTrainer(engine.Trainer):     # the engine's own Trainer, plus the profiling callback
+        class ProfiledTrainer(engine.RetainTrainer):     # the engine's own Trainer, plus the profiling callback
             def __init__(self, *args, callbacks=None, **kwargs):
                 super().__init__(*args, callbacks=(callbacks or []) + [Profile(work, a.steps - a.profile, a.profile)], **kwargs)
 
-        engine.Trainer = ProfiledTrainer
+        engine.RetainTrainer = ProfiledTrainer
     train(cfg, echo=lambda s: print(s, flush=True))
     import yaml
 
