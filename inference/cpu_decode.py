@@ -21,9 +21,8 @@ measures it on the bundled held-out prompts).
 `int4` (`Int4Linear`): 4-bit weights in groups of 32 along the input, each group with its own scale and
 offset (w = q x scale + min, q in 0..15: llama.cpp's Q4_1, the very format the embedded base ships in), run
 by torch's `_weight_int4pack_mm_for_cpu` on bf16 activations (its fp32 / fp16 paths are ~30x slower
-here); the output layer stays int8. An eighth of fp32's bytes: for the real base on 2 EPYC cores 30.5
-tokens/s against fp32's 17.2 and int8's 26.2 (docs/BENCHMARKS.md "Session 12: int4 weights"), the rest of
-a token being the eager model's many small ops.
+here); the output layer stays int8. An eighth of fp32's bytes: for the real base on 2 EPYC cores `generate`
+runs 52 tokens/s against fp32's 18 and int8's 44 (docs/BENCHMARKS.md "Session 12: int4 weights").
 Layers whose input width is not a multiple of 32 stay as they are.
 """
 from __future__ import annotations
