@@ -42,34 +42,53 @@ def check(choice: str) -> str:
     return choice
 
 
-class Int8Linear(torch.nn.Module):
-    """y = x W^T (+ b) with W stored as int8 [out, in] and one bf16 scale per output row."""
+class WeightOnlyLinear(torch.nn.Module):
+    """y = x W^T (+ b) with W rounded to fewer bits: `_mm` multiplies bf16 rows by the stored weights."""
+
+    bits = 0
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._mm(x.reshape(-1, shape[-1]).to(torch.bfloat16))
+        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} weight-only"
+
+
+class Int8Linear(WeightOnlyLinear):
+    """W stored as int8 [out, in] with one bf16 scale per output row."""
+
+    bits = 8
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__(linear)
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
                              .contiguous())
         self.register_buffer("scales", scale.to(torch.bfloat16))
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scales)
-        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.weight_int8, self.scales)
 
 
-class Int4Linear(torch.nn.Module):
-    """y = x W^T (+ b) with W in 4 bits, groups of GROUP inputs, each with a bf16 scale and offset."""
+class Int4Linear(WeightOnlyLinear):
+    """W in 4 bits, groups of GROUP inputs, each with a bf16 scale and offset."""
+
+    bits = 4
 
     def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
+        super().__init__(linear)
         w = linear.weight.detach().float()
         out_f, in_f = w.shape
         groups = w.reshape(out_f, in_f // GROUP, GROUP)
@@ -81,18 +100,9 @@ class Int4Linear(torch.nn.Module):
         self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             q.reshape(out_f, in_f), 2))
         self.register_buffer("scale_zero", scale_zero.to(torch.bfloat16))
-        self.bias = linear.bias
-        self.in_features, self.out_features = in_f, out_f
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16),
-                                                       self.weight_int4, GROUP, self.scale_zero)
-        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 weight-only, group {GROUP}"
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight_int4, GROUP, self.scale_zero)
 
 
 def quantized_copy(model, choice: str = "int8"):

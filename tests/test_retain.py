@@ -102,7 +102,7 @@ def _kl_and_identity_loss(base_dir, adapter, data):
     from trainer.engine.dataset import Collator, encode_files
 
     tok = AutoTokenizer.from_pretrained(base_dir)
-    samples, _ = encode_files([str(data)], tok, 128, None)
+    samples, _ = encode_files([str(data)], tok, 128, None, retain=True)
     batch = Collator(tok.pad_token_id, packed=False, retain=True)(samples)
     retain = batch.pop("retain")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter)

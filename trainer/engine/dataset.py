@@ -22,8 +22,10 @@ from inference.errors import UserError
 from trainer.engine.retain import base_view, retain_marks
 
 
-def encode_files(paths, tokenizer, max_length: int, system_prompt: str | None) -> tuple[list[dict], dict]:
-    """Encoded samples from every file, plus counts (samples, truncated, dropped)."""
+def encode_files(paths, tokenizer, max_length: int, system_prompt: str | None,
+                 retain: bool = False) -> tuple[list[dict], dict]:
+    """Encoded samples from every file, plus counts (samples, truncated, dropped). RETAIN: also each
+    sample's `retain` marks and, where the base answered another prompt, its inputs (`retain_kl` on)."""
     if not paths:
         raise UserError("no training data: pass --data FILE.jsonl (make one with `python -m trainer data`)")
     samples, stats = [], {"samples": 0, "truncated": 0, "dropped": 0}
@@ -37,7 +39,8 @@ def encode_files(paths, tokenizer, max_length: int, system_prompt: str | None) -
                 stats["dropped"] += 1      # nothing left to learn after truncation
                 continue
             sample = {"input_ids": ids, "labels": labels}
-            sample.update(retain_marks(record, tokenizer, sample, max_length, system_prompt))   # retain.py
+            if retain:
+                sample.update(retain_marks(record, tokenizer, sample, max_length, system_prompt))   # retain.py
             samples.append(sample)
     stats["samples"] = len(samples)
     if not samples:

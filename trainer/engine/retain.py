@@ -139,7 +139,7 @@ class RetainTrainer(Trainer):
         if base_where[rows].sum(dim=1).tolist() != where[rows].sum(dim=1).tolist():
             raise RuntimeError("retain_kl: the base's and the tuned model's answer tokens do not line up")
         kl = self._kl(model, base, rows, base_where[rows], tuned_h[rows][where[rows]])
-        self._kl_logged += float(kl.detach())
+        self._kl_logged += kl.detach()          # a tensor: no host sync per step, only at logging
         self._kl_count += 1
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             kl = kl / self.current_gradient_accumulation_steps    # the Trainer will not divide this loss
@@ -161,6 +161,6 @@ class RetainTrainer(Trainer):
 
     def log(self, logs, *args, **kwargs):
         if self._kl_count and "loss" in logs:
-            logs["retain_kl"] = round(self._kl_logged / self._kl_count, 5)
+            logs["retain_kl"] = round(float(self._kl_logged) / self._kl_count, 5)
             self._kl_logged, self._kl_count = 0.0, 0
         super().log(logs, *args, **kwargs)

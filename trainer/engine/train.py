@@ -195,7 +195,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print, model_
         raise UserError(f"{model_dir}: tokenizer has no chat template -- use a chat model")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    samples, stats = encode_files(cfg.data, tokenizer, cfg.max_length, cfg.system_prompt)
+    samples, stats = encode_files(cfg.data, tokenizer, cfg.max_length, cfg.system_prompt, retain=cfg.retain_kl > 0)
     batch = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
     packed, rows = choose_packing(cfg.packing, samples, cfg.max_length, batch, cfg.epochs, cfg.max_steps)
     steps = optimizer_steps(len(rows), batch, cfg.epochs, cfg.max_steps)
@@ -241,7 +241,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, echo=print, model_
     callbacks = [SampleChats(tokenizer, cfg, echo), LogLine(collator, cfg, echo), LossPlot(),
                  checkpoints.CheckpointKeeper(cfg, model_dir, data_digest)]
     callbacks += [IdentityEval(tokenizer, cfg, model_dir, echo)] if cfg.eval_identity else []   # trainer/evaluation/evaluate.py
-    marked = sum(any(r["retain"]) for r in rows)
+    marked = cfg.retain_kl > 0 and any(any(r["retain"]) for r in rows)
     if cfg.retain_kl and not marked:
         echo("warning: retain_kl is set but no conversation is marked \"retain\" -- nothing to keep "
              "(`python -m trainer data --mix ...` marks the general ones)")
