@@ -20,6 +20,8 @@ Rows of the table (each level run once untimed, then `--repeats` times; median a
 - slots-lockstep: the same batcher with the host picking every token before the next step (the session-6 path);
 - compiled-slots: the slot batcher with its step torch.compile'd on any device (CPU: inductor's C++);
 - dynamic:   the dynamic-cache batcher (inference/batching.py), N consumer threads.
+- serve:     what the apps and the API run: `ChatEngine(max_batch=SERVING_BATCH).stream_chat` (on CPU the dynamic
+             batcher) with its detokeniser, N consumer threads.
 `--cpu-weights fp32,int8,int4` runs every row once per weight kind: int8 / int4 are the engine's
 `cpu_decode="int8"` / `"int4"` (inference/cpu_decode.py: weight-only linear layers, CPU only).
 Consumers only drain token ids, so the batcher rows show what the core can decode; bench/serve_load.py
@@ -112,6 +114,22 @@ def thread_level(loaded, engine, n: int, max_tokens: int, drain: bool, pool=None
     return go
 
 
+def serve_level(engine, n: int, max_tokens: int):
+    def go():
+        replies = [""] * n
+
+        def one(i):
+            for replies[i] in engine.stream_chat(PROMPT, max_new_tokens=max_tokens):
+                pass
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(replies), replies
+    return go
+
+
 def batcher_level(batcher, prompt: list[int], n: int, max_tokens: int, temperature: float = 0.0):
     sampling = dict(temperature=temperature, top_p=0.9, seed=0) if temperature else {}
 
@@ -139,6 +157,7 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
     from inference import load
     from inference.chat_format import prompt_ids
     from inference.cpu_decode import decode_model
+    from inference.engine import SERVING_BATCH
     from trainer.bases.registry import resolve_model
 
     base = load(str(resolve_model(model)), device=device)
@@ -162,11 +181,18 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
         elif impl in ("stream", "thread", "drain", "worker"):
             engine = loaded.engine(fast_decode=False, cpu_decode="fp32")
             engine.stop = never
+        elif impl == "serve":          # the apps' engine (app.py, web_demo.py, inference/api.py)
+            engine = loaded.engine(fast_decode=False, cpu_decode="fp32", max_batch=max(SERVING_BATCH, *streams))
+            if engine.batcher is not None:
+                engine.batcher.stop = set()
+            engine.stop = never
         for n in streams:
             if impl == "generate":
                 go = generate_level(loaded, n, max_tokens)
             elif impl == "stream":
                 go = stream_level(engine, n, max_tokens)
+            elif impl == "serve":
+                go = serve_level(engine, n, max_tokens)
             elif impl in ("thread", "drain", "worker"):
                 go = thread_level(loaded, engine, n, max_tokens, drain=impl == "drain",
                                   pool=ThreadPoolExecutor(max_workers=1) if impl == "worker" else None)
@@ -208,9 +234,9 @@ def table(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="a model dir or a base name (smollm2, tiny)")
-    p.add_argument("--impl", nargs="+", default=["generate", "stream", "slots", "dynamic"],
+    p.add_argument("--impl", nargs="+", default=["generate", "stream", "slots", "dynamic", "serve"],
                    choices=["generate", "stream", "thread", "drain", "worker", "slots", "slots-lockstep", "compiled-slots",
-                            "dynamic"])
+                            "dynamic", "serve"])
     p.add_argument("--temperature", type=float, default=0.0,
                    help="the batchers' rows sample (top-p 0.9, seeded) instead of greedy")
     p.add_argument("--cpu-weights", default="fp32", help="fp32, int8, int4, comma-separated (int8 / int4: CPU only)")

@@ -33,6 +33,7 @@ from typing import Iterator
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from inference.device import use_decode_threads
 from inference.row_sampling import next_tokens
 
 _END = object()          # put on a request's queue after its last token
@@ -85,6 +86,7 @@ class Batcher:
         self._mask: torch.Tensor | None = None        # (B, T) 1 = real token, 0 = left padding
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self.threads = 0                     # OpenMP threads the loop decodes with (set when it starts)
         self._start_lock = threading.Lock()
         self.peak = 0            # the most rows ever decoded in one step (tests, benchmarks)
 
@@ -149,6 +151,7 @@ class Batcher:
 
     # --- the worker ----------------------------------------------------------------------------------
     def _loop(self) -> None:
+        self.threads = use_decode_threads(self.model.device)   # one core fewer on the CPU: the consumers need one
         while True:
             if not self._active and self._waiting.empty():
                 self._wake.wait(timeout=1.0)

@@ -22,6 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from inference.chat_format import prompt_ids, with_system
+from inference.device import use_decode_threads
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -116,7 +117,9 @@ class ChatEngine:
         # attention plans per thread, and a fresh thread rebuilt them at every step's new key length --
         # 2.3 ms per attention call instead of 0.055, generate at 57-98 ms/token instead of 18-22 on an
         # H100 (1.8B shape; `bench/batch_decode.py --impl generate thread worker`; docs/BENCHMARKS.md)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        # on the CPU it decodes with one core fewer than torch's default, left to the consumer (device.py)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate",
+                                          initializer=use_decode_threads, initargs=(model.device,))
         # top-k is explicit everywhere: the model's generation config's (Qwen2 ships 20), else 0 = off,
         # so generate (whose fallback would be 50), the fast path and the batcher draw alike
         self.top_k = int(getattr(getattr(model, "generation_config", None), "top_k", None) or 0)

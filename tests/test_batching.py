@@ -141,8 +141,8 @@ def test_the_serving_benchmark_runs_end_to_end(tmp_path, merged_model):
 
 
 def test_the_decode_benchmark_runs_every_path(tmp_path, merged_model):
-    """bench/batch_decode.py --smoke: generate, the streaming path and both batchers at 1 and 2 streams;
-    the batchers' consumers check every reply ran to max_tokens (the script asserts it)."""
+    """bench/batch_decode.py --smoke: generate, the streaming path, both batchers and the apps' serving engine at
+    1 and 2 streams; the batchers' consumers check every reply ran to max_tokens (the script asserts it)."""
     import json
     import subprocess
     import sys
@@ -153,8 +153,8 @@ def test_the_decode_benchmark_runs_every_path(tmp_path, merged_model):
     subprocess.run([sys.executable, str(repo / "bench" / "batch_decode.py"), "--smoke", "--model", str(merged_model),
                     "--out", str(out)], check=True, cwd=repo, timeout=600)
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["impl"], r["streams"]) for r in rows} == {(i, n) for i in ("generate", "stream", "slots", "dynamic")
-                                                         for n in (1, 2)}
+    assert {(r["impl"], r["streams"]) for r in rows} == {(i, n) for i in ("generate", "stream", "slots", "dynamic",
+                                                                                     "serve") for n in (1, 2)}
     assert all(r["tok_s_median"] > 0 for r in rows)
 
 
@@ -285,6 +285,37 @@ def test_int4_cpu_decode_gives_a_sane_reply(loaded):
     assert loaded.engine(cpu_decode="int4", max_batch=2).chat(_ask("Who are you?"), max_new_tokens=24).strip()
 
 
+def test_cpu_decode_threads_leave_one_core_to_the_consumer_and_keep_the_default(merged_model):
+    """On the CPU the engine's worker and the batcher's loop decode with one OpenMP thread fewer than torch's
+    default (the consumer streaming the text needs a core: inference/device.py); the process's default, the
+    calling thread's and that of threads started later stay as they were. In a fresh process with 2 threads."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import json, threading, torch
+from inference import load
+from inference.device import use_decode_threads
+loaded = load({str(merged_model)!r}, device="cpu")
+engine, batched = loaded.engine(), loaded.engine(max_batch=2)
+got = {{"main": torch.get_num_threads(), "worker": engine._worker.submit(torch.get_num_threads).result()}}
+batched.chat([{{"role": "user", "content": "hi"}}], max_new_tokens=2)        # starts the batcher's loop
+got["gpu"] = use_decode_threads(torch.device("meta"))                         # not the CPU: untouched
+def later(): got["later"] = torch.get_num_threads()
+t = threading.Thread(target=later); t.start(); t.join()
+got["main_after"] = torch.get_num_threads()
+got["batcher"] = batched.batcher.threads
+print(json.dumps(got))
+"""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=repo, capture_output=True, text=True,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "2"}, timeout=300).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got == {"main": 2, "worker": 1, "gpu": 2, "later": 2, "main_after": 2, "batcher": 1}, got
+
+
 def test_int4_weights_are_within_half_a_grid_step_and_multiply_as_dequantized():
     """Int4Linear: each weight comes back within half its group's step (16 levels from the group's min to its
     max; plus bf16 rounding, the kernel's activation and output type), and x W^T is x times those weights."""
@@ -304,6 +335,33 @@ def test_int4_weights_are_within_half_a_grid_step_and_multiply_as_dequantized():
     assert ((recovered - weight).abs() > 0.25 * half_step).any()       # 4 bits, not a copy of the fp32 weights
     x = torch.randn(3, in_f).bfloat16().float()
     assert torch.allclose(int4(x), x @ recovered.t() + linear.bias.data, rtol=2e-2, atol=2e-2)
+
+
+def test_int4_keeps_a_fine_tune_merged_onto_a_base_on_the_4bit_grid():
+    """A fine-tune merged onto a base whose weights sit on the 4-bit grid (the embedded base comes from a Q4_1
+    GGUF) differs from it by a few hundredths of a step: rounded to 4 bits again it snaps back to the base, and
+    the fine-tune is gone (the demo's model: identity 0.00 in plain int4). Int4Linear keeps the low-rank part of
+    what rounding lost, so the fine-tune's effect on the outputs survives; the base itself keeps none."""
+    import torch
+
+    from inference.cpu_decode import GROUP, Int4Linear, int4_rounding
+
+    torch.manual_seed(0)
+    out_f, in_f = 256, 8 * GROUP
+    base = int4_rounding(torch.randn(out_f, in_f) * 0.05)[2]
+    delta = torch.randn(out_f, 8) @ torch.randn(8, in_f) * 3e-4       # rank 8, ~0.06 of a step
+    layers = {}
+    for name, weight in (("base", base), ("tuned", base + delta)):
+        layers[name] = torch.nn.Linear(in_f, out_f, bias=False)
+        layers[name].weight.data = weight
+    base4, tuned4 = Int4Linear(layers["base"]), Int4Linear(layers["tuned"])
+    assert base4.down is None and tuned4.down is not None
+    x = torch.randn(64, in_f)
+    effect = (x @ delta.t()).flatten()                                   # what the fine-tune changes
+    seen = lambda a, b: float(torch.nn.functional.cosine_similarity((a - b).flatten(), effect, dim=0))
+    with torch.no_grad():
+        assert seen(tuned4._mm(x.bfloat16()).float(), base4._mm(x.bfloat16()).float()) < 0.3   # 4 bits alone: lost
+        assert seen(tuned4(x), base4(x)) > 0.9
 
 
 def test_the_compiled_cpu_slot_step_equals_the_eager_one(loaded):

@@ -137,3 +137,49 @@ def test_retain_kl_keeps_the_general_answers_near_the_base_and_still_learns_the_
     assert kl_kept < 0.5 * kl_plain, scores            # the general answers' distributions stay near the base's
     # and the identity answers are learned all the same: the loss on them falls as far from the base's
     assert ident_base - ident_kept > 0.8 * (ident_base - ident_plain) > 0, scores
+
+
+def test_the_base_reads_each_row_once_and_later_epochs_reuse_its_hidden_states(tiny_base, tmp_path):
+    """The base's hidden states at a row's answer tokens are kept after its first forward pass: the same rows
+    again -- padded differently, inside another batch, as in a later epoch -- cost no base forward pass, and the
+    KL is the one computed afresh; a new row is read once."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from inference.chat_format import encode_chat
+    from trainer.engine.dataset import Collator
+    from trainer.engine.retain import RetainTrainer
+    from trainer.engine.speed import causal_lm
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))  # tuned != base
+    samples = []
+    for q, a in (("What is 2 + 2?", "2 + 2 = 4."), ("Name a colour.", "Blue is a colour."),
+                 ("Tell me about the sea.", "The sea is large, deep and salty, and it covers most of the Earth.")):
+        s = encode_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        samples.append({**s, "retain": [True] * len(s["input_ids"])})
+    trainer = RetainTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+                            retain_kl=1.0)
+    decoder = causal_lm(model).get_decoder()
+
+    def kl(rows_of):
+        batch = Collator(tok.pad_token_id, packed=False, retain=True)(rows_of)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        where = retained_positions(batch["labels"], batch["retain"].bool())
+        rows = where.any(dim=1).nonzero().squeeze(1)
+        with torch.no_grad():
+            tuned = decoder(**inputs).last_hidden_state[rows][where[rows]]
+            with model.disable_adapter():
+                fresh = decoder(**inputs).last_hidden_state[rows][where[rows]]
+            want = kl_to_base(tuned, fresh, causal_lm(model).get_output_embeddings().weight) / where.sum()
+            got = trainer._kl(model, dict(batch), rows, where[rows], tuned)
+        return float(got), float(want)
+
+    got, want = kl(samples[:2])
+    assert got == pytest.approx(want, rel=1e-5) and want > 1e-3 and trainer.base_forwards == 2
+    got, want = kl([samples[2], samples[1], samples[0]])     # rows 0 and 1 again, padded to row 2's length
+    assert got == pytest.approx(want, rel=1e-4) and trainer.base_forwards == 3
+    got, want = kl(samples)
+    assert got == pytest.approx(want, rel=1e-4) and trainer.base_forwards == 3

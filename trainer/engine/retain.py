@@ -25,6 +25,8 @@ generates on-policy), hence by hand.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
@@ -109,6 +111,23 @@ def retained_positions(labels: torch.Tensor, retain: torch.Tensor) -> torch.Tens
     return (nxt != IGNORE_INDEX) & nxt_retain
 
 
+# The base never changes, so its hidden states at a row's answer tokens are the same every epoch: kept after
+# the first, they spare the later epochs' base forward passes (HIDDEN_CACHE_BYTES at most; beyond, recomputed).
+HIDDEN_CACHE_BYTES = 512 * 1024 ** 2
+
+
+def row_key(base: dict, row: int, where: torch.Tensor) -> bytes:
+    """What the base reads in ROW (its unpadded token ids, and positions for packed rows) and where it is
+    asked (WHERE, that row's marked positions): two rows can read the same ids -- an English prompt and a
+    Chinese one whose twin it is -- with different answer tokens marked (truncation cut them apart)."""
+    keep = base["attention_mask"][row].bool() if "attention_mask" in base else slice(None)
+    h = hashlib.blake2b(base["input_ids"][row][keep].cpu().numpy().tobytes(), digest_size=16)
+    h.update(where[keep].cpu().numpy().tobytes())
+    if "position_ids" in base:
+        h.update(base["position_ids"][row][keep].cpu().numpy().tobytes())
+    return h.digest()
+
+
 class RetainTrainer(Trainer):
     """transformers' Trainer plus `retain_kl` x KL(base || tuned) on the retained conversations' answers."""
 
@@ -117,6 +136,9 @@ class RetainTrainer(Trainer):
         self.retain_kl = retain_kl
         self._kl_logged, self._kl_count = 0.0, 0
         self._hidden = None
+        self._base_hidden: dict[bytes, torch.Tensor] = {}     # row_key -> the base's hidden states there
+        self._cached_bytes = 0
+        self.base_forwards = 0                                 # rows the base read (the cache spares the rest)
         if retain_kl > 0:
             causal_lm(self.model).get_decoder().register_forward_hook(self._catch_hidden)
 
@@ -151,13 +173,25 @@ class RetainTrainer(Trainer):
         """Mean KL(base || tuned) over the retained positions: TUNED_H [n, d] against the base's hidden
         states at WHERE (rows ROWS of the base's inputs BASE), in the same order."""
         peft_model = self.accelerator.unwrap_model(model)
-        decoder = causal_lm(peft_model).get_decoder()
-        sub = {k: base[k][rows] for k in ("input_ids", "attention_mask", "position_ids") if k in base}
-        with torch.no_grad(), peft_model.disable_adapter():
-            base_h = decoder(**sub).last_hidden_state
-        self._hidden = None
+        keys = [row_key(base, r, w) for r, w in zip(rows.tolist(), where)]
+        todo = [i for i, k in enumerate(keys) if k not in self._base_hidden]
+        fresh = {}
+        if todo:
+            decoder = causal_lm(peft_model).get_decoder()
+            pick = rows[todo]
+            sub = {k: base[k][pick] for k in ("input_ids", "attention_mask", "position_ids") if k in base}
+            with torch.no_grad(), peft_model.disable_adapter():
+                base_h = decoder(**sub).last_hidden_state
+            self._hidden = None
+            self.base_forwards += len(todo)
+            for j, i in enumerate(todo):
+                fresh[keys[i]] = h = base_h[j][where[i]].to(tuned_h.dtype)
+                if self._cached_bytes + h.nbytes <= HIDDEN_CACHE_BYTES:
+                    self._base_hidden[keys[i]] = h
+                    self._cached_bytes += h.nbytes
+        base_h = torch.cat([fresh[k] if k in fresh else self._base_hidden[k] for k in keys])
         weight = causal_lm(peft_model).get_output_embeddings().weight
-        return kl_to_base(tuned_h, base_h[where].to(tuned_h.dtype), weight) / where.sum()
+        return kl_to_base(tuned_h, base_h, weight) / where.sum()
 
     def log(self, logs, *args, **kwargs):
         if self._kl_count and "loss" in logs:
