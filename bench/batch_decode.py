@@ -244,6 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--keep-threads", action="store_true",
+                   help="decode workers keep torch's default thread count (the engine before session 13), to compare")
     p.add_argument("--out")
     p.add_argument("--smoke", action="store_true", help="CPU, 1 and 2 streams, 8 tokens (default model: tiny)")
     p.add_argument("--table", nargs="+", metavar="JSON", help="print the tables of earlier --out files and stop")
@@ -256,6 +258,13 @@ def main(argv=None) -> int:
         a.model = a.model if a.model != "smollm2" else "tiny"
     from inference.cpu_decode import check
 
+    if a.keep_threads:         # the engine's worker and the batcher's loop, as before inference/device.py's rule
+        import torch
+
+        import inference.batching
+        import inference.engine
+        inference.engine.use_decode_threads = inference.batching.use_decode_threads = \
+            lambda device: torch.get_num_threads()
     weights = [check(w.strip()) for w in a.cpu_weights.split(",")]
     res = run(a.model, a.impl, [int(s) for s in a.streams.split(",")], a.max_tokens, a.repeats, a.device, weights,
               a.temperature)

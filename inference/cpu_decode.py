@@ -22,7 +22,8 @@ measures it on the bundled held-out prompts).
 offset (w = q x scale + min, q in 0..15: llama.cpp's Q4_1, the very format the embedded base ships in), run
 by torch's `_weight_int4pack_mm_for_cpu` on bf16 activations (its fp32 / fp16 paths are ~30x slower
 here); the output layer stays int8. An eighth of fp32's bytes: for the real base on 2 EPYC cores `generate`
-runs 52 tokens/s against fp32's 18 and int8's 44 (docs/BENCHMARKS.md "Session 12: int4 weights").
+runs 52 tokens/s against fp32's 18 and int8's 44 (docs/BENCHMARKS.md "Session 12: int4 weights"); a fine-tuned model,
+with the residual below, 42 through `generate` and 34 through the apps' serving path (int8 32, fp32 18: "Session 13").
 Layers whose input width is not a multiple of 32 stay as they are.
 
 What 4 bits lose is put back where it is low-rank: `Int4Linear` also keeps the top singular directions of

@@ -1,5 +1,6 @@
 """bench/train_speed.py (with bench/train_baselines.py, bench/train_report.py): the per-step statistics, the
-report of repeated runs, the nf4 skip on a CPU without it, and `--smoke` -- every impl, tiny, on this CPU."""
+report of repeated runs, the nf4 skip on a CPU without it, and `--smoke` -- every impl, tiny, on this CPU; and
+bench/cpu_train.py's `--smoke` (the real-base preset's CPU training speed, per epoch)."""
 from __future__ import annotations
 
 import json
@@ -70,3 +71,14 @@ def test_the_smoke_run_exercises_every_impl(tiny_base):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "smoke ok" in proc.stdout and "repeats pq:" in proc.stdout
     assert "RESULT pq-r1" in proc.stdout and "RESULT pq-r2" in proc.stdout and "bf16_lora: compiled 2" in proc.stdout
+
+
+def test_the_cpu_training_benchmark_times_the_first_and_the_later_epochs(tmp_path):
+    """bench/cpu_train.py --smoke: the real-base preset on the tiny base over two epochs, logged every step."""
+    out = tmp_path / "cpu_train.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "cpu_train.py"), "--smoke", "--out", str(out)],
+                   check=True, cwd=REPO, timeout=600)
+    res = json.loads(out.read_text())
+    assert (res["preset"], res["steps"], res["epoch_steps"], res["hidden_cache"]) == ("smollm2_135m_lora", 6, 3, True)
+    assert res["retain_kl"] > 0 and res["first_epoch_tok_s"] > 0 and res["later_epochs_tok_s"] > 0
+    assert len(res["step_s"]) == 5 and res["last_loss"] > 0
