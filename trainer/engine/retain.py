@@ -116,16 +116,21 @@ def retained_positions(labels: torch.Tensor, retain: torch.Tensor) -> torch.Tens
 HIDDEN_CACHE_BYTES = 512 * 1024 ** 2
 
 
-def row_key(base: dict, row: int, where: torch.Tensor) -> bytes:
-    """What the base reads in ROW (its unpadded token ids, and positions for packed rows) and where it is
-    asked (WHERE, that row's marked positions): two rows can read the same ids -- an English prompt and a
-    Chinese one whose twin it is -- with different answer tokens marked (truncation cut them apart)."""
-    keep = base["attention_mask"][row].bool() if "attention_mask" in base else slice(None)
-    h = hashlib.blake2b(base["input_ids"][row][keep].cpu().numpy().tobytes(), digest_size=16)
-    h.update(where[keep].cpu().numpy().tobytes())
-    if "position_ids" in base:
-        h.update(base["position_ids"][row][keep].cpu().numpy().tobytes())
-    return h.digest()
+def row_keys(base: dict, rows: torch.Tensor, where: torch.Tensor) -> list[bytes]:
+    """For each of ROWS: what the base reads there (its unpadded token ids, and positions for packed rows) and
+    where it is asked (WHERE, that row's marked positions): two rows can read the same ids -- an English prompt
+    and a Chinese one whose twin it is -- with different answer tokens marked (truncation cut them apart)."""
+    parts = {k: base[k][rows].cpu() for k in ("input_ids", "attention_mask", "position_ids") if k in base}
+    where = where.cpu()                         # one copy to the host for the batch, not one per row
+    keys = []
+    for i in range(len(rows)):
+        keep = parts["attention_mask"][i].bool() if "attention_mask" in parts else slice(None)
+        h = hashlib.blake2b(parts["input_ids"][i][keep].numpy().tobytes(), digest_size=16)
+        h.update(where[i][keep].numpy().tobytes())
+        if "position_ids" in parts:
+            h.update(parts["position_ids"][i][keep].numpy().tobytes())
+        keys.append(h.digest())
+    return keys
 
 
 class RetainTrainer(Trainer):
@@ -136,7 +141,7 @@ class RetainTrainer(Trainer):
         self.retain_kl = retain_kl
         self._kl_logged, self._kl_count = 0.0, 0
         self._hidden = None
-        self._base_hidden: dict[bytes, torch.Tensor] = {}     # row_key -> the base's hidden states there
+        self._base_hidden: dict[bytes, torch.Tensor] = {}     # row_keys -> the base's hidden states there
         self._cached_bytes = 0
         self.base_forwards = 0                                 # rows the base read (the cache spares the rest)
         if retain_kl > 0:
@@ -173,7 +178,7 @@ class RetainTrainer(Trainer):
         """Mean KL(base || tuned) over the retained positions: TUNED_H [n, d] against the base's hidden
         states at WHERE (rows ROWS of the base's inputs BASE), in the same order."""
         peft_model = self.accelerator.unwrap_model(model)
-        keys = [row_key(base, r, w) for r, w in zip(rows.tolist(), where)]
+        keys = row_keys(base, rows, where)
         todo = [i for i, k in enumerate(keys) if k not in self._base_hidden]
         fresh = {}
         if todo:
