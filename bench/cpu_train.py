@@ -3,6 +3,7 @@
     python -m trainer data --name Lumi --author 小菜鸡 --n 100 --mix self --model smollm2 --ratio 0.25 --out d.jsonl
     OMP_NUM_THREADS=2 python bench/cpu_train.py --data d.jsonl --steps 70 --out cpu_train.json
     OMP_NUM_THREADS=2 python bench/cpu_train.py --data d.jsonl --steps 70 --no-hidden-cache    # the engine before
+    OMP_NUM_THREADS=2 python bench/cpu_train.py --data d.jsonl --steps 70 --set attn_implementation=eager
     python bench/cpu_train.py --smoke            # the tiny base, its preset, 6 steps over 2 epochs
 
 Trains `smollm2_135m_lora` (the demo's preset: bf16 frozen weights on CPUs that multiply bf16 natively, the KL term
@@ -38,14 +39,16 @@ def windows(scalars: list[dict], epoch_steps: int, skip: int) -> dict:
         if a not in by or b not in by or b <= a:
             return None
         return round((by[b]["tokens"] - by[a]["tokens"]) / (by[b]["elapsed_s"] - by[a]["elapsed_s"]), 1)
-    steps = [round(by[s]["elapsed_s"] - by[s - 1]["elapsed_s"], 3) for s in range(2, last + 1) if s in by and s - 1 in by]
+    steps = [round(by[s]["elapsed_s"] - by[s - 1]["elapsed_s"], 3)
+             for s in range(2, last + 1) if s in by and s - 1 in by]
     first_end = min(epoch_steps, last)
     return {"epoch_steps": epoch_steps, "first_epoch_tok_s": rate(min(skip, first_end - 1), first_end),
             "later_epochs_tok_s": rate(first_end, last), "step_s": steps,
             "step_s_median": statistics.median(steps) if steps else None, "last_loss": by[last]["loss"]}
 
 
-def run(data: Path, steps: int, preset: str, model: str | None, hidden_cache: bool, work: Path) -> dict:
+def run(data: Path, steps: int, preset: str, model: str | None, hidden_cache: bool, work: Path,
+        sets: tuple[str, ...] = ()) -> dict:
     import torch
     import transformers
 
@@ -58,7 +61,7 @@ def run(data: Path, steps: int, preset: str, model: str | None, hidden_cache: bo
     overrides = {"data": [str(data)], "work_dir": str(work)}
     if model:
         overrides["model"] = model
-    cfg = load_config(preset, overrides, [f"max_steps={steps}", "save_steps=0", "logging_steps=1",
+    cfg = load_config(preset, overrides, [*sets, f"max_steps={steps}", "save_steps=0", "logging_steps=1",
                                           "evaluation_inputs=[]"])
     rows = sum(1 for line in data.read_text(encoding="utf-8").splitlines() if line.strip())
     t0 = time.perf_counter()
@@ -66,7 +69,8 @@ def run(data: Path, steps: int, preset: str, model: str | None, hidden_cache: bo
     scalars = [json.loads(line) for line in (work / "scalars.jsonl").read_text().splitlines()]
     epoch_steps = math.ceil(rows / (cfg.batch_size * cfg.grad_accum))
     res = windows(scalars, epoch_steps, skip=min(10, max(1, min(epoch_steps, steps) // 3)))
-    res.update(preset=preset, steps=steps, rows=rows, hidden_cache=hidden_cache, retain_kl=cfg.retain_kl,
+    res.update(preset=preset, sets=list(sets), steps=steps, rows=rows, hidden_cache=hidden_cache,
+               retain_kl=cfg.retain_kl, attn=cfg.attn_implementation,
                wall_s=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads(), cpu=platform.processor()
                or platform.machine(), torch=torch.__version__, transformers=transformers.__version__,
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
@@ -74,11 +78,12 @@ def run(data: Path, steps: int, preset: str, model: str | None, hidden_cache: bo
 
 
 def table(res: dict) -> str:
+    cache = "kept" if res["hidden_cache"] else "recomputed"
     return "\n".join([
-        "| preset | steps | hidden cache | first epoch tok/s | later epochs tok/s | s/step median | loss at end |",
-        "|---|---:|---|---:|---:|---:|---:|",
-        f"| {res['preset']} | {res['steps']} | {'kept' if res['hidden_cache'] else 'recomputed'} | "
-        f"{res['first_epoch_tok_s']} | {res['later_epochs_tok_s']} | {res['step_s_median']} | {res['last_loss']:.4f} |"])
+        "| preset | --set | steps | hidden cache | first epoch tok/s | later epochs tok/s | s/step median | loss at end |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+        f"| {res['preset']} | {' '.join(res['sets']) or '-'} | {res['steps']} | {cache} | {res['first_epoch_tok_s']} | "
+        f"{res['later_epochs_tok_s']} | {res['step_s_median']} | {res['last_loss']:.4f} |"])
 
 
 def main(argv=None) -> int:
@@ -88,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="smollm2_135m_lora")
     p.add_argument("--model", help="model dir (default: the preset's)")
     p.add_argument("--no-hidden-cache", action="store_true", help="recompute the base's hidden states every epoch")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a preset field, as `train --set`")
     p.add_argument("--out", type=Path)
     p.add_argument("--smoke", action="store_true", help="the tiny base and its general mix, 6 steps, retain_kl on")
     a = p.parse_args(argv)
@@ -102,7 +108,7 @@ def main(argv=None) -> int:
                        "--out", str(a.data)])
         if a.data is None:
             p.error("--data is required (or --smoke)")
-        res = run(a.data, a.steps, a.preset, a.model, not a.no_hidden_cache, tmp / "work")
+        res = run(a.data, a.steps, a.preset, a.model, not a.no_hidden_cache, tmp / "work", tuple(a.set))
     print(table(res))
     if a.out:
         a.out.write_text(json.dumps(res, indent=1))
