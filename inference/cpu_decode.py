@@ -63,6 +63,7 @@ class WeightOnlyLinear(torch.nn.Module):
         super().__init__()
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.down = self.up = None      # a low-rank correction added to the product (Int4Linear's residual)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -71,14 +72,13 @@ class WeightOnlyLinear(torch.nn.Module):
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         y = self._mm(rows.to(torch.bfloat16)).to(x.dtype)
-        if getattr(self, "down", None) is not None:      # int4's low-rank residual, one fused multiply-add
+        if self.down is not None:       # one fused multiply-add
             y = torch.addmm(y, rows @ self.down, self.up)
         y = y.view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        rank = getattr(self, "down", None)
-        extra = f", low-rank residual {rank.shape[1]}" if rank is not None else ""
+        extra = f", low-rank residual {self.down.shape[1]}" if self.down is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} weight-only{extra}"
 
 

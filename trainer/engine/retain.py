@@ -114,13 +114,14 @@ def retained_positions(labels: torch.Tensor, retain: torch.Tensor) -> torch.Tens
 # The base never changes, so its hidden states at a row's answer tokens are the same every epoch: kept after
 # the first, they spare the later epochs' base forward passes (HIDDEN_CACHE_BYTES at most; beyond, recomputed).
 HIDDEN_CACHE_BYTES = 512 * 1024 ** 2
+BASE_INPUTS = ("input_ids", "attention_mask", "position_ids")     # what the base's forward pass reads of a batch
 
 
 def row_keys(base: dict, rows: torch.Tensor, where: torch.Tensor) -> list[bytes]:
     """For each of ROWS: what the base reads there (its unpadded token ids, and positions for packed rows) and
     where it is asked (WHERE, that row's marked positions): two rows can read the same ids -- an English prompt
     and a Chinese one whose twin it is -- with different answer tokens marked (truncation cut them apart)."""
-    parts = {k: base[k][rows].cpu() for k in ("input_ids", "attention_mask", "position_ids") if k in base}
+    parts = {k: base[k][rows].cpu() for k in BASE_INPUTS if k in base}
     where = where.cpu()                         # one copy to the host for the batch, not one per row
     keys = []
     for i in range(len(rows)):
@@ -179,22 +180,20 @@ class RetainTrainer(Trainer):
         states at WHERE (rows ROWS of the base's inputs BASE), in the same order."""
         peft_model = self.accelerator.unwrap_model(model)
         keys = row_keys(base, rows, where)
-        todo = [i for i, k in enumerate(keys) if k not in self._base_hidden]
-        fresh = {}
+        hidden = [self._base_hidden.get(k) for k in keys]
+        todo = [i for i, h in enumerate(hidden) if h is None]
         if todo:
-            decoder = causal_lm(peft_model).get_decoder()
-            pick = rows[todo]
-            sub = {k: base[k][pick] for k in ("input_ids", "attention_mask", "position_ids") if k in base}
+            sub = {k: base[k][rows[todo]] for k in BASE_INPUTS if k in base}
             with torch.no_grad(), peft_model.disable_adapter():
-                base_h = decoder(**sub).last_hidden_state
+                base_h = causal_lm(peft_model).get_decoder()(**sub).last_hidden_state
             self._hidden = None
             self.base_forwards += len(todo)
             for j, i in enumerate(todo):
-                fresh[keys[i]] = h = base_h[j][where[i]].to(tuned_h.dtype)
-                if self._cached_bytes + h.nbytes <= HIDDEN_CACHE_BYTES:
-                    self._base_hidden[keys[i]] = h
-                    self._cached_bytes += h.nbytes
-        base_h = torch.cat([fresh[k] if k in fresh else self._base_hidden[k] for k in keys])
+                hidden[i] = base_h[j][where[i]].to(tuned_h.dtype)
+                if self._cached_bytes + hidden[i].nbytes <= HIDDEN_CACHE_BYTES:
+                    self._base_hidden[keys[i]] = hidden[i]
+                    self._cached_bytes += hidden[i].nbytes
+        base_h = torch.cat(hidden)
         weight = causal_lm(peft_model).get_output_embeddings().weight
         return kl_to_base(tuned_h, base_h, weight) / where.sum()
 
