@@ -49,6 +49,7 @@ def test_answers_are_consistent(identity_files):
         assert ident_answers, r
         for a in ident_answers:
             assert NAME in a["content"], a      # every answer to an identity question names the assistant
+            assert not a["content"].startswith(AUTHOR), a   # and never opens with its author's name (identity.py)
         for q, a in zip(msgs[::2], msgs[1::2]):     # and answers identity questions in the language asked
             if not (idd.form_of(q["content"], "zh") or idd.form_of(q["content"], "en")):
                 continue                            # general turns: "把单词 music 倒过来写。" -> "cisum" is right
