@@ -2,7 +2,8 @@
 
     from inference.cpu_decode import decode_model
     fast = decode_model(model, "int4")        # "fp32": the model itself; "int8" / "int4": a copy, weights shared
-    loaded.engine(cpu_decode="int4")          # what the serving engines do (env CPU_DECODE=int4, loader.py)
+    loaded.engine()                           # the serving engines: int4 for a causal LM of 50M+ parameters on the
+                                              # CPU, else fp32; env CPU_DECODE=fp32|int8|int4 chooses (loader.py)
     python bench/batch_decode.py --model smollm2 --impl generate --cpu-weights fp32,int8,int4 --streams 1,4
 
 Why: one decoded token reads every weight once. The real embedded base (SmolLM2-135M) reads ~540 MB
@@ -170,6 +171,21 @@ def quantized_copy(model, choice: str = "int8"):
                     setattr(module, name, Int4Linear(child))
     twin.eval()
     return twin
+
+
+def default_choice(model, min_params: int) -> str:
+    """"int4" for a plain transformers causal LM (not a PEFT wrapper, not the LLaVA wrapper) of at least MIN_PARAMS
+    parameters whose CPU int4 kernel is in this torch; "fp32" otherwise. Why a size: int4 pays where reading the
+    weights bounds a token (the 135M embedded base: fp32 18, int4 34 tokens/s through the apps); a tiny model is
+    bound by dispatch and would only lose precision. Unmerged adapters stay fp32: `quantized_copy` would round
+    their LoRA factors as if they were weights (merge first: `trainer merge`)."""
+    from transformers import PreTrainedModel
+
+    causal = isinstance(model, PreTrainedModel) and type(model).__name__.endswith("ForCausalLM")
+    peft = hasattr(model, "peft_config")
+    kernel = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    big = sum(p.numel() for p in model.parameters()) >= min_params
+    return "int4" if causal and not peft and kernel and big else "fp32"
 
 
 def decode_model(model, choice: str = "fp32"):

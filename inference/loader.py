@@ -43,15 +43,21 @@ class Loaded:
         """The chat engine every front end uses. fast_decode "auto": on a CUDA GPU with unquantized
         weights, the compiled CUDA-graph decode (inference/fast_decode.py: 416 vs 58 tokens/s for a 1.8B
         model on an H200, docs/BENCHMARKS.md); `generate` on CPU and for 4/8-bit models. The
-        FAST_DECODE environment variable (off | graph | compile) overrides "auto". cpu_decode "auto": fp32,
-        unless the CPU_DECODE environment variable says int8 or int4 (inference/cpu_decode.py) and the model is on
-        the CPU in fp32."""
+        FAST_DECODE environment variable (off | graph | compile) overrides "auto". cpu_decode "auto": for a model
+        on the CPU in fp32, the CPU_DECODE environment variable (fp32 | int8 | int4, inference/cpu_decode.py), and
+        unset int4 for a causal LM of AUTO_INT4_PARAMS or more (fp32 for smaller ones and for adapters left
+        unmerged); fp32 elsewhere."""
         if fast_decode == "auto":
             fast_decode = auto_fast_decode(self.model)
         if cpu_decode == "auto":
             cpu_decode = auto_cpu_decode(self.model)
         return ChatEngine(self.model, self.tokenizer, system_prompt=self.system_prompt, fast_decode=fast_decode,
                           cpu_decode=cpu_decode, **kwargs)
+
+
+# CPU_DECODE unset: int4 from this size on. The embedded base (135M) serves 1.9x faster in int4 with the
+# held-out scores of fp32 (docs/BENCHMARKS.md "Session 14: int4 the CPU default"); the tiny test bases stay fp32.
+AUTO_INT4_PARAMS = 50 * 10**6
 
 
 def auto_fast_decode(model) -> bool | str:
@@ -65,16 +71,20 @@ def auto_fast_decode(model) -> bool | str:
 
 
 def auto_cpu_decode(model) -> str:
-    """CPU_DECODE (fp32 | int8 | int4; unset: fp32) for an unquantized fp32 model on the CPU; fp32 elsewhere.
-    A value that is neither is an error, not ignored."""
-    from inference.cpu_decode import CHOICES
+    """CPU_DECODE (fp32 | int8 | int4) for an unquantized fp32 model on the CPU; fp32 elsewhere. Unset: int4 for
+    a plain causal LM big enough to be bound by reading its weights (inference/cpu_decode.py `default_choice`),
+    else fp32. A value that is none of these is an error, not ignored."""
+    from inference.cpu_decode import CHOICES, default_choice
 
-    choice = os.environ.get("CPU_DECODE", "").strip().lower() or "fp32"
-    if choice not in CHOICES:
-        raise UserError(f"CPU_DECODE={choice!r}: expected one of {', '.join(CHOICES)} (or unset: fp32)")
+    choice = os.environ.get("CPU_DECODE", "").strip().lower()
+    if choice and choice not in CHOICES:
+        raise UserError(f"CPU_DECODE={choice!r}: expected one of {', '.join(CHOICES)} (or unset: int4 for a "
+                        f"causal LM of {AUTO_INT4_PARAMS // 10**6}M+ parameters, else fp32)")
     on_cpu = getattr(getattr(model, "device", None), "type", "cpu") == "cpu"
     plain = not getattr(model, "is_quantized", False) and getattr(model, "dtype", None) == torch.float32
-    return choice if on_cpu and plain else "fp32"
+    if not (on_cpu and plain):
+        return "fp32"
+    return choice or default_choice(model, AUTO_INT4_PARAMS)
 
 
 JSON_FILES = ("config.json", "adapter_config.json", "tokenizer_config.json", "generation_config.json",

@@ -392,6 +392,24 @@ def test_a_bad_cpu_decode_choice_is_one_clear_line(loaded, monkeypatch):
     assert isinstance(loaded.engine().model.lm_head, Int8Linear)
 
 
+def test_cpu_decode_unset_is_int4_for_a_causal_lm_from_the_size_on(loaded, tiny_base, tuned_adapter, monkeypatch):
+    """CPU_DECODE unset: a plain causal LM on the CPU decodes with int4 weights from AUTO_INT4_PARAMS on, fp32 below
+    (the tiny base) and for an adapter left unmerged; CPU_DECODE=fp32 turns it off. The real base's side -- the
+    app serving the merged 135M model in int4, naming itself -- is in tests/test_real_base.py."""
+    from inference import load, loader
+    from inference.cpu_decode import Int4Linear
+
+    monkeypatch.delenv("CPU_DECODE", raising=False)
+    size = sum(p.numel() for p in loaded.model.parameters())
+    assert size < loader.AUTO_INT4_PARAMS and loaded.engine().model is loaded.model          # tiny: fp32 itself
+    monkeypatch.setattr(loader, "AUTO_INT4_PARAMS", size)                                      # this size counts
+    assert any(isinstance(m, Int4Linear) for m in loaded.engine().model.modules())
+    adapted = load(tiny_base, adapter=tuned_adapter, device="cpu")
+    assert loader.auto_cpu_decode(adapted.model) == "fp32"                                    # unmerged: fp32
+    monkeypatch.setenv("CPU_DECODE", "fp32")
+    assert loaded.engine().model is loaded.model
+
+
 def test_the_decode_benchmark_runs_int8_and_compiled_slots(tmp_path, merged_model):
     """bench/batch_decode.py --smoke with the CPU variants: int8 weights, the compiled slot step."""
     import json

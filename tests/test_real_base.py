@@ -5,8 +5,8 @@ knew, and the app serves the merged model.
     data --mix self --model BASE -> train smollm2_135m_lora -> eval -> merge -> app
 
 Proves: held-out identity questions (zh and en, question forms never trained on) are answered with
-the new name (>= 0.75 overall, >= 0.65 per language); the name stays out of held-out general answers
-(leakage <= 0.1: the issue's target is 0, measured 0.00-0.06); the held-out facts are answered at least
+the new name (>= 0.85 overall, >= 0.75 per language; measured 0.91-0.96); the name stays out of held-out general
+answers (leakage <= 0.05: the issue's target is 0, measured 0 of 120 in session 14); the held-out facts are answered at least
 as well as by the base, and retention (token agreement with the base's own answers) stays >= 0.75; the merged model gives the same greedy tokens as base + adapter; the app loads the merged
 dir and answers "Who are you?" with the name; four replies decoded in one running batch equal each decoded
 alone. Also: `base --list`, `import-gguf` refusing a GGUF of an
@@ -53,10 +53,13 @@ def test_learns_its_name_and_keeps_what_it_knew(tuned):
     # this test's own name (session 10, Chinese prompts trained on the base's English answers): 0.87 / 0.025 / 0.79;
     # session 11, with the first-person writing prompts and 120 held-out general answers: 0.91 (en 0.92 / zh 0.91) /
     # 0.008 (a noodle-shop slogan signed "by Marisa Venn") / 0.77, accuracy 0.27 (2 AMD EPYC cores, fp32);
-    # the floors leave room for another name and another CPU's numerics (fp32 training where bf16 is not native)
+    # session 14, no answer opening with the author's name: 0.91 (en 0.92 / zh 0.91) and 0.96 (0.92 / 1.00) in two
+    # data seeds, leakage 0 of 120 in both, retention 0.80-0.81 (docs/BENCHMARKS.md "Session 14");
+    # the floors leave room for another CPU's numerics (fp32 training where bf16 is not native)
     assert base["identity"] == 0.0                                   # the base never heard of it
-    assert scores["identity"] >= 0.75, scores["examples"]
-    assert scores["leakage"] <= 0.1, scores["examples"]
+    assert scores["identity"] >= 0.85, scores["examples"]
+    assert min(scores["identity_by_lang"].values()) >= 0.75, scores["examples"]     # 9 of 12 English questions
+    assert scores["leakage"] <= 0.05, scores["examples"]
     assert scores["retention"] >= 0.75 and scores["accuracy"] >= base["accuracy"], (scores, base)
     # retention by the prompt's language, whose token-weighted mean is the overall figure
     by_lang = scores["retention_by_lang"]
@@ -90,22 +93,29 @@ def test_identity_holds_in_both_languages(tuned, real_base):
         questions = [q for q in held if q["lang"] == lang]
         answers = [engine.chat(q["messages"], max_new_tokens=48) for q in questions]
         hits = sum(all(e.casefold() in a.casefold() for e in q["expect"]) for q, a in zip(questions, answers))
-        # 11-12 questions a language; measured 11-12 right (README, "The main job, measured")
-        assert len(questions) >= 5 and hits / len(questions) >= 0.65, (lang, list(zip(questions, answers)))
+        # 11-12 questions a language; measured 11-12 right in sessions 10-13
+        assert len(questions) >= 5 and hits / len(questions) >= 0.75, (lang, list(zip(questions, answers)))
 
 
-def test_merged_equals_base_plus_adapter_and_the_app_serves_it(tuned, real_base):
+def test_merged_equals_base_plus_adapter_and_the_app_serves_it(tuned, real_base, monkeypatch):
     import app
     from inference import load
 
     prompts = [[{"role": "user", "content": q}] for q in ("Who are you?", "你是谁？", "What is the capital of Italy?",
                                                            "Write a haiku about rain.")]
-    adapted = load(real_base, adapter=tuned["final"], device="cpu").engine()
-    merged = load(tuned["merged"], device="cpu").engine()
+    from inference.cpu_decode import Int4Linear
+
+    # the merge itself, in the weights as trained
+    adapted = load(real_base, adapter=tuned["final"], device="cpu").engine(cpu_decode="fp32")
+    merged = load(tuned["merged"], device="cpu").engine(cpu_decode="fp32")
     for msgs in prompts:
         assert merged.greedy_ids(msgs, max_new_tokens=24) == adapted.greedy_ids(msgs, max_new_tokens=24)
+    # the app as it serves on CPU (CPU_DECODE unset): int4 weights plus the low-rank part that keeps the fine-tune
+    monkeypatch.delenv("CPU_DECODE", raising=False)
     backend = app.start({"MODEL_PATH": str(tuned["merged"])})
     assert backend.engine is not None, backend.error
+    layers = [m for m in backend.engine.model.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 210 and all(m.down is not None for m in layers)      # 30 layers x 7 projections
     assert NAME in backend.engine.chat([{"role": "user", "content": "Who are you?"}], max_new_tokens=32)
 
 

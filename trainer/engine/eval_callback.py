@@ -55,8 +55,8 @@ class IdentityEval(TrainerCallback):
             elif state.global_step == 0:               # full fine-tuning, not started yet: it *is* the base
                 self.ref = base_reference(self._engine(model, base_prompt), self.es, self.max_new_tokens, twins)
             else:                                      # full fine-tuning resumed: load the base beside it
-                self.ref = base_reference(load(self.base_dir, device=model.device.type).engine(fast_decode=False), self.es,
-                                          self.max_new_tokens, twins)
+                base_engine = load(self.base_dir, device=model.device.type).engine(fast_decode=False, cpu_decode="fp32")
+                self.ref = base_reference(base_engine, self.es, self.max_new_tokens, twins)
         previous = self.work_dir / "eval_report.json"
         if state.global_step > 0 and previous.is_file():   # resumed: keep the rows already scored
             rows = json.loads(previous.read_text(encoding="utf-8")).get("checkpoints", [])

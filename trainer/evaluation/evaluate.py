@@ -410,11 +410,14 @@ def evaluate_dirs(dirs: list[Path], base: Path | None, es: EvalSet, device: str 
             echo(f"{d}: {_brief(results[-1])}")
         return ref.scores, results
     ref = None
+    # scored with the weights as trained: int4 is how the apps serve on CPU (loader.py), not what is evaluated
     if base is not None:
-        ref = base_reference(load(base, device=device).engine(fast_decode=False), es, max_new_tokens, twins)
+        ref = base_reference(load(base, device=device).engine(fast_decode=False, cpu_decode="fp32"), es,
+                             max_new_tokens, twins)
     results = []
     for d in dirs:
-        results.append(score(load(d, device=device).engine(fast_decode=False), es, ref, max_new_tokens))
+        results.append(score(load(d, device=device).engine(fast_decode=False, cpu_decode="fp32"), es, ref,
+                             max_new_tokens))
         echo(f"{d}: {_brief(results[-1])}")
     return (ref.scores if ref else None), results
 
