@@ -410,6 +410,22 @@ def test_cpu_decode_unset_is_int4_for_a_causal_lm_from_the_size_on(loaded, tiny_
     assert loaded.engine().model is loaded.model
 
 
+def test_the_prefill_benchmark_runs_fp32_and_int4(tmp_path, merged_model):
+    """bench/cpu_prefill.py --smoke: one timed forward pass per weight kind and prompt length, the copy's cost."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "prefill.json"
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "bench" / "cpu_prefill.py"), "--smoke", "--model", str(merged_model),
+                    "--weights", "fp32,int4", "--out", str(out)], check=True, cwd=repo, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["weights"], r["tokens"]) for r in rows] == [(w, n) for w in ("fp32", "int4") for n in (16, 32)]
+    assert all(r["median_s"] > 0 for r in rows) and rows[-1]["copy_s"] > 0
+
+
 def test_the_decode_benchmark_runs_int8_and_compiled_slots(tmp_path, merged_model):
     """bench/batch_decode.py --smoke with the CPU variants: int8 weights, the compiled slot step."""
     import json
