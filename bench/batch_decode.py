@@ -21,7 +21,8 @@ Rows of the table (each level run once untimed, then `--repeats` times; median a
 - compiled-slots: the slot batcher with its step torch.compile'd on any device (CPU: inductor's C++);
 - dynamic:   the dynamic-cache batcher (inference/batching.py), N consumer threads.
 - serve:     what the apps and the API run: `ChatEngine(max_batch=SERVING_BATCH).stream_chat` (on CPU the dynamic
-             batcher) with its detokeniser, N consumer threads.
+             batcher) with its detokeniser, N consumer threads; the engine makes its own int8 / int4 copy (prompts
+             read by the fp32 model, as the apps do).
 `--cpu-weights fp32,int8,int4` runs every row once per weight kind: int8 / int4 are the engine's
 `cpu_decode="int8"` / `"int4"` (inference/cpu_decode.py: weight-only linear layers, CPU only).
 Consumers only drain token ids, so the batcher rows show what the core can decode; bench/serve_load.py
@@ -181,8 +182,8 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
         elif impl in ("stream", "thread", "drain", "worker"):
             engine = loaded.engine(fast_decode=False, cpu_decode="fp32")
             engine.stop = never
-        elif impl == "serve":          # the apps' engine (app.py, web_demo.py, inference/api.py)
-            engine = loaded.engine(fast_decode=False, cpu_decode="fp32", max_batch=max(SERVING_BATCH, *streams))
+        elif impl == "serve":          # the apps' engine (app.py, web_demo.py, inference/api.py), its own int4 / int8 copy
+            engine = base.engine(fast_decode=False, cpu_decode=w, max_batch=max(SERVING_BATCH, *streams))
             if engine.batcher is not None:
                 engine.batcher.stop = set()
             engine.stop = never

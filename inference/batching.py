@@ -75,8 +75,13 @@ def supports(model) -> bool:
 
 
 class Batcher:
-    def __init__(self, model, stop_ids: list[int], max_batch: int = 8, lock: threading.Lock | None = None):
+    def __init__(self, model, stop_ids: list[int], max_batch: int = 8, lock: threading.Lock | None = None,
+                 prefill_model=None):
         self.model = model
+        # the model a new request's prompt is read with (default: MODEL). The engine passes the fp32 model when
+        # MODEL is its int4 decode copy: torch's int4 kernel reads 512 prompt tokens 1.43x slower than fp32's GEMM,
+        # while one token a step runs 2x faster (bench/cpu_prefill.py, docs/BENCHMARKS.md "Session 14")
+        self.prefill_model = prefill_model or model
         self.stop = set(stop_ids)
         self.max_batch = max_batch
         self.lock = lock or threading.Lock()
@@ -176,9 +181,9 @@ class Batcher:
     def _reset(self) -> None:
         self._active, self._cache, self._mask = [], None, None
 
-    def _forward(self, **kwargs) -> torch.Tensor:
+    def _forward(self, model=None, **kwargs) -> torch.Tensor:
         with self.lock, torch.no_grad():
-            return self.model(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1, :].float()
+            return (model or self.model)(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1, :].float()
 
     def _admit_all(self, reqs: list[_Request]) -> None:
         for req in reqs:
@@ -190,7 +195,7 @@ class Batcher:
             return
         cache = DynamicCache(config=self.model.config)
         ids = torch.tensor([req.prompt], device=self.model.device)
-        logits = self._forward(input_ids=ids, cache=cache)
+        logits = self._forward(self.prefill_model, input_ids=ids, cache=cache)
         req.length = len(req.prompt)
         if self._emit(req, self._pick([req], logits)[0]):
             req.out.put(_END)                    # ended on its first token: it never joins

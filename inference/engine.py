@@ -106,6 +106,7 @@ class ChatEngine:
         # cpu_decode "int8" / "int4": decode with an int8 / int4-weight copy of the model (inference/cpu_decode.py; CPU only)
         from inference.cpu_decode import decode_model
 
+        self.loaded_model = model       # as loaded: the batcher reads prompts with it (faster than int4 over many rows)
         model = decode_model(model, cpu_decode)
         self.model = model
         self.tokenizer = tokenizer
@@ -155,7 +156,8 @@ class ChatEngine:
             self.max_context = length             # a prompt and its reply must fit one slot
             return SlotBatcher(self.model, self.stop, max_batch=max_batch, lock=self._lock, max_len=length,
                                compile=True if kind == "compiled-slots" else None)
-        return Batcher(self.model, self.stop, max_batch=max_batch, lock=self._lock) if supports(self.model) else None
+        return Batcher(self.model, self.stop, max_batch=max_batch, lock=self._lock,
+                       prefill_model=self.loaded_model) if supports(self.model) else None
 
     def _gen_kwargs(self, max_new_tokens, temperature, top_p, repetition_penalty, top_k: int = 0) -> dict:
         kw = dict(max_new_tokens=max_new_tokens, eos_token_id=self.stop,

@@ -410,6 +410,28 @@ def test_cpu_decode_unset_is_int4_for_a_causal_lm_from_the_size_on(loaded, tiny_
     assert loaded.engine().model is loaded.model
 
 
+def test_int4_serving_reads_prompts_with_the_fp32_model_and_decodes_in_int4(loaded):
+    """The batcher (the apps' path) prefills with the model as loaded -- torch's int4 kernel is slower than fp32's
+    GEMM over many prompt rows -- and makes every decode step with the int4 copy; the first token is fp32's."""
+    from inference.cpu_decode import Int4Linear
+
+    engine = loaded.engine(cpu_decode="int4", max_batch=2)
+    int4 = engine.batcher.model
+    assert int4 is not loaded.model and any(isinstance(m, Int4Linear) for m in int4.modules())
+    seen = {"fp32": [], "int4": []}
+    hooks = [m.register_forward_hook(lambda mod, args, kw, out, k=k: seen[k].append(kw["input_ids"].shape[1]),
+                                     with_kwargs=True) for k, m in (("fp32", loaded.model), ("int4", int4))]
+    try:
+        ids = list(engine.batcher.tokens(engine.prepare(_ask("Who are you?"), None, 6)[0].tolist(), 6))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen["fp32"]) == 1 and seen["fp32"][0] > 1                  # the prompt, once, in fp32
+    assert seen["int4"] == [1] * (len(ids) - 1)                            # then one token a step, in int4
+    fp32_first = loaded.engine(cpu_decode="fp32").greedy_ids(_ask("Who are you?"), 1)
+    assert ids[0] == fp32_first[0]
+
+
 def test_the_prefill_benchmark_runs_fp32_and_int4(tmp_path, merged_model):
     """bench/cpu_prefill.py --smoke: one timed forward pass per weight kind and prompt length, the copy's cost."""
     import json
