@@ -55,7 +55,7 @@ class Loaded:
                           cpu_decode=cpu_decode, **kwargs)
 
 
-# CPU_DECODE unset: int4 from this size on. The embedded base (135M) serves 1.9x faster in int4 with the
+# CPU_DECODE unset: int4 from this size on. The embedded base (135M) serves 2.0x faster in int4 with the
 # held-out scores of fp32 (docs/BENCHMARKS.md "Session 14: int4 the CPU default"); the tiny test bases stay fp32.
 AUTO_INT4_PARAMS = 50 * 10**6
 
