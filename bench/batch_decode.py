@@ -170,9 +170,11 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
               "temperature": temperature,
               "repeats": repeats, "date": time.strftime("%Y-%m-%d"), "rows": []}
     # the int8 / int4 copy is what `cpu_decode=...` gives the engine; its engines then decode it as is
-    models = {w: decode_model(base.model, w) for w in weights}
+    models = {}      # made on first use: `serve` rows build their engine's own copy, as the apps do
     for w, impl in [(w, impl) for w in weights for impl in impls]:
-        loaded = dataclasses.replace(base, model=models[w])
+        if impl != "serve" and w not in models:
+            models[w] = decode_model(base.model, w)
+        loaded = dataclasses.replace(base, model=models.get(w, base.model))
         if impl in (*SLOT_IMPLS, "dynamic"):
             kind = "slots" if impl == "slots-lockstep" else impl
             engine = loaded.engine(fast_decode=False, cpu_decode="fp32", max_batch=max(streams), batch_decoder=kind)
