@@ -4,6 +4,7 @@
     python bench/decode_speed.py --model /tmp/bench/model-internlm2-1.8b --impl graph --out graph.json
     python bench/decode_speed.py --model M --impl compile --cache-dir /tmp/ind-decode --out cold.json  # empty dir
     python bench/decode_speed.py --model M --impl compile --cache-dir /tmp/ind-decode --out warm.json  # again
+    python bench/decode_speed.py --model M --impl compile --inductor coordinate_descent_tuning=1 --cache-dir EMPTY
     python bench/decode_speed.py --table gen.json graph.json cold.json warm.json    # markdown table
     python bench/decode_speed.py --smoke            # tiny random model on CPU: all three, same greedy ids
 
@@ -184,6 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache-dir", type=Path, help="inductor cache dir for --impl compile (empty: a cold start)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config.KEY (int / bool as 0 or 1) before compiling: options to measure "
+                        "before the engine takes them (e.g. coordinate_descent_tuning=1, gpt-fast's setting)")
     p.add_argument("--profile", type=int, default=0, metavar="TOKENS",
                    help="after timing, profile one reply of TOKENS tokens (CUDA): top kernels, kernels per token")
     p.add_argument("--out", type=Path, help="write the result as JSON")
@@ -195,6 +199,16 @@ def main(argv=None) -> int:
     if a.table:
         print(table([json.loads(f.read_text()) for f in a.table]))
         return 0
+    if any("=" not in kv for kv in a.inductor):
+        p.error("--inductor takes KEY=VALUE, e.g. coordinate_descent_tuning=1")
+    options = dict(kv.split("=", 1) for kv in a.inductor)
+    if options:
+        import torch._inductor.config as inductor
+
+        for key, value in options.items():
+            if not hasattr(inductor, key):
+                p.error(f"--inductor {key}: torch._inductor.config has no such option")
+            setattr(inductor, key, type(getattr(inductor, key))(int(value)))
     if a.smoke:
         return smoke(a.smoke_tokenizer, a.smoke_backend)
     if a.model is None:
@@ -208,6 +222,9 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if options:
+        result["inductor"] = options
+        result["label"] += " " + ",".join(f"{k}={v}" for k, v in options.items())
     print(f"RESULT decode {result['label']}: first call {result['first_call_s']:.2f} s "
           f"(load {result['load_s']:.1f} s), "
           f"{result['tokens_per_s']:.0f} tok/s per reply, {result['ms_per_token']:.2f} ms/token decode, "

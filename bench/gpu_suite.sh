@@ -39,6 +39,8 @@
 #            QLoRA and bits auto as shipped (16 x 1, all recomputed), once each
 #   train10: (session 10) the course's job as shipped vs bits auto merged in-process, plain QLoRA vs bits auto, after
 #            the adapters' input casts went under autocast (session 9's fix), once each
+#   decode15: (session 15) decode10's compiled decode and streaming rows again, beside the same compiled decode with
+#            inductor's coordinate-descent tuning (gpt-fast's setting), cold and warm, each in its own cache dir
 #   decode10: (session 10) compiled batch-1 decode cold and warm, the streaming paths against generate, the slot
 #            batcher, on whatever card comes (the issue's 600 tokens/s is about an H200)
 #   course9: (session 9) the course's job as shipped against bits auto merged in the training process
@@ -108,7 +110,7 @@ EOF
 export PEAK_TFLOPS=$(grep -o 'matmul [0-9]*' "$L/ceilings.log" | grep -o '[0-9]*' || echo 780)
 python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 case "$STAGE" in   # stages that never read the packed identity data: decode, serving, big3 (its own shape)
-  big3|serve5|serve6|serve6b|serve7|serve7b|serve7c|check8|decode10) ;;
+  big3|serve5|serve6|serve6b|serve7|serve7b|serve7c|check8|decode10|decode15) ;;
   *) step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001 ;;
 esac
 ls -la $R
@@ -222,6 +224,22 @@ decode10)  # session 10 (issue 19): compiled batch-1 decode cold then warm (the 
   step core 90 $BD --impl generate slots --streams 1,16 --out $R/core.json
   serve6_tables
   python3 bench/decode_speed.py --table $R/decode_cold.json $R/decode_warm.json 2>/dev/null | tee -a $L/serve6_table.txt
+  ;;
+decode15)  # session 15 (issue 19): decode10 beside coordinate-descent tuning; 1.8B shape, SmolLM2's tokenizer
+  M=$R/model-1.8b-smolvocab
+  build_smol
+  rm -rf /tmp/ind-plain /tmp/ind-cdt
+  D="python3 bench/decode_speed.py --model $M --impl compile --new-tokens 256 --repeats 3"
+  CDT="--inductor coordinate_descent_tuning=1"
+  step decode_cold 110 $D --cache-dir /tmp/ind-plain --out $R/decode_cold.json
+  step cdt_cold 200 $D --cache-dir /tmp/ind-cdt $CDT --out $R/cdt_cold.json
+  step decode_warm 70 $D --cache-dir /tmp/ind-plain --out $R/decode_warm.json
+  step cdt_warm 70 $D --cache-dir /tmp/ind-cdt $CDT --out $R/cdt_warm.json
+  BD="python3 bench/batch_decode.py --model $M --max-tokens 64 --repeats ${REPEATS:-3}"
+  step core_stream 100 $BD --impl generate worker stream --streams 1 --out $R/core_stream.json
+  serve6_tables
+  python3 bench/decode_speed.py --table $R/decode_cold.json $R/decode_warm.json $R/cdt_cold.json $R/cdt_warm.json \
+    2>/dev/null | tee -a $L/serve6_table.txt
   ;;
 course9)  # session 9 (issue 19): the course's job end to end (bench/course_e2e.py) as shipped (QLoRA, then a second
   # `merge` process) against `bits: auto` (bf16 LoRA: no quantisation) merged in the training process (--merge-to)

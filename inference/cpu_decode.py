@@ -25,7 +25,8 @@ by torch's `_weight_int4pack_mm_for_cpu` on bf16 activations (its fp32 / fp16 pa
 here); the output layer stays int8. An eighth of fp32's bytes: for the real base on 2 EPYC cores `generate`
 runs 52 tokens/s against fp32's 18 and int8's 44 (docs/BENCHMARKS.md "Session 12: int4 weights"); a fine-tuned model,
 with the residual below, 42 through `generate` and 34 through the apps' serving path (int8 32, fp32 18: "Session 13").
-Layers whose input width is not a multiple of 32 stay as they are.
+Layers whose input width is not a multiple of 32 or output width not one of 16 stay as they are (an output
+layer of that kind takes int8).
 
 What 4 bits lose is put back where it is low-rank: `Int4Linear` also keeps the top singular directions of
 W - dequant(quant(W)) when they hold most of it (`RESIDUAL_RANK`, `RESIDUAL_SHARE`), added in fp32 at run time.
@@ -46,6 +47,7 @@ CHOICES = ("fp32", "int8", "int4")
 GROUP = 32          # int4: weights per (scale, offset) pair, as llama.cpp's Q4_0 / Q4_1
 RESIDUAL_RANK = 32  # int4: at most this many singular directions of the rounding residual kept (LoRA ranks <= 32)
 RESIDUAL_SHARE = 0.5  # ... and only when they hold at least this share of its energy (low-rank, not noise)
+SHORTLIST = 64      # int4 output layer: the tokens with the best 4-bit logits whose logits are recomputed in fp32
 
 
 def check(choice: str) -> str:
@@ -121,16 +123,40 @@ class Int4Linear(WeightOnlyLinear):
 
     bits = 4
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, residual: bool = True):
         super().__init__(linear)
         w = linear.weight.detach().float()
         q, scale_zero, rounded = int4_rounding(w)
         self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
         self.register_buffer("scale_zero", scale_zero)
-        self.down, self.up = low_rank_residual(w - rounded)
+        if residual:
+            self.down, self.up = low_rank_residual(w - rounded)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight_int4, GROUP, self.scale_zero)
+
+
+class ShortlistHead(Int4Linear):
+    """The output layer: every logit from 4-bit weights, then the SHORTLIST best of them recomputed from the
+    layer's own fp32 weights (shared with the model, not copied) and put in their place. A greedy pick is then
+    the fp32 layer's unless its best token is not among the 4-bit best SHORTLIST (bench/quant_agreement.py counts
+    it), and sampling sees exact logits where nearly all of its probability is; the tail keeps 4-bit logits.
+    Why: the output layer is a tenth of SmolLM2's weights but a sixth of an int4 token's time at int8
+    (49,152 x 576), and where 4 bits show first -- all-int4 lost facts that int8 kept (session 12)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__(linear, residual=False)
+        self.exact = linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        rows, flat = x.reshape(-1, x.shape[-1]), logits.view(-1, self.out_features)
+        top = flat.topk(min(SHORTLIST, self.out_features), dim=-1).indices            # [rows, SHORTLIST]
+        exact = torch.einsum("rd,rkd->rk", rows, self.exact[top])
+        if self.bias is not None:
+            exact = exact + self.bias[top]
+        flat.scatter_(1, top, exact.to(flat.dtype))
+        return logits
 
 
 def low_rank_residual(residual: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -163,11 +189,14 @@ def quantized_copy(model, choice: str = "int8"):
             for name, child in list(module.named_children()):
                 if type(child) is not torch.nn.Linear:
                     continue
-                # int4 keeps the output layer at int8, as llama.cpp's Q4_K_M keeps it at 6 bits: the logits are
-                # where rounding shows first (greedy replies identical to fp32: all-int4 2 of 16, this 7; session 12)
-                if choice == "int8" or child is head:
+                packs = child.in_features % GROUP == 0 and child.out_features % 16 == 0    # the int4 kernel's rule
+                if choice == "int8" or (child is head and not packs):
                     setattr(module, name, Int8Linear(child))
-                elif child.in_features % GROUP == 0:
+                elif not packs:
+                    continue
+                elif child is head:       # the logits are where rounding shows first: the best ones in fp32
+                    setattr(module, name, ShortlistHead(child))
+                else:
                     setattr(module, name, Int4Linear(child))
     twin.eval()
     return twin

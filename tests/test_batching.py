@@ -271,15 +271,16 @@ def test_int8_cpu_decode_gives_a_sane_reply(loaded):
 
 def test_int4_cpu_decode_gives_a_sane_reply(loaded):
     """cpu_decode="int4": the same, with 4-bit weights in groups of 32 (torch's CPU int4 kernel) in every
-    decoder layer and the output layer at int8."""
+    decoder layer and the output layer's best logits recomputed from its own fp32 weights (`ShortlistHead`)."""
     import torch
 
-    from inference.cpu_decode import Int4Linear, Int8Linear
+    from inference.cpu_decode import Int4Linear, ShortlistHead
 
     engine = loaded.engine(cpu_decode="int4")
     layers = engine.model.model.layers
     assert all(isinstance(m, Int4Linear) for layer in layers for m in (layer.self_attn.q_proj, layer.mlp.down_proj))
-    assert isinstance(engine.model.lm_head, Int8Linear) and type(loaded.model.lm_head) is torch.nn.Linear
+    assert isinstance(engine.model.lm_head, ShortlistHead) and type(loaded.model.lm_head) is torch.nn.Linear
+    assert engine.model.lm_head.exact is loaded.model.lm_head.weight                 # shared, not copied
     reply = engine.chat(_ask("Who are you?"), max_new_tokens=24)
     assert reply.strip() and "\ufffd" not in reply
     assert loaded.engine(cpu_decode="int4", max_batch=2).chat(_ask("Who are you?"), max_new_tokens=24).strip()
@@ -362,6 +363,51 @@ def test_int4_keeps_a_fine_tune_merged_onto_a_base_on_the_4bit_grid():
     with torch.no_grad():
         assert seen(tuned4._mm(x.bfloat16()).float(), base4._mm(x.bfloat16()).float()) < 0.3   # 4 bits alone: lost
         assert seen(tuned4(x), base4(x)) > 0.9
+
+
+def test_the_int4_output_layer_gives_the_fp32_layers_best_logits_exactly():
+    """ShortlistHead: the SHORTLIST tokens with the best 4-bit logits get the fp32 layer's logits, bit for bit
+    as the fp32 matmul gives them, so the greedy pick is the fp32 layer's; the others keep their 4-bit logits,
+    which differ (it is not an fp32 layer in disguise). A bias is added to both."""
+    import torch
+
+    from inference.cpu_decode import GROUP, SHORTLIST, Int4Linear, ShortlistHead
+
+    torch.manual_seed(0)
+    vocab, dim = 4 * SHORTLIST + 16, 4 * GROUP
+    linear = torch.nn.Linear(dim, vocab, bias=True)
+    head = ShortlistHead(linear)
+    x = torch.randn(2, 3, dim)
+    with torch.no_grad():
+        exact, got, four = linear(x), head(x), Int4Linear(linear, residual=False)(x)
+    assert got.shape == exact.shape == (2, 3, vocab)
+    top = four.topk(SHORTLIST, dim=-1).indices
+    assert torch.allclose(got.gather(-1, top), exact.gather(-1, top), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+    rest = torch.ones_like(got, dtype=torch.bool).scatter(-1, top, False)
+    assert torch.equal(got[rest], four[rest]) and not torch.allclose(got[rest], exact[rest], atol=1e-3)
+    assert head.down is None                     # no SVD of the vocabulary-sized residual
+
+
+def test_int4_leaves_layers_the_kernel_cannot_pack_and_an_odd_vocabulary_takes_int8():
+    """torch's int4 kernel packs only input widths in multiples of 32 and output widths in multiples of 16: other
+    layers keep their fp32 weights, and an output layer of that kind gets int8 instead of the shortlist."""
+    import torch
+
+    from inference.cpu_decode import GROUP, Int4Linear, Int8Linear, quantized_copy
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.packs, self.odd_out = torch.nn.Linear(4 * GROUP, 64), torch.nn.Linear(4 * GROUP, 40)
+            self.lm_head = torch.nn.Linear(4 * GROUP, 263)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    twin = quantized_copy(Tiny(), "int4")
+    assert isinstance(twin.packs, Int4Linear) and type(twin.odd_out) is torch.nn.Linear
+    assert isinstance(twin.lm_head, Int8Linear)
 
 
 def test_the_compiled_cpu_slot_step_equals_the_eager_one(loaded):
