@@ -22,9 +22,11 @@ measures it on the bundled held-out prompts).
 `int4` (`Int4Linear`): 4-bit weights in groups of 32 along the input, each group with its own scale and
 offset (w = q x scale + min, q in 0..15: llama.cpp's Q4_1, the very format the embedded base ships in), run
 by torch's `_weight_int4pack_mm_for_cpu` on bf16 activations (its fp32 / fp16 paths are ~30x slower
-here); the output layer stays int8. An eighth of fp32's bytes: for the real base on 2 EPYC cores `generate`
-runs 52 tokens/s against fp32's 18 and int8's 44 (docs/BENCHMARKS.md "Session 12: int4 weights"); a fine-tuned model,
-with the residual below, 42 through `generate` and 34 through the apps' serving path (int8 32, fp32 18: "Session 13").
+here); the output layer is `ShortlistHead`: all logits in 4 bits, the best 64 of them recomputed from its fp32
+weights (half the int8 layer's time, and fp32's greedy pick). An eighth of fp32's bytes: for the real base on
+2 EPYC cores `generate` runs 52 tokens/s against fp32's 18 and int8's 44 (docs/BENCHMARKS.md "Session 12: int4
+weights"); a fine-tuned model, with the residual below, 42 through `generate` and 34 through the apps' serving path
+(int8 32, fp32 18: "Session 13"; the output layer then still int8).
 Layers whose input width is not a multiple of 32 or output width not one of 16 stay as they are (an output
 layer of that kind takes int8).
 
@@ -33,9 +35,12 @@ W - dequant(quant(W)) when they hold most of it (`RESIDUAL_RANK`, `RESIDUAL_SHAR
 Why: a model fine-tuned from the embedded base and merged is the base -- whose weights already sit on the
 Q4_1 grid -- plus a LoRA delta smaller than half a 4-bit step; rounded to 4 bits again it snapped back to the
 base: the demo's merged model decoded in plain int4 scored identity 0.00 against 0.96 in fp32 (held-out set,
-2026-12-07). The residual there is the LoRA delta itself (rank <= the LoRA's), kept whole; for a model that is
-not on the grid it is mostly rounding noise, spread over all directions, and is dropped (LoftQ, Li et al. 2023,
-splits a weight into 4 bits plus a low-rank part the same way, for training).
+2026-12-07). The residual there is the LoRA delta plus about as much again of re-rounding error (the merged
+weights' groups get a slightly different grid, and the kernel's scales are bf16), so it is kept at up to 32
+directions even for a rank-16 LoRA: capped at 16, the demo's model leaked its name into 4 of 120 general answers
+instead of 1 (docs/BENCHMARKS.md "Session 15"). For a model not on the grid the residual is mostly rounding noise,
+spread over all directions, and is dropped (LoftQ, Li et al. 2023, splits a weight into 4 bits plus a low-rank
+part the same way, for training).
 """
 from __future__ import annotations
 

@@ -74,6 +74,14 @@ MM_STEPS = {"pretrain": 150, "finetune": 100, "save": 50}      # save: a mid-run
 
 
 @pytest.fixture(scope="session")
+def loaded(merged_model):
+    """The tiny merged model loaded on the CPU (tests of the serving core)."""
+    from inference import load
+
+    return load(merged_model, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def mm_dir(session_dir) -> Path:
     path = session_dir / "mm"
     path.mkdir()
