@@ -35,12 +35,12 @@ W - dequant(quant(W)) when they hold most of it (`RESIDUAL_RANK`, `RESIDUAL_SHAR
 Why: a model fine-tuned from the embedded base and merged is the base -- whose weights already sit on the
 Q4_1 grid -- plus a LoRA delta smaller than half a 4-bit step; rounded to 4 bits again it snapped back to the
 base: the demo's merged model decoded in plain int4 scored identity 0.00 against 0.96 in fp32 (held-out set,
-2026-12-07). The residual there is the LoRA delta plus about as much again of re-rounding error (the merged
-weights' groups get a slightly different grid, and the kernel's scales are bf16), so it is kept at up to 32
-directions even for a rank-16 LoRA: capped at 16, the demo's model leaked its name into 4 of 120 general answers
-instead of 1 (docs/BENCHMARKS.md "Session 15"). For a model not on the grid the residual is mostly rounding noise,
-spread over all directions, and is dropped (LoftQ, Li et al. 2023, splits a weight into 4 bits plus a low-rank
-part the same way, for training).
+2026-12-07). The residual there is the LoRA delta plus re-rounding error of about its size (the merged weights'
+groups get a slightly shifted grid, and the kernel's scales are bf16 where the GGUF's are fp16), so its top
+directions mix the two: it is kept at up to 32 directions even for a rank-16 LoRA (a rank-4 delta on a 4-bit grid
+keeps a 0.75 cosine of its effect at 4 directions, 0.93 at 32; docs/BENCHMARKS.md "Session 15"). For a model not on
+the grid the residual is mostly rounding noise, spread over all directions, and is dropped (LoftQ, Li et al. 2023,
+splits a weight into 4 bits plus a low-rank part the same way, for training).
 """
 from __future__ import annotations
 
