@@ -211,8 +211,21 @@ class ChatEngine:
             with self._lock, torch.no_grad():
                 self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                     streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(stop)]),
-                                    **kwargs)
+                                    **self._prefilled(input_ids), **kwargs)
         yield from self._in_worker(work, streamer, stop, stream_text)
+
+    def _prefilled(self, input_ids: torch.Tensor) -> dict:
+        """`generate`'s cache with all but the prompt's last token already read by the model as loaded, when the
+        engine decodes with an int8 / int4 copy: torch's int4 kernel reads many prompt rows 1.3-1.4x slower than
+        fp32's GEMM (docs/BENCHMARKS.md "Session 14: int4 the CPU default"), as the batcher does it (inference/
+        batching.py `prefill_model`); `generate` then reads the last token and decodes with the copy. {} else."""
+        if self.loaded_model is self.model or input_ids.shape[1] < 2:
+            return {}
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.loaded_model(input_ids=input_ids[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
+        return {"past_key_values": cache}
 
     def _stream_fast(self, input_ids, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                      stream_text) -> Iterator[str]:

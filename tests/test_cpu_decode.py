@@ -222,6 +222,34 @@ def test_int4_serving_reads_prompts_with_the_fp32_model_and_decodes_in_int4(load
     assert ids[0] == fp32_first[0]
 
 
+def test_int4_chat_reads_prompts_with_the_fp32_model_and_decodes_in_int4(loaded):
+    """The one-user `generate` path (the chat CLI, `max_batch=1`) does the same: all but the prompt's last token
+    go through the model as loaded, once; `generate` then feeds the int4 copy that last token and one token a
+    step, and the reply is text. With fp32 decoding nothing is read twice."""
+    from inference.cpu_decode import Int4Linear
+
+    def forwards(engine):
+        seen = {"loaded": [], "decode": []}
+        models = [("loaded", loaded.model)] + [("decode", engine.model)] * (engine.model is not loaded.model)
+        hooks = [m.register_forward_hook(lambda mod, args, kw, out, k=k: seen[k].append(kw["input_ids"].shape[1]),
+                                         with_kwargs=True) for k, m in models]
+        try:
+            reply = engine.chat(_ask("Who are you?"), max_new_tokens=8)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen, reply, engine.prepare(_ask("Who are you?"), None, 8).shape[1]
+
+    int4 = loaded.engine(cpu_decode="int4")
+    assert int4.batcher is None and any(isinstance(m, Int4Linear) for m in int4.model.modules())
+    seen, reply, prompt = forwards(int4)
+    assert seen["loaded"] == [prompt - 1]                                # the prompt but its last token, in fp32
+    assert seen["decode"] and set(seen["decode"]) == {1}                 # the rest one token at a time, in int4
+    assert reply.strip() and "\ufffd" not in reply
+    seen, _, prompt = forwards(loaded.engine(cpu_decode="fp32"))
+    assert seen["loaded"][0] == prompt and set(seen["loaded"][1:]) <= {1}     # fp32: the whole prompt, once
+
+
 def test_the_prefill_benchmark_runs_fp32_and_int4(tmp_path, merged_model):
     """bench/cpu_prefill.py --smoke: one timed forward pass per weight kind and prompt length, the copy's cost."""
     import json
