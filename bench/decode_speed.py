@@ -6,7 +6,8 @@
     python bench/decode_speed.py --model M --impl compile --cache-dir /tmp/ind-decode --out warm.json  # again
     python bench/decode_speed.py --model M --impl compile --inductor coordinate_descent_tuning=1 --cache-dir EMPTY
     python bench/decode_speed.py --table gen.json graph.json cold.json warm.json    # markdown table
-    python bench/decode_speed.py --smoke            # tiny random model on CPU: all three, same greedy ids
+    python bench/decode_speed.py --model M --impl tuned --cache-dir EMPTY   # compile + coordinate-descent tuning
+    python bench/decode_speed.py --smoke            # tiny random model on CPU: every impl, same greedy ids
 
 One implementation per process, so "first call" is what a freshly started app pays after loading
 the model: the first reply, which for graph/compile includes building the cache, compiling (compile)
@@ -30,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PROMPT = [{"role": "user", "content": "请你介绍一下你自己"}]
-IMPLS = ("generate", "graph", "compile")
+IMPLS = ("generate", "graph", "compile", "tuned")
+COMPILED = ("compile", "tuned")
 
 
 def sync():
@@ -106,7 +108,7 @@ def run(model_dir: Path, impl: str, new_tokens: int, repeats: int, backend: str 
     import torch
 
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    cold = impl == "compile" and not (cache and Path(cache).is_dir() and any(Path(cache).iterdir()))
+    cold = impl in COMPILED and not (cache and Path(cache).is_dir() and any(Path(cache).iterdir()))
     t_start = time.perf_counter()
     from inference.loader import load
 
@@ -130,13 +132,13 @@ def run(model_dir: Path, impl: str, new_tokens: int, repeats: int, backend: str 
             prof = profile(engine, profile_tokens)
         except Exception as exc:          # the profiler's API moves between releases: keep the timings
             prof = {"error": f"{type(exc).__name__}: {exc}"}
-    label = impl + (f" [{backend}]" if impl == "compile" and backend != "inductor" else "") \
-        + (f" ({'cold' if cold else 'warm'} cache)" if impl == "compile" else "")
+    label = impl + (f" [{backend}]" if impl in COMPILED and backend != "inductor" else "") \
+        + (f" ({'cold' if cold else 'warm'} cache)" if impl in COMPILED else "")
     return {"impl": impl, "label": label, "model": str(model_dir), "device": loaded.note,
             "torch": torch.__version__, "load_s": round(load_s, 2), "first_call_s": round(first_call_s, 2),
             "warmup_s": round(engine.fast.warmup_s, 2) if engine.fast else None,
-            "inductor_cache": cache if impl == "compile" else None,
-            "cache_was_empty": cold if impl == "compile" else None,
+            "inductor_cache": cache if impl in COMPILED else None,
+            "cache_was_empty": cold if impl in COMPILED else None,
             "runs": [{k: v for k, v in r.items() if k != "ids"} for r in runs],
             "new_tokens": best["new_tokens"], "tokens_per_s": best["tokens_per_s"],
             "decode_tokens_per_s": best["decode_tokens_per_s"], "ms_per_token": 1000 / best["decode_tokens_per_s"],
@@ -175,7 +177,7 @@ def smoke(tokenizer_dir: Path | None, backend: str) -> int:
     same = all(r["ids"][:24] == results[0]["ids"][:24] for r in results)
     modes = [r["runs"][0].get("mode") for r in results[1:]]
     print(json.dumps({"same_ids": same, "modes": modes}))
-    return 0 if same and modes == ["graph", "compile"] else 1
+    return 0 if same and modes == list(IMPLS[1:]) else 1
 
 
 def main(argv=None) -> int:

@@ -128,7 +128,7 @@ def tail(norm, lm_head, h):
 class LayerStep:
     """Cache + rotary tables for `length` slots, and the prefill/decode functions over them."""
 
-    def __init__(self, model, length: int, compile: bool = True, backend: str = "inductor"):
+    def __init__(self, model, length: int, compile: bool = True, backend: str = "inductor", tuned: bool = False):
         core = core_model(model)
         reason = unsupported(model, length)
         if reason:
@@ -137,6 +137,7 @@ class LayerStep:
         self.embed, self.norm, self.lm_head = inner.embed_tokens, inner.norm, core.lm_head
         self.layers = list(inner.layers)
         self.length = length
+        self.mode = "tuned" if compile and tuned and backend == "inductor" else "compile"
         dtype, device = inner.embed_tokens.weight.dtype, inner.embed_tokens.weight.device
         shape = (1, core.config.num_key_value_heads, length, self.layers[0].self_attn.head_dim)
         with torch.no_grad():
@@ -150,6 +151,8 @@ class LayerStep:
         if compile:
             use_disk_cache()
             opts = dict(dynamic=False, backend=backend)
+            if tuned and backend == "inductor":    # benchmark each kernel's block sizes (inference/fast_decode.py)
+                opts["options"] = {"coordinate_descent_tuning": True}
             self._layer = torch.compile(layer_forward, **opts)
             self._head = torch.compile(head, **opts)
             self._tail = torch.compile(tail, **opts)

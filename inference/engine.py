@@ -128,11 +128,12 @@ class ChatEngine:
         if max_batch > 1:
             self.batcher = self._batcher(max_batch, batch_decoder)
         # opt-in, CUDA only: static cache + CUDA-graph decode (inference/fast_decode.py); CPU keeps generate.
-        # True is "compile" (the fused step; models it cannot handle fall back to "graph").
+        # True is "compile" (the fused step; models it cannot handle fall back to "graph"); "tuned" also tunes its
+        # kernels (faster decode, slower first call).
         self.fast = None
         mode = "compile" if fast_decode is True else fast_decode or None
-        if mode not in (None, "graph", "compile"):
-            raise ValueError(f"fast_decode={fast_decode!r}: expected True, False, 'graph' or 'compile'")
+        if mode not in (None, "graph", "compile", "tuned"):
+            raise ValueError(f"fast_decode={fast_decode!r}: expected True, False, 'graph', 'compile' or 'tuned'")
         if mode and self.model.device.type == "cuda":
             from inference.fast_decode import StaticDecoder
 

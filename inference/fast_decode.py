@@ -13,7 +13,12 @@ launches per token. A replayed graph launches the whole step at once. Two ways t
 - "compile": Llama-family models only (inference/decode_step.py): the layer written out once and
   torch.compile'd (one graph shared by all layers; inductor's cache on disk), so the norms, rotary,
   cache writes and softmax fuse into a few kernels. The first call compiles (8.95 s for a 1.8B model on
-  an H200, docs/BENCHMARKS.md), 4.5 s once inductor's disk cache is warm. Anything it cannot handle falls back to "graph", and says why.
+  an H200, docs/BENCHMARKS.md), 4.5 s once inductor's disk cache is warm. Anything it cannot handle falls back
+  to "graph", and says why.
+- "tuned": "compile" with inductor's coordinate-descent tuning of every generated kernel (gpt-fast's setting):
+  1.23x the tokens/s (541 against 439 for the 1.8B shape on an H100), but the first call takes 24 s with a cold
+  cache and 10 s with a warm one (against 9 and 5: docs/BENCHMARKS.md "Session 15"). For a server that warms up
+  before its first visitor (app.py does); opt-in (FAST_DECODE=tuned).
 Both pick the next token on the device inside the graph (argmax; sampling runs on the device too)
 and feed it to the next step there, so the host reads one token id per token and, when greedy, the
 GPU already computes the next token while the host streams the current one.
@@ -36,7 +41,8 @@ from inference import decode_step
 from inference.row_sampling import Setting, penalty, probabilities
 
 BUCKETS = (512, 1024, 2048, 4096)
-MODES = ("graph", "compile")
+MODES = ("graph", "compile", "tuned")
+COMPILED = ("compile", "tuned")
 
 
 def sample_on_device(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0,
@@ -102,7 +108,7 @@ class Bucket:
 class StaticDecoder:
     """Decode one conversation at a time into a preallocated cache of at most `max_len` tokens.
 
-    mode: "graph" or "compile" (see the module docstring); backend: torch.compile's ("inductor";
+    mode: "graph", "compile" or "tuned" (see the module docstring); backend: torch.compile's ("inductor";
     tests use others). use_graph: capture CUDA graphs (default: on CUDA)."""
 
     def __init__(self, model, max_len: int = 2048, use_graph: bool | None = None, mode: str = "graph",
@@ -112,7 +118,7 @@ class StaticDecoder:
         self.model, self.max_len, self.backend = model, max_len, backend
         self.device = next(model.parameters()).device
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
-        self.fallback = decode_step.unsupported(model, max_len) if mode == "compile" else None
+        self.fallback = decode_step.unsupported(model, max_len) if mode in COMPILED else None
         self.mode = "graph" if self.fallback else mode
         self.lengths = sorted({b for b in buckets if b < max_len} | {max_len})
         self.buckets: dict[int, Bucket] = {}
@@ -136,9 +142,10 @@ class StaticDecoder:
     # -- building a bucket ---------------------------------------------------------------------
 
     def _new_step(self, length: int):
-        if self.mode == "compile":
+        if self.mode in COMPILED:
             try:
-                return decode_step.LayerStep(self.model, length, compile=True, backend=self.backend)
+                return decode_step.LayerStep(self.model, length, compile=True, backend=self.backend,
+                                             tuned=self.mode == "tuned")
             except Exception as exc:   # e.g. an unexpected layer: the model's own forward still works
                 self._fall_back(exc)
         return ModelStep(self.model, length)
@@ -193,7 +200,7 @@ class StaticDecoder:
             try:
                 self._warm(bucket)
             except Exception as exc:
-                if self.mode != "compile":
+                if self.mode not in COMPILED:
                     raise
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
@@ -279,7 +286,7 @@ class StaticDecoder:
             pending = ahead or self._next(bucket, None if plain else pick)
         self.stats = {"prompt_tokens": n, "new_tokens": produced, "ttft_s": first or 0.0,
                       "elapsed_s": time.perf_counter() - t0, "cache_len": bucket.length,
-                      "mode": "compile" if isinstance(bucket.step, decode_step.LayerStep) else "graph",
+                      "mode": bucket.step.mode if isinstance(bucket.step, decode_step.LayerStep) else "graph",
                       "graph": bucket.graph is not None, "graph_error": self.graph_error,
                       "fallback": self.fallback, "warmup_s": self.warmup_s}
 

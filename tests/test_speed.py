@@ -213,9 +213,11 @@ def test_fast_decode_samples_with_top_k_and_repetition_penalty_like_generate(tin
     assert reply == loaded.tokenizer.decode(penalised, skip_special_tokens=True)
 
 
-def test_compiled_decode_step_gives_generate_greedy_tokens(tiny_base, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["compile", "tuned"])
+def test_compiled_decode_step_gives_generate_greedy_tokens(tiny_base, tmp_path, monkeypatch, mode):
     """mode="compile" with inductor's C++ backend on CPU (what the GPU runs with Triton): the
-    layer written out in inference/decode_step.py, compiled once for all layers, equals `generate`."""
+    layer written out in inference/decode_step.py, compiled once for all layers, equals `generate`;
+    "tuned" (the same with inductor's coordinate-descent tuning, which tunes Triton kernels) as well."""
     import torch._dynamo
 
     from inference.fast_decode import StaticDecoder
@@ -224,10 +226,10 @@ def test_compiled_decode_step_gives_generate_greedy_tokens(tiny_base, tmp_path, 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     loaded, engine, _, want, ids = _greedy_case(tiny_base)
-    decoder = StaticDecoder(loaded.model, max_len=256, mode="compile")
+    decoder = StaticDecoder(loaded.model, max_len=256, mode=mode)
     got = list(decoder.tokens(ids, 24, engine.stop))
     assert got == want and len(got) >= 8
-    assert decoder.stats["mode"] == "compile" and decoder.stats["fallback"] is None
+    assert decoder.stats["mode"] == mode and decoder.stats["fallback"] is None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3      # head, one layer for all, tail
     assert any((tmp_path / "inductor").iterdir())                           # kept on disk for the next process
 
