@@ -41,6 +41,7 @@
 #            the adapters' input casts went under autocast (session 9's fix), once each
 #   decode15: (session 15) decode10's compiled decode and streaming rows again, beside the same compiled decode with
 #            inductor's coordinate-descent tuning (gpt-fast's setting), cold and warm, each in its own cache dir
+#   decode15b: (session 15) the shipped "tuned" mode against "compile", batch-1 and the slot batcher's step
 #   decode10: (session 10) compiled batch-1 decode cold and warm, the streaming paths against generate, the slot
 #            batcher, on whatever card comes (the issue's 600 tokens/s is about an H200)
 #   course9: (session 9) the course's job as shipped against bits auto merged in the training process
@@ -110,7 +111,7 @@ EOF
 export PEAK_TFLOPS=$(grep -o 'matmul [0-9]*' "$L/ceilings.log" | grep -o '[0-9]*' || echo 780)
 python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 case "$STAGE" in   # stages that never read the packed identity data: decode, serving, big3 (its own shape)
-  big3|serve5|serve6|serve6b|serve7|serve7b|serve7c|check8|decode10|decode15) ;;
+  big3|serve5|serve6|serve6b|serve7|serve7b|serve7c|check8|decode10|decode15|decode15b) ;;
   *) step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001 ;;
 esac
 ls -la $R
@@ -240,6 +241,23 @@ decode15)  # session 15 (issue 19): decode10 beside coordinate-descent tuning; 1
   serve6_tables
   python3 bench/decode_speed.py --table $R/decode_cold.json $R/decode_warm.json $R/cdt_cold.json $R/cdt_warm.json \
     2>/dev/null | tee -a $L/serve6_table.txt
+  ;;
+decode15b)  # session 15 (issue 19): the shipped FAST_DECODE=tuned (decode_step.compile_options) against compile,
+  # cold and warm, batch-1 and through the slot batcher at 1 and 16 streams; 1.8B shape, SmolLM2's tokenizer
+  M=$R/model-1.8b-smolvocab
+  build_smol
+  rm -rf /tmp/ind-plain /tmp/ind-cdt
+  D="python3 bench/decode_speed.py --model $M --new-tokens 256 --repeats 3"
+  step compile_cold 110 $D --impl compile --cache-dir /tmp/ind-plain --out $R/compile_cold.json
+  step tuned_cold 200 $D --impl tuned --cache-dir /tmp/ind-cdt --out $R/tuned_cold.json
+  step compile_warm 70 $D --impl compile --cache-dir /tmp/ind-plain --out $R/compile_warm.json
+  step tuned_warm 70 $D --impl tuned --cache-dir /tmp/ind-cdt --out $R/tuned_warm.json
+  BD="python3 bench/batch_decode.py --model $M --max-tokens 128 --repeats ${REPEATS:-3} --streams 1,16"
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind-plain step slots 120 $BD --impl slots --out $R/core.json
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind-cdt step tuned_slots 200 $BD --impl tuned-slots --out $R/core_stream.json
+  serve6_tables
+  python3 bench/decode_speed.py --table $R/compile_cold.json $R/compile_warm.json $R/tuned_cold.json \
+    $R/tuned_warm.json 2>/dev/null | tee -a $L/serve6_table.txt
   ;;
 course9)  # session 9 (issue 19): the course's job end to end (bench/course_e2e.py) as shipped (QLoRA, then a second
   # `merge` process) against `bits: auto` (bf16 LoRA: no quantisation) merged in the training process (--merge-to)

@@ -125,6 +125,16 @@ def tail(norm, lm_head, h):
     return logits, logits.argmax(-1, keepdim=True)
 
 
+def compile_options(backend: str, tuned: bool) -> dict:
+    """torch.compile's arguments for a decode step: fixed shapes; TUNED adds inductor's coordinate-descent tuning
+    of each generated kernel's block sizes (gpt-fast's setting: faster steps, a longer first compile --
+    inference/fast_decode.py "tuned")."""
+    opts = dict(dynamic=False, backend=backend)
+    if tuned and backend == "inductor":
+        opts["options"] = {"coordinate_descent_tuning": True}
+    return opts
+
+
 class LayerStep:
     """Cache + rotary tables for `length` slots, and the prefill/decode functions over them."""
 
@@ -150,9 +160,7 @@ class LayerStep:
             self.cos, self.sin = inner.rotary_emb(probe, self.slots[None])
         if compile:
             use_disk_cache()
-            opts = dict(dynamic=False, backend=backend)
-            if tuned and backend == "inductor":    # benchmark each kernel's block sizes (inference/fast_decode.py)
-                opts["options"] = {"coordinate_descent_tuning": True}
+            opts = compile_options(backend, tuned)
             self._layer = torch.compile(layer_forward, **opts)
             self._head = torch.compile(head, **opts)
             self._tail = torch.compile(tail, **opts)

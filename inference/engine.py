@@ -124,22 +124,22 @@ class ChatEngine:
         # top-k is explicit everywhere: the model's generation config's (Qwen2 ships 20), else 0 = off,
         # so generate (whose fallback would be 50), the fast path and the batcher draw alike
         self.top_k = int(getattr(getattr(model, "generation_config", None), "top_k", None) or 0)
-        self.batcher = None
-        if max_batch > 1:
-            self.batcher = self._batcher(max_batch, batch_decoder)
         # opt-in, CUDA only: static cache + CUDA-graph decode (inference/fast_decode.py); CPU keeps generate.
         # True is "compile" (the fused step; models it cannot handle fall back to "graph"); "tuned" also tunes its
-        # kernels (faster decode, slower first call).
+        # kernels (faster decode, slower first call), and those of the slot batcher's compiled step.
         self.fast = None
         mode = "compile" if fast_decode is True else fast_decode or None
         if mode not in (None, "graph", "compile", "tuned"):
             raise ValueError(f"fast_decode={fast_decode!r}: expected True, False, 'graph', 'compile' or 'tuned'")
+        self.batcher = None
+        if max_batch > 1:
+            self.batcher = self._batcher(max_batch, batch_decoder, tuned=mode == "tuned")
         if mode and self.model.device.type == "cuda":
             from inference.fast_decode import StaticDecoder
 
             self.fast = StaticDecoder(model, max_len=min(self.max_context, 4096), mode=mode)
 
-    def _batcher(self, max_batch: int, kind: str):
+    def _batcher(self, max_batch: int, kind: str, tuned: bool = False):
         """kind "slots": fixed cache slots, one compiled graph-replayed step (inference/slot_decode.py; eager
         on CPU); "compiled-slots": the same with the step compiled on any device (CPU: inductor's C++);
         "dynamic": the model's own forward over a stacked DynamicCache (any device); "auto": slots on CUDA
@@ -156,7 +156,7 @@ class ChatEngine:
                                                    and decode_step.unsupported(self.model, length) is None):
             self.max_context = length             # a prompt and its reply must fit one slot
             return SlotBatcher(self.model, self.stop, max_batch=max_batch, lock=self._lock, max_len=length,
-                               compile=True if kind == "compiled-slots" else None)
+                               compile=True if kind == "compiled-slots" else None, tuned=tuned)
         return Batcher(self.model, self.stop, max_batch=max_batch, lock=self._lock,
                        prefill_model=self.loaded_model) if supports(self.model) else None
 

@@ -76,10 +76,11 @@ def slot_head(embed, tokens, pos, cos_table, sin_table, positions):
 
 class SlotDecoder:
     """S cache slots of `length` positions over a Llama-family model; `decode` steps them all at once.
-    compile: torch.compile the step (CUDA default); use_graph: replay it as a CUDA graph (CUDA default)."""
+    compile: torch.compile the step (CUDA default); use_graph: replay it as a CUDA graph (CUDA default);
+    tuned: compile with coordinate-descent tuning (decode_step.compile_options)."""
 
     def __init__(self, model, slots: int, length: int, compile: bool | None = None, use_graph: bool | None = None,
-                 backend: str = "inductor"):
+                 backend: str = "inductor", tuned: bool = False):
         reason = decode_step.unsupported(model, length)
         if reason:
             raise ValueError(f"slot decoding: {reason}")
@@ -104,7 +105,7 @@ class SlotDecoder:
         self._layer, self._head, self._tail = slot_layer, slot_head, tail
         if cuda if compile is None else compile:
             decode_step.use_disk_cache()
-            opts = dict(dynamic=False, backend=backend)
+            opts = decode_step.compile_options(backend, tuned)
             self._layer = torch.compile(slot_layer, **opts)
             self._head = torch.compile(slot_head, **opts)
             self._tail = torch.compile(tail, **opts)
