@@ -19,7 +19,7 @@ Rows of the table (each level run once untimed, then `--repeats` times; median a
              reads them (inference/slot_batcher.py);
 - slots-lockstep: the same batcher with the host picking every token before the next step (the session-6 path);
 - compiled-slots: the slot batcher with its step torch.compile'd on any device (CPU: inductor's C++);
-- tuned-slots: `slots` with the step's kernels tuned (`fast_decode="tuned"`: inductor's coordinate descent);
+- tuned-slots: `slots` with the step's kernels tuned (`batch_decoder="tuned-slots"`: inductor's coordinate descent);
 - dynamic:   the dynamic-cache batcher (inference/batching.py), N consumer threads.
 - serve:     what the apps and the API run: `ChatEngine(max_batch=SERVING_BATCH).stream_chat` (on CPU the dynamic
              batcher) with its detokeniser, N consumer threads; the engine makes its own int8 / int4 copy (prompts
@@ -177,9 +177,8 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
             models[w] = decode_model(base.model, w)
         loaded = dataclasses.replace(base, model=models.get(w, base.model))
         if impl in (*SLOT_IMPLS, "dynamic"):
-            kind = "slots" if impl in ("slots-lockstep", "tuned-slots") else impl
-            engine = loaded.engine(fast_decode="tuned" if impl == "tuned-slots" else False, cpu_decode="fp32",
-                                   max_batch=max(streams), batch_decoder=kind)
+            kind = "slots" if impl == "slots-lockstep" else impl
+            engine = loaded.engine(fast_decode=False, cpu_decode="fp32", max_batch=max(streams), batch_decoder=kind)
             engine.batcher.stop = set()
             if impl == "slots-lockstep":
                 engine.batcher.pipeline = False

@@ -126,37 +126,40 @@ class ChatEngine:
         self.top_k = int(getattr(getattr(model, "generation_config", None), "top_k", None) or 0)
         # opt-in, CUDA only: static cache + CUDA-graph decode (inference/fast_decode.py); CPU keeps generate.
         # True is "compile" (the fused step; models it cannot handle fall back to "graph"); "tuned" also tunes its
-        # kernels (faster decode, slower first call), and those of the slot batcher's compiled step.
+        # kernels (faster decode, slower first call).
         self.fast = None
         mode = "compile" if fast_decode is True else fast_decode or None
         if mode not in (None, "graph", "compile", "tuned"):
             raise ValueError(f"fast_decode={fast_decode!r}: expected True, False, 'graph', 'compile' or 'tuned'")
         self.batcher = None
         if max_batch > 1:
-            self.batcher = self._batcher(max_batch, batch_decoder, tuned=mode == "tuned")
+            self.batcher = self._batcher(max_batch, batch_decoder)
         if mode and self.model.device.type == "cuda":
             from inference.fast_decode import StaticDecoder
 
             self.fast = StaticDecoder(model, max_len=min(self.max_context, 4096), mode=mode)
 
-    def _batcher(self, max_batch: int, kind: str, tuned: bool = False):
+    def _batcher(self, max_batch: int, kind: str):
         """kind "slots": fixed cache slots, one compiled graph-replayed step (inference/slot_decode.py; eager
         on CPU); "compiled-slots": the same with the step compiled on any device (CPU: inductor's C++);
-        "dynamic": the model's own forward over a stacked DynamicCache (any device); "auto": slots on CUDA
+        "tuned-slots": "slots" with the step's kernels tuned (decode_step.compile_options; on an H100 no faster,
+        docs/BENCHMARKS.md "Session 15"); "dynamic": the model's own forward over a stacked DynamicCache (any device); "auto": slots on CUDA
         for the model families they handle, else dynamic. None: this model is served one at a time."""
         from inference import decode_step
         from inference.batching import Batcher, supports
         from inference.slot_batcher import SlotBatcher
 
-        if kind not in ("auto", "slots", "compiled-slots", "dynamic"):
-            raise ValueError(f"batch_decoder={kind!r}: expected 'auto', 'slots', 'compiled-slots' or 'dynamic'")
+        slots = ("slots", "compiled-slots", "tuned-slots")
+        if kind not in ("auto", *slots, "dynamic"):
+            raise ValueError(f"batch_decoder={kind!r}: expected 'auto', 'slots', 'compiled-slots', 'tuned-slots' or "
+                             "'dynamic'")
         length = min(self.max_context, 4096)
-        if kind in ("slots", "compiled-slots") or (kind == "auto" and self.model.device.type == "cuda"
+        if kind in slots or (kind == "auto" and self.model.device.type == "cuda"
                                                    and not getattr(self.model, "is_quantized", False)  # bnb: no graph
                                                    and decode_step.unsupported(self.model, length) is None):
             self.max_context = length             # a prompt and its reply must fit one slot
             return SlotBatcher(self.model, self.stop, max_batch=max_batch, lock=self._lock, max_len=length,
-                               compile=True if kind == "compiled-slots" else None, tuned=tuned)
+                               compile=True if kind == "compiled-slots" else None, tuned=kind == "tuned-slots")
         return Batcher(self.model, self.stop, max_batch=max_batch, lock=self._lock,
                        prefill_model=self.loaded_model) if supports(self.model) else None
 

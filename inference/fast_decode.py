@@ -16,9 +16,9 @@ launches per token. A replayed graph launches the whole step at once. Two ways t
   an H200, docs/BENCHMARKS.md), 4.5 s once inductor's disk cache is warm. Anything it cannot handle falls back
   to "graph", and says why.
 - "tuned": "compile" with inductor's coordinate-descent tuning of every generated kernel (gpt-fast's setting):
-  1.23x the tokens/s (541 against 439 for the 1.8B shape on an H100), but the first call takes 24 s with a cold
-  cache and 10 s with a warm one (against 9 and 5: docs/BENCHMARKS.md "Session 15"). For a server that warms up
-  before its first visitor (app.py does); opt-in (FAST_DECODE=tuned).
+  1.23-1.26x the tokens/s (541-564 against 439-445 for the 1.8B shape, two calls on H100s), but the first call
+  takes 18-24 s with a cold cache and 9-10 s with a warm one (against 8-9 and 4-5: docs/BENCHMARKS.md "Session
+  15"). For a server that warms up before its first visitor (app.py does); opt-in (FAST_DECODE=tuned).
 Both pick the next token on the device inside the graph (argmax; sampling runs on the device too)
 and feed it to the next step there, so the host reads one token id per token and, when greedy, the
 GPU already computes the next token while the host streams the current one.

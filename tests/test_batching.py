@@ -241,6 +241,7 @@ def test_the_engine_picks_slots_on_cuda_only(loaded):
     forced = loaded.engine(max_batch=4, batch_decoder="slots")
     assert isinstance(forced.batcher, SlotBatcher)
     assert forced.max_context == forced.batcher.decoder.length == min(loaded.model.config.max_position_embeddings, 4096)
+    assert isinstance(loaded.engine(max_batch=2, batch_decoder="tuned-slots").batcher, SlotBatcher)   # measured kind
     with pytest.raises(ValueError, match="batch_decoder"):
         loaded.engine(max_batch=4, batch_decoder="paged")
 
