@@ -39,6 +39,7 @@
 #            QLoRA and bits auto as shipped (16 x 1, all recomputed), once each
 #   train10: (session 10) the course's job as shipped vs bits auto merged in-process, plain QLoRA vs bits auto, after
 #            the adapters' input casts went under autocast (session 9's fix), once each
+#   train15: (session 15) plain QLoRA against bits auto as shipped, each run twice in the call
 #   decode15: (session 15) decode10's compiled decode and streaming rows again, beside the same compiled decode with
 #            inductor's coordinate-descent tuning (gpt-fast's setting), cold and warm, each in its own cache dir
 #   decode15b: (session 15) the shipped "tuned" mode against "compile", batch-1 and the slot batcher's step
@@ -225,6 +226,16 @@ decode10)  # session 10 (issue 19): compiled batch-1 decode cold then warm (the 
   step core 90 $BD --impl generate slots --streams 1,16 --out $R/core.json
   serve6_tables
   python3 bench/decode_speed.py --table $R/decode_cold.json $R/decode_warm.json 2>/dev/null | tee -a $L/serve6_table.txt
+  ;;
+train15)  # session 15 (issue 19): plain QLoRA against bits auto as shipped (16 x 1, all layers recomputed, fused loss,
+  # flex, compile), each run twice in the one call (issue 19's "a run is repeated in the same call")
+  export CUDA_VISIBLE_DEVICES=0
+  S="--steps ${STEPS:-12} --warmup ${WARMUP:-3} --repeats 2"
+  OURS="--batch 16 --ckpt --fused-loss --compile --attn flex_attention --extra-set fp32_upcast=false"
+  step plain_qlora 170 $TS run --impl plain_qlora --root $R --name plain_qlora --batch 8 --accum 2 --ckpt --attn causal $S
+  step ours_auto 230 $TS run --impl ours --root $R --name ours_auto $OURS --extra-set bits=auto $S
+  DEADLINE=$(( DEADLINE + 30 )) step report 30 $TS report $R --baseline plain_qlora --ours ours_auto --budget 24
+  cat $L/report.log
   ;;
 decode15)  # session 15 (issue 19): decode10 beside coordinate-descent tuning; 1.8B shape, SmolLM2's tokenizer
   M=$R/model-1.8b-smolvocab
