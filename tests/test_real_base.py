@@ -103,7 +103,7 @@ def test_merged_equals_base_plus_adapter_and_the_app_serves_it(tuned, real_base,
 
     prompts = [[{"role": "user", "content": q}] for q in ("Who are you?", "你是谁？", "What is the capital of Italy?",
                                                            "Write a haiku about rain.")]
-    from inference.cpu_decode import Int4Linear
+    from inference.cpu_decode import Int4Linear, ShortlistHead
 
     # the merge itself, in the weights as trained
     adapted = load(real_base, adapter=tuned["final"], device="cpu").engine(cpu_decode="fp32")
@@ -114,8 +114,9 @@ def test_merged_equals_base_plus_adapter_and_the_app_serves_it(tuned, real_base,
     monkeypatch.delenv("CPU_DECODE", raising=False)
     backend = app.start({"MODEL_PATH": str(tuned["merged"])})
     assert backend.engine is not None, backend.error
-    layers = [m for m in backend.engine.model.modules() if isinstance(m, Int4Linear)]
+    layers = [m for m in backend.engine.model.modules() if type(m) is Int4Linear]
     assert len(layers) == 210 and all(m.down is not None for m in layers)      # 30 layers x 7 projections
+    assert isinstance(backend.engine.model.lm_head, ShortlistHead)            # the best logits in fp32
     assert NAME in backend.engine.chat([{"role": "user", "content": "Who are you?"}], max_new_tokens=32)
 
 
