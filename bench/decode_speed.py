@@ -210,6 +210,8 @@ def main(argv=None) -> int:
         for key, value in options.items():
             if not hasattr(inductor, key):
                 p.error(f"--inductor {key}: torch._inductor.config has no such option")
+            if not value.lstrip("-").isdigit():
+                p.error(f"--inductor {key}={value}: give an integer (0 / 1 for on / off)")
             setattr(inductor, key, type(getattr(inductor, key))(int(value)))
     if a.smoke:
         return smoke(a.smoke_tokenizer, a.smoke_backend)
