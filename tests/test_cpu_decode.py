@@ -123,10 +123,10 @@ def test_int4_keeps_a_fine_tune_merged_onto_a_base_on_the_4bit_grid():
         assert seen(tuned4(x), base4(x)) > 0.9
 
 
-def test_the_int4_output_layer_gives_the_fp32_layers_best_logits_exactly():
-    """ShortlistHead: the SHORTLIST tokens with the best 4-bit logits get the fp32 layer's logits, bit for bit
-    as the fp32 matmul gives them, so the greedy pick is the fp32 layer's; the others keep their 4-bit logits,
-    which differ (it is not an fp32 layer in disguise). A bias is added to both."""
+def test_the_int4_output_layer_gives_the_fp32_layers_best_logits():
+    """ShortlistHead: the SHORTLIST tokens with the best 4-bit logits get the fp32 layer's logits (to fp32 rounding:
+    a row-by-row product, not the same GEMM), so the greedy pick is the fp32 layer's; the others keep their 4-bit
+    logits, which differ (it is not an fp32 layer in disguise). A bias is added to both."""
     import torch
 
     from inference.cpu_decode import GROUP, SHORTLIST, Int4Linear, ShortlistHead
