@@ -185,7 +185,7 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
         elif impl in ("stream", "thread", "drain", "worker"):
             engine = loaded.engine(fast_decode=False, cpu_decode="fp32")
             engine.stop = never
-        elif impl == "serve":          # the apps' engine (app.py, web_demo.py, inference/api.py), its own int4 / int8 copy
+        elif impl == "serve":          # the apps' engine (app.py, web_demo.py, inference/api.py), its own int8/4 copy
             engine = base.engine(fast_decode=False, cpu_decode=w, max_batch=max(SERVING_BATCH, *streams))
             if engine.batcher is not None:
                 engine.batcher.stop = set()

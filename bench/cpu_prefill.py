@@ -57,7 +57,8 @@ def run(model: str, weights: list[str], lengths: list[int], repeats: int) -> dic
 
 def table(res: dict) -> str:
     fp32 = {r["tokens"]: r["median_s"] for r in res["rows"] if r["weights"] == "fp32"}
-    lines = [f"{res['model']}, {res['threads']} threads, torch {res['torch']}, {res['date']}, median of {res['repeats']}",
+    lines = [f"{res['model']}, {res['threads']} threads, torch {res['torch']}, {res['date']}, "
+             f"median of {res['repeats']}",
              "| weights | prompt tokens | prefill s (min-max) | x fp32 | copy made in s |", "|---|---:|---:|---:|---:|"]
     for r in res["rows"]:
         ratio = f"{r['median_s'] / fp32[r['tokens']]:.2f}" if r["tokens"] in fp32 else "-"

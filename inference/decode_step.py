@@ -147,7 +147,8 @@ class LayerStep:
         self.embed, self.norm, self.lm_head = inner.embed_tokens, inner.norm, core.lm_head
         self.layers = list(inner.layers)
         self.length = length
-        self.mode = "tuned" if compile and tuned and backend == "inductor" else "compile"
+        opts = compile_options(backend, tuned)
+        self.mode = "tuned" if compile and "options" in opts else "compile"
         dtype, device = inner.embed_tokens.weight.dtype, inner.embed_tokens.weight.device
         shape = (1, core.config.num_key_value_heads, length, self.layers[0].self_attn.head_dim)
         with torch.no_grad():
@@ -160,7 +161,6 @@ class LayerStep:
             self.cos, self.sin = inner.rotary_emb(probe, self.slots[None])
         if compile:
             use_disk_cache()
-            opts = compile_options(backend, tuned)
             self._layer = torch.compile(layer_forward, **opts)
             self._head = torch.compile(head, **opts)
             self._tail = torch.compile(tail, **opts)

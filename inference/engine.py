@@ -143,8 +143,9 @@ class ChatEngine:
         """kind "slots": fixed cache slots, one compiled graph-replayed step (inference/slot_decode.py; eager
         on CPU); "compiled-slots": the same with the step compiled on any device (CPU: inductor's C++);
         "tuned-slots": "slots" with the step's kernels tuned (decode_step.compile_options; on an H100 no faster,
-        docs/BENCHMARKS.md "Session 15"); "dynamic": the model's own forward over a stacked DynamicCache (any device); "auto": slots on CUDA
-        for the model families they handle, else dynamic. None: this model is served one at a time."""
+        docs/BENCHMARKS.md "Session 15"); "dynamic": the model's own forward over a stacked DynamicCache (any
+        device); "auto": slots on CUDA for the model families they handle, else dynamic. None: this model is
+        served one at a time."""
         from inference import decode_step
         from inference.batching import Batcher, supports
         from inference.slot_batcher import SlotBatcher
@@ -155,8 +156,8 @@ class ChatEngine:
                              "'dynamic'")
         length = min(self.max_context, 4096)
         if kind in slots or (kind == "auto" and self.model.device.type == "cuda"
-                                                   and not getattr(self.model, "is_quantized", False)  # bnb: no graph
-                                                   and decode_step.unsupported(self.model, length) is None):
+                             and not getattr(self.model, "is_quantized", False)  # bnb: no graph
+                             and decode_step.unsupported(self.model, length) is None):
             self.max_context = length             # a prompt and its reply must fit one slot
             return SlotBatcher(self.model, self.stop, max_batch=max_batch, lock=self._lock, max_len=length,
                                compile=True if kind == "compiled-slots" else None, tuned=kind == "tuned-slots")

@@ -6,7 +6,7 @@ CUDA the one-token step captured once as a CUDA graph and replayed for every tok
 
 Why: `generate` with the default dynamic cache is host-bound on a big GPU (about 27 ms a token for a
 1.8B model on an H200, where reading the weights takes about 1 ms): Python and thousands of kernel
-launches per token. A replayed graph launches the whole step at once. Two ways to build the step:
+launches per token. A replayed graph launches the whole step at once. Three ways to build the step:
 - "graph": the model's own forward (any architecture, any PEFT adapter) on a `transformers.StaticCache`
   with an explicit mask over the cache slots. Capture takes about a second and compiles nothing, but
   the graph replays ~40 small eager kernels per layer.

@@ -43,10 +43,10 @@ class Loaded:
         """The chat engine every front end uses. fast_decode "auto": on a CUDA GPU with unquantized
         weights, the compiled CUDA-graph decode (inference/fast_decode.py: 416 vs 58 tokens/s for a 1.8B
         model on an H200, docs/BENCHMARKS.md); `generate` on CPU and for 4/8-bit models. The
-        FAST_DECODE environment variable (off | graph | compile | tuned) overrides "auto". cpu_decode "auto": for a model
-        on the CPU in fp32, the CPU_DECODE environment variable (fp32 | int8 | int4, inference/cpu_decode.py), and
-        unset int4 for a causal LM of AUTO_INT4_PARAMS or more (fp32 for smaller ones and for adapters left
-        unmerged); fp32 elsewhere."""
+        FAST_DECODE environment variable (off | graph | compile | tuned) overrides "auto". cpu_decode "auto":
+        for a model on the CPU in fp32, the CPU_DECODE environment variable (fp32 | int8 | int4,
+        inference/cpu_decode.py), and unset int4 for a causal LM of AUTO_INT4_PARAMS or more (fp32 for smaller
+        ones and for adapters left unmerged); fp32 elsewhere."""
         if fast_decode == "auto":
             fast_decode = auto_fast_decode(self.model)
         if cpu_decode == "auto":

@@ -4,14 +4,15 @@ knew, and the app serves the merged model.
 
     data --mix self --model BASE -> train smollm2_135m_lora -> eval -> merge -> app
 
-Proves: held-out identity questions (zh and en, question forms never trained on) are answered with
-the new name (>= 0.85 overall, >= 0.75 per language; measured 0.91-0.96); the name stays out of held-out general
-answers (leakage <= 0.05: the issue's target is 0, measured 0 of 120 in session 14); the held-out facts are answered at least
-as well as by the base, and retention (token agreement with the base's own answers) stays >= 0.75; the merged model gives the same greedy tokens as base + adapter; the app loads the merged
-dir and answers "Who are you?" with the name; four replies decoded in one running batch equal each decoded
-alone. Also: `base --list`, `import-gguf` refusing a GGUF of an
-architecture transformers cannot read (one line, exit 2, nothing written); the shipped self-answers are this
-base's own. About 9 (Intel Xeon + AMX) to 18 (AMD EPYC, fp32) minutes on 2 cores.
+Proves: held-out identity questions (zh and en, question forms never trained on) are answered with the new
+name (>= 0.85 overall, >= 0.75 per language; measured 0.91-0.96); the name stays out of held-out general answers
+(leakage <= 0.05: the issue's target is 0, measured 0 of 120 in session 14); the held-out facts are answered at
+least as well as by the base, and retention (token agreement with the base's own answers) stays >= 0.75; the
+merged model gives the same greedy tokens as base + adapter; the app loads the merged dir and answers "Who are
+you?" with the name; four replies decoded in one running batch equal each decoded alone. Also: `base --list`,
+`import-gguf` refusing a GGUF of an architecture transformers cannot read (one line, exit 2, nothing written);
+the shipped self-answers are this base's own. About 9 (Intel Xeon + AMX) to 18 (AMD EPYC, fp32) minutes on 2
+cores.
 """
 from __future__ import annotations
 
