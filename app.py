@@ -106,11 +106,7 @@ def start(env=None) -> Backend:
     note = f"**Model:** {source}  \n**Running on:** {loaded.note}"
     if multimodal:
         note += "  \n**Images:** attach one with 📎; the chat is about the newest image"
-    if getattr(engine, "fast", None) is not None:   # CUDA: compile + capture now, not on the first visitor's turn
-        try:
-            engine.fast.warm_up(1024)
-        except Exception:  # noqa: BLE001 -- the first request builds it again and falls back if it must
-            log.exception("warming up the fast decode failed")
+    engine.warm_up()          # compile (CUDA graph, CPU step) now, not on the first visitor's turn
     return Backend(engine, loaded.system_prompt or "", note, multimodal=multimodal)
 
 

@@ -43,7 +43,9 @@ def engine_for(model: str, adapter: str | None, device: str) -> tuple[Loaded, Ch
     # One engine per model for the whole server: its lock serialises generation across sessions.
     from inference.image_chat import load_served
     loaded = load_served(model, adapter, device) or load(model, adapter=adapter, device=device)
-    return loaded, loaded.engine(max_batch=SERVING_BATCH)
+    engine = loaded.engine(max_batch=SERVING_BATCH)
+    engine.warm_up()          # compile the decode step once per server, before the first reply
+    return loaded, engine
 
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif"]

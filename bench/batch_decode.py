@@ -23,7 +23,9 @@ Rows of the table (each level run once untimed, then `--repeats` times; median a
 - dynamic:   the dynamic-cache batcher (inference/batching.py), N consumer threads.
 - serve:     what the apps and the API run: `ChatEngine(max_batch=SERVING_BATCH).stream_chat` (on CPU the dynamic
              batcher) with its detokeniser, N consumer threads; the engine makes its own int8 / int4 copy (prompts
-             read by the fp32 model, as the apps do).
+             read by the fp32 model, as the apps do); on the CPU with int8 / int4 its decode step is compiled
+             (inference/row_step.py), the engine warmed up first as the apps do;
+- serve-dynamic: `serve` with the batcher running the model's own forward each step (the apps before session 16).
 `--cpu-weights fp32,int8,int4` runs every row once per weight kind: int8 / int4 are the engine's
 `cpu_decode="int8"` / `"int4"` (inference/cpu_decode.py: weight-only linear layers, CPU only).
 Consumers only drain token ids, so the batcher rows show what the core can decode; bench/serve_load.py
@@ -173,7 +175,7 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
     # the int8 / int4 copy is what `cpu_decode=...` gives the engine; its engines then decode it as is
     models = {}      # made on first use: `serve` rows build their engine's own copy, as the apps do
     for w, impl in [(w, impl) for w in weights for impl in impls]:
-        if impl != "serve" and w not in models:
+        if not impl.startswith("serve") and w not in models:
             models[w] = decode_model(base.model, w)
         loaded = dataclasses.replace(base, model=models.get(w, base.model))
         if impl in (*SLOT_IMPLS, "dynamic"):
@@ -185,8 +187,12 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
         elif impl in ("stream", "thread", "drain", "worker"):
             engine = loaded.engine(fast_decode=False, cpu_decode="fp32")
             engine.stop = never
-        elif impl == "serve":          # the apps' engine (app.py, web_demo.py, inference/api.py), its own int8/4 copy
-            engine = base.engine(fast_decode=False, cpu_decode=w, max_batch=max(SERVING_BATCH, *streams))
+        elif impl.startswith("serve"):  # the apps' engine (app.py, web_demo.py, inference/api.py), its own int8/4 copy
+            engine = base.engine(fast_decode=False, cpu_decode=w, max_batch=max(SERVING_BATCH, *streams),
+                                 batch_decoder="dynamic" if impl == "serve-dynamic" else "auto")
+            started = time.perf_counter()
+            engine.warm_up()
+            engine_warm_s = round(time.perf_counter() - started, 2)
             if engine.batcher is not None:
                 engine.batcher.stop = set()
             engine.stop = never
@@ -195,7 +201,7 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
                 go = generate_level(loaded, n, max_tokens)
             elif impl == "stream":
                 go = stream_level(engine, n, max_tokens)
-            elif impl == "serve":
+            elif impl.startswith("serve"):
                 go = serve_level(engine, n, max_tokens)
             elif impl in ("thread", "drain", "worker"):
                 go = thread_level(loaded, engine, n, max_tokens, drain=impl == "drain",
@@ -210,6 +216,9 @@ def run(model: str, impls: list[str], streams: list[int], max_tokens: int, repea
                    "tok_s_max": round(rates[-1], 1),
                    "ms_per_step": round(statistics.median(times) / max_tokens * 1000 /
                                          (n if impl in ("stream", "thread", "drain", "worker") else 1), 2)}
+            row_step = getattr(engine.batcher, "row_step", None) if impl.startswith("serve") else None
+            if row_step is not None:   # compiled, or why not
+                row.update(row_steps=row_step.steps, row_step_error=row_step.failed, engine_warm_up_s=engine_warm_s)
             if impl in SLOT_IMPLS:     # compiled and graph-replayed, or why not
                 dec = engine.batcher.decoder
                 row.update(graphs=sorted(dec.graphs), graph_error=dec.graph_error, compile_fallback=dec.fallback,
@@ -240,7 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2", help="a model dir or a base name (smollm2, tiny)")
     p.add_argument("--impl", nargs="+", default=["generate", "stream", "slots", "dynamic", "serve"],
                    choices=["generate", "stream", "thread", "drain", "worker", "slots", "slots-lockstep", "compiled-slots",
-                            "tuned-slots", "dynamic", "serve"])
+                            "tuned-slots", "dynamic", "serve", "serve-dynamic"])
     p.add_argument("--temperature", type=float, default=0.0,
                    help="the batchers' rows sample (top-p 0.9, seeded) instead of greedy")
     p.add_argument("--cpu-weights", default="fp32", help="fp32, int8, int4, comma-separated (int8 / int4: CPU only)")

@@ -238,7 +238,9 @@ def main(argv=None) -> int:
     loaded = load(args.model_dir, adapter=args.adapter)
     name = args.name or os.path.basename(os.path.normpath(args.adapter or args.model_dir))
     print(f"serving {loaded.note} as {name!r} on http://{args.host}:{args.port}/v1", flush=True)
-    app = create_app(loaded.engine(max_batch=SERVING_BATCH), name, key)
+    engine = loaded.engine(max_batch=SERVING_BATCH)
+    engine.warm_up()          # compile the decode step before the first request, not during it
+    app = create_app(engine, name, key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -76,8 +76,11 @@ def supports(model) -> bool:
 
 class Batcher:
     def __init__(self, model, stop_ids: list[int], max_batch: int = 8, lock: threading.Lock | None = None,
-                 prefill_model=None):
+                 prefill_model=None, row_step=None):
         self.model = model
+        # the compiled step that stands in for the model's forward at each decode step (inference/row_step.py;
+        # the engine gives one on the CPU to its int4 / int8 copy), or None: the model's own forward
+        self.row_step = row_step
         # the model a new request's prompt is read with (default: MODEL). The engine passes the fp32 model when
         # MODEL is its int4 decode copy: torch's int4 kernel reads 512 prompt tokens 1.43x slower than fp32's GEMM,
         # while one token a step runs 2x faster (bench/cpu_prefill.py, docs/BENCHMARKS.md "Session 14")
@@ -235,7 +238,29 @@ class Batcher:
         last = torch.tensor([[r.generated[-1]] for r in reqs], device=self.model.device)
         positions = torch.tensor([[r.length] for r in reqs], device=self.model.device)
         self._mask = torch.cat([self._mask, torch.ones(len(reqs), 1, dtype=torch.long, device=self._mask.device)], 1)
+        if self.row_step is not None:
+            with self.lock, torch.no_grad():
+                logits = self.row_step.decode(self._cache.layers, last, positions, self._mask)
+            if logits is not None:
+                return logits
         return self._forward(input_ids=last, attention_mask=self._mask, position_ids=positions, cache=self._cache)
+
+    def warm_up(self) -> bool:
+        """Compile the row step now, in a thread with the decode loop's OpenMP threads (inductor writes its
+        kernels for the thread count it compiles under); True when there is a compiled step to use."""
+        if self.row_step is None:
+            return False
+        done = []
+
+        def work():
+            use_decode_threads(self.model.device)
+            with self.lock:
+                done.append(self.row_step.warm_up())
+
+        thread = threading.Thread(target=work, name="batcher-warm-up")
+        thread.start()
+        thread.join()
+        return bool(done and done[0])
 
     def _pick(self, reqs: list[_Request], logits: torch.Tensor) -> list[int]:
         """The next token of each row, each with its own settings and generator (inference/row_sampling.py)."""

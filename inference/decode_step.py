@@ -90,26 +90,34 @@ def layer_forward(layer, h, cos, sin, keys, values, slots, mask):
     ([1, kv_heads, L, D]) and attends to the cache slots where `mask` [1, 1, T, L] is True.
     `mask=None` means a prefill from slot 0: causal attention over the T new tokens only."""
     attn = layer.self_attn
-    t, d = h.shape[1], attn.head_dim
+    t = h.shape[1]
     q, k, v = project(attn, layer.input_layernorm(h), cos, sin)
     keys.index_copy_(2, slots, k)
     values.index_copy_(2, slots, v)
-    heads, kv_heads = q.shape[1], k.shape[1]
     if mask is None:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
-                                           enable_gqa=heads != kv_heads)
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        o = o.transpose(1, 2).reshape(1, t, -1)
     else:
-        # grouped-query attention without repeating the cache: the `heads // kv_heads` query heads
-        # that share a kv head become rows of one matmul against it
-        g = heads // kv_heads
-        qg = q.reshape(1, kv_heads, g * t, d)
-        scores = torch.matmul(qg, keys.transpose(2, 3)) * attn.scaling            # [1, kv, g*t, L]
-        scores = scores.view(1, kv_heads, g, t, -1).masked_fill(~mask[:, :, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        o = torch.matmul(probs.view(1, kv_heads, g * t, -1), values).view(1, heads, t, d)
-    o = o.transpose(1, 2).reshape(1, t, heads * d)
+        o = attend(q, keys, values, mask, attn.scaling)
     h = h + attn.o_proj(o)
     return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def attend(q, keys, values, mask, scaling):
+    """softmax(q k^T x scaling) v over the cache positions where MASK is True, softmax in fp32.
+    q [B, heads, T, D]; keys/values [B, kv_heads, L, D]; mask [B, 1, T, L] bool. Returns [B, T, heads x D].
+    Grouped-query attention without repeating the cache: the `heads // kv_heads` query heads that share a
+    kv head become rows of one matmul against it (transformers' repeat_kv order: head i uses kv head i // g).
+    Shared by every step written out here, in slot_decode.py and in row_step.py."""
+    b, heads, t, d = q.shape
+    kv_heads = keys.shape[1]
+    g = heads // kv_heads
+    scores = torch.matmul(q.reshape(b, kv_heads, g * t, d), keys.transpose(2, 3)) * scaling     # [B, kv, g*t, L]
+    scores = scores.view(b, kv_heads, g, t, -1).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    o = torch.matmul(probs.view(b, kv_heads, g * t, -1), values).view(b, heads, t, d)
+    return o.transpose(1, 2).reshape(b, t, heads * d)
 
 
 def head(embed, token, pos, cos_table, sin_table, slots):

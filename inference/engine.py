@@ -12,6 +12,7 @@ path: temperature, top-p and an explicit top-k (the model's own generation confi
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,8 @@ def fit_to_context(tokenizer, messages: list[dict], budget: int) -> tuple[list[i
             return ids[-budget:], msgs
         del msgs[first:first + 2]
 
+
+log = logging.getLogger(__name__)
 
 # Rows decoded together by a serving engine (app, Streamlit demo, API): 4 streams of the real base on
 # 2 CPU cores give 2.3x the tokens/s of one (bench/serve_load.py, docs/BENCHMARKS.md).
@@ -144,16 +147,18 @@ class ChatEngine:
         on CPU); "compiled-slots": the same with the step compiled on any device (CPU: inductor's C++);
         "tuned-slots": "slots" with the step's kernels tuned (decode_step.compile_options; on an H100 no faster,
         docs/BENCHMARKS.md "Session 15"); "dynamic": the model's own forward over a stacked DynamicCache (any
-        device); "auto": slots on CUDA for the model families they handle, else dynamic. None: this model is
+        device); "compiled": the same batcher with its decode step compiled (inference/row_step.py);
+        "auto": slots on CUDA for the model families they handle; on the CPU "compiled" for an int8 / int4 copy
+        of a family it handles (where Python's share of a step is largest), else dynamic. None: this model is
         served one at a time."""
         from inference import decode_step
         from inference.batching import Batcher, supports
         from inference.slot_batcher import SlotBatcher
 
         slots = ("slots", "compiled-slots", "tuned-slots")
-        if kind not in ("auto", *slots, "dynamic"):
-            raise ValueError(f"batch_decoder={kind!r}: expected 'auto', 'slots', 'compiled-slots', 'tuned-slots' or "
-                             "'dynamic'")
+        if kind not in ("auto", *slots, "dynamic", "compiled"):
+            raise ValueError(f"batch_decoder={kind!r}: expected 'auto', 'slots', 'compiled-slots', 'tuned-slots', "
+                             "'dynamic' or 'compiled'")
         length = min(self.max_context, 4096)
         if kind in slots or (kind == "auto" and self.model.device.type == "cuda"
                              and not getattr(self.model, "is_quantized", False)  # bnb: no graph
@@ -161,8 +166,29 @@ class ChatEngine:
             self.max_context = length             # a prompt and its reply must fit one slot
             return SlotBatcher(self.model, self.stop, max_batch=max_batch, lock=self._lock, max_len=length,
                                compile=True if kind == "compiled-slots" else None, tuned=kind == "tuned-slots")
+        if not supports(self.model):
+            return None
+        row_step = None
+        if kind == "compiled" or (kind == "auto" and self.model.device.type == "cpu"
+                                  and self.model is not self.loaded_model             # the int8 / int4 copy
+                                  and decode_step.unsupported(self.model, self.max_context) is None):
+            from inference.row_step import RowStep
+
+            row_step = RowStep(self.model, self.max_context)
         return Batcher(self.model, self.stop, max_batch=max_batch, lock=self._lock,
-                       prefill_model=self.loaded_model) if supports(self.model) else None
+                       prefill_model=self.loaded_model, row_step=row_step)
+
+    def warm_up(self) -> None:
+        """Compile what this engine decodes with now rather than on the first visitor's turn: the CUDA decoder
+        (1,024-token bucket) or the batcher's compiled CPU step. app.py, web_demo.py and the API call it; a
+        failure is logged, not raised (the first request builds it again and falls back if it must)."""
+        try:
+            if self.fast is not None:
+                self.fast.warm_up(1024)
+            if self.batcher is not None:
+                self.batcher.warm_up()
+        except Exception:  # noqa: BLE001 -- serving without the compiled step beats not serving
+            log.exception("warming up the decoder failed")
 
     def _gen_kwargs(self, max_new_tokens, temperature, top_p, repetition_penalty, top_k: int = 0) -> dict:
         kw = dict(max_new_tokens=max_new_tokens, eos_token_id=self.stop,

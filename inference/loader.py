@@ -46,8 +46,11 @@ class Loaded:
         FAST_DECODE environment variable (off | graph | compile | tuned) overrides "auto". cpu_decode "auto":
         for a model on the CPU in fp32, the CPU_DECODE environment variable (fp32 | int8 | int4,
         inference/cpu_decode.py), and unset int4 for a causal LM of AUTO_INT4_PARAMS or more (fp32 for smaller
-        ones and for adapters left unmerged); fp32 elsewhere."""
+        ones and for adapters left unmerged); fp32 elsewhere. On the CPU the serving batcher compiles its decode
+        step for an int8 / int4 copy (inference/row_step.py); FAST_DECODE=off keeps it eager there too."""
         if fast_decode == "auto":
+            if fast_off() and getattr(getattr(self.model, "device", None), "type", "cpu") == "cpu":
+                kwargs.setdefault("batch_decoder", "dynamic")
             fast_decode = auto_fast_decode(self.model)
         if cpu_decode == "auto":
             cpu_decode = auto_cpu_decode(self.model)
@@ -60,9 +63,13 @@ class Loaded:
 AUTO_INT4_PARAMS = 50 * 10**6
 
 
+def fast_off() -> bool:
+    return os.environ.get("FAST_DECODE", "").strip().lower() in ("off", "0", "false", "no")
+
+
 def auto_fast_decode(model) -> bool | str:
     choice = os.environ.get("FAST_DECODE", "").strip().lower()
-    if choice in ("off", "0", "false", "no"):
+    if fast_off():
         return False
     if choice in ("graph", "compile", "tuned"):
         return choice

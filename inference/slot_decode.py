@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from inference import decode_step
-from inference.decode_step import core_model, project, tail
+from inference.decode_step import attend, core_model, project, tail
 
 WINDOWS = (512, 1024, 2048, 4096)
 
@@ -37,17 +37,10 @@ def slot_layer(layer, h, cos, sin, keys, values, rows, pos, mask):
     the layer's cache [S, kv_heads, W, D] (a window of it); rows = arange(S); pos [S] each slot's position;
     mask [S, 1, 1, W] True where a slot may attend."""
     attn = layer.self_attn
-    s, d = h.shape[0], attn.head_dim
     q, k, v = project(attn, layer.input_layernorm(h), cos, sin)                          # [S, heads, 1, D]
     keys[rows, :, pos] = k[:, :, 0]                 # each slot writes at its own position
     values[rows, :, pos] = v[:, :, 0]
-    heads, kv_heads = q.shape[1], k.shape[1]
-    g = heads // kv_heads                           # grouped-query attention without repeating the cache
-    scores = torch.matmul(q.reshape(s, kv_heads, g, d), keys.transpose(2, 3)) * attn.scaling   # [S, kv, g, W]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    o = torch.matmul(probs, values).reshape(s, 1, heads * d)
-    h = h + attn.o_proj(o)
+    h = h + attn.o_proj(attend(q, keys, values, mask, attn.scaling))
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 

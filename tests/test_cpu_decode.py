@@ -200,14 +200,18 @@ def test_cpu_decode_unset_is_int4_for_a_causal_lm_from_the_size_on(loaded, tiny_
     assert loaded.engine().model is loaded.model
 
 
-def test_int4_serving_reads_prompts_with_the_fp32_model_and_decodes_in_int4(loaded):
+@pytest.mark.parametrize("kind", ["auto", "dynamic"])
+def test_int4_serving_reads_prompts_with_the_fp32_model_and_decodes_in_int4(loaded, kind):
     """The batcher (the apps' path) prefills with the model as loaded -- torch's int4 kernel is slower than fp32's
-    GEMM over many prompt rows -- and makes every decode step with the int4 copy; the first token is fp32's."""
+    GEMM over many prompt rows -- and makes every decode step with the int4 copy: through its compiled step
+    ("auto" on the CPU: inference/row_step.py, over the copy's own layers) or its forward ("dynamic"); the first
+    token is fp32's."""
     from inference.cpu_decode import Int4Linear
 
-    engine = loaded.engine(cpu_decode="int4", max_batch=2)
-    int4 = engine.batcher.model
+    engine = loaded.engine(cpu_decode="int4", max_batch=2, batch_decoder=kind)
+    int4, step = engine.batcher.model, engine.batcher.row_step
     assert int4 is not loaded.model and any(isinstance(m, Int4Linear) for m in int4.modules())
+    assert (step is None) == (kind == "dynamic")
     seen = {"fp32": [], "int4": []}
     hooks = [m.register_forward_hook(lambda mod, args, kw, out, k=k: seen[k].append(kw["input_ids"].shape[1]),
                                      with_kwargs=True) for k, m in (("fp32", loaded.model), ("int4", int4))]
@@ -217,7 +221,11 @@ def test_int4_serving_reads_prompts_with_the_fp32_model_and_decodes_in_int4(load
         for h in hooks:
             h.remove()
     assert len(seen["fp32"]) == 1 and seen["fp32"][0] > 1                  # the prompt, once, in fp32
-    assert seen["int4"] == [1] * (len(ids) - 1)                            # then one token a step, in int4
+    if step is None:
+        assert seen["int4"] == [1] * (len(ids) - 1)                        # then one token a step, in int4
+    else:
+        assert seen["int4"] == [] and step.steps == len(ids) - 1 and step.failed is None
+        assert step.layers == list(int4.model.layers)                      # ... through the int4 copy's layers
     fp32_first = loaded.engine(cpu_decode="fp32").greedy_ids(_ask("Who are you?"), 1)
     assert ids[0] == fp32_first[0]
 
