@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=2 python bench/cpu_train.py --data d.jsonl --steps 70 --out cpu_train.json
     OMP_NUM_THREADS=2 python bench/cpu_train.py --data d.jsonl --steps 70 --no-hidden-cache    # the engine before
     OMP_NUM_THREADS=2 python bench/cpu_train.py --data d.jsonl --steps 70 --set attn_implementation=eager
+    OMP_NUM_THREADS=2 python bench/cpu_train.py --data d.jsonl --steps 70 --set compile=false  # before session 16
     python bench/cpu_train.py --smoke            # the tiny base, its preset, 6 steps over 2 epochs
 
 Trains `smollm2_135m_lora` (the demo's preset: bf16 frozen weights on CPUs that multiply bf16 natively, the KL term

@@ -131,6 +131,29 @@ def test_compiled_layers_train_like_eager_and_generation_stays_eager(tiny_lora):
     torch._dynamo.reset()
 
 
+
+def test_blocks_that_cannot_compile_train_on_eager(tiny_lora, caplog):
+    """A compiler that fails (a CPU machine without a C++ compiler): the first training forward says why, once,
+    and every block runs eager from then on -- eager's loss and gradients, no second attempt per block."""
+    build, batch, _ = tiny_lora
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    model = build()
+    model.train()
+    ref, ref_grads = _loss_and_grads(model, batch)
+    torch._dynamo.reset()
+    assert speed.compile_layers(model, backend=broken) > 0
+    with caplog.at_level("WARNING", logger="trainer"):
+        for _ in range(2):
+            out, grads = _loss_and_grads(model, batch)
+            assert torch.allclose(out.loss, ref.loss, atol=1e-6)
+            assert all(torch.allclose(grads[n], ref_grads[n], atol=1e-6) for n in ref_grads)
+    said = [r.getMessage() for r in caplog.records if "training on without it" in r.getMessage()]
+    assert len(said) == 1 and "no C++ compiler here" in said[0]
+    torch._dynamo.reset()
+
 def test_train_with_speed_fields_reaches_the_same_loss(tiny_base, identity_files, tmp_path):
     import json
 

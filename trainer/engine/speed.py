@@ -142,29 +142,37 @@ def decoder_layers(model) -> list:
 COMPILED_BLOCKS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
-def compile_layers(model) -> int:
+def compile_layers(model, backend: str = "inductor") -> int:
     """torch.compile each decoder layer's norms, attention and MLP, for training steps only.
 
     The compiled forward is used while the module trains with gradients on; generation (sample
     chats, evaluation) keeps the eager forward, so it never triggers a second, inference-mode
     compilation. `dynamic=True`: packed batches vary in width, and one symbolic-shape graph serves
     them all (and all layers) instead of a recompile per width. Parameters and state-dict keys are
-    untouched, so adapters and checkpoints save as usual. Returns the number of blocks switched."""
-    n = 0
+    untouched, so adapters and checkpoints save as usual. If compiling fails (a CPU machine without
+    a C++ compiler), the first block to try says why in the log and every block runs eager from then
+    on: the run goes on at eager speed. Returns the number of blocks switched."""
+    n, shared = 0, {"failed": None}
     for layer in decoder_layers(model):
         for name in COMPILED_BLOCKS:
             block = getattr(layer, name, None)
             if isinstance(block, torch.nn.Module) and not hasattr(block, "_eager_forward"):
                 block._eager_forward = block.forward
-                block._compiled_forward = torch.compile(block.forward, dynamic=True)
+                block._compiled_forward = torch.compile(block.forward, dynamic=True, backend=backend)
+                block._compile_state = shared
                 block.forward = types.MethodType(_train_compiled_forward, block)
                 n += 1
     return n
 
 
 def _train_compiled_forward(self, *args, **kwargs):
-    if self.training and torch.is_grad_enabled():
-        return self._compiled_forward(*args, **kwargs)
+    if self.training and torch.is_grad_enabled() and self._compile_state["failed"] is None:
+        try:
+            return self._compiled_forward(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:      # compiling, not the step itself, failed
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            self._compile_state["failed"] = " ".join(lines[:2])
+            log.warning("compile: %s -- training on without it (eager)", self._compile_state["failed"])
     return self._eager_forward(*args, **kwargs)
 
 
