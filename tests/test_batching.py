@@ -3,27 +3,16 @@ batch give, token for token, the replies each gets alone; rows join mid-way and 
 abandoned; seeded sampling repeats; the engine's sampling is explicit on every path."""
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
+from threads import concurrently
 
 QUESTIONS = ["你是谁", "Who are you?", "What is the capital of France?", "3 + 4 = ?", "Tell me about yourself."]
 
 
 def _ask(q):
     return [{"role": "user", "content": q}]
-
-
-def _concurrently(fn, n: int, stagger: float = 0.0) -> list:
-    out = [None] * n
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(i))) for i in range(n)]
-    for t in threads:
-        t.start()
-        time.sleep(stagger)
-    for t in threads:
-        t.join(timeout=120)
-    return out
 
 
 def test_a_batch_of_four_equals_each_reply_alone(loaded):
@@ -35,7 +24,7 @@ def test_a_batch_of_four_equals_each_reply_alone(loaded):
     assert alone_engine.batcher is None
     alone = [alone_engine.chat(_ask(q), max_new_tokens=40) for q in QUESTIONS[:4]]
     # prompts of different lengths started a little apart: rows join a batch already decoding, padded
-    together = _concurrently(lambda i: engine.chat(_ask(QUESTIONS[i]), max_new_tokens=40), 4, stagger=0.02)
+    together = concurrently(lambda i: engine.chat(_ask(QUESTIONS[i]), max_new_tokens=40), 4, stagger=0.02)
     assert together == alone
     assert engine.batcher.peak >= 2, "the requests never shared a decode step"
 
@@ -55,7 +44,7 @@ def test_batched_token_ids_equal_generate(loaded, kind):
     batcher = Batcher(model, engine.stop, max_batch=8) if kind == "dynamic" else \
         SlotBatcher(model, engine.stop, max_batch=8, max_len=256, compile=False, use_graph=False)
     prompts = [prompt_ids(tok, with_system(_ask(q), loaded.system_prompt)) for q in QUESTIONS]
-    got = _concurrently(lambda i: list(batcher.tokens(prompts[i], 24)), len(prompts))
+    got = concurrently(lambda i: list(batcher.tokens(prompts[i], 24)), len(prompts))
     for p, g in zip(prompts, got):
         ids = torch.tensor([p])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
@@ -92,7 +81,7 @@ def test_seeded_sampling_repeats_in_a_batch_and_alone(loaded):
     engine = loaded.engine(max_batch=4)
     kw = dict(max_new_tokens=24, temperature=1.0, top_p=0.95, seed=1234)
     alone = engine.chat(_ask("Write a haiku about autumn."), **kw)
-    together = _concurrently(lambda i: engine.chat(_ask("Write a haiku about autumn." if i == 0 else QUESTIONS[i]),
+    together = concurrently(lambda i: engine.chat(_ask("Write a haiku about autumn." if i == 0 else QUESTIONS[i]),
                                                    **kw), 3)
     assert together[0] == alone
     unseeded = {engine.chat(_ask("Write a haiku about autumn."), max_new_tokens=24, temperature=1.5, top_p=1.0)
@@ -162,7 +151,7 @@ def test_slots_are_reused_as_requests_come_and_go(loaded):
     engine = loaded.engine()
     engine.batcher = SlotBatcher(loaded.model, engine.stop, max_batch=2, lock=engine._lock, max_len=256,
                                  compile=False, use_graph=False)
-    got = _concurrently(lambda i: engine.chat(_ask(QUESTIONS[i]), max_new_tokens=30), len(QUESTIONS), stagger=0.01)
+    got = concurrently(lambda i: engine.chat(_ask(QUESTIONS[i]), max_new_tokens=30), len(QUESTIONS), stagger=0.01)
     assert got == want
     assert engine.batcher.peak == 2
     deadline = time.monotonic() + 10           # the worker frees a slot just after handing over the last token
@@ -191,7 +180,7 @@ def test_pipelined_slot_steps_equal_lockstep_ones(loaded):
         b = SlotBatcher(loaded.model, [], max_batch=4, max_len=slot_len, compile=False, use_graph=False,
                         pipeline=pipeline)
         # the short penalised row starts late: the batch runs pipelined, then in lockstep, then pipelined again
-        got = _concurrently(lambda i: list(b.tokens(prompts[i], cap or lengths[i], **kws[i])), len(prompts),
+        got = concurrently(lambda i: list(b.tokens(prompts[i], cap or lengths[i], **kws[i])), len(prompts),
                             stagger=0.05)
         deadline = time.monotonic() + 10
         while b.running and time.monotonic() < deadline:

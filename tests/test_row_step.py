@@ -3,21 +3,9 @@ forward while rows join and leave, compiled once at warm-up (no graph after it),
 to the forward, and the engine picks it for an int4 copy on the CPU unless FAST_DECODE=off."""
 from __future__ import annotations
 
-import threading
-import time
+from threads import concurrently
 
 QUESTIONS = ["你是谁", "Who are you?", "What is the capital of France?", "Tell me about yourself."]
-
-
-def _concurrently(fn, n: int, stagger: float) -> list:
-    out = [None] * n
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(i))) for i in range(n)]
-    for t in threads:
-        t.start()
-        time.sleep(stagger)
-    for t in threads:
-        t.join(timeout=300)
-    return out
 
 
 def _prompts(loaded) -> list[list[int]]:
@@ -30,7 +18,7 @@ def _prompts(loaded) -> list[list[int]]:
 def _serve(batcher, prompts, caps) -> list[list[int]]:
     """Greedy ids of every prompt, started a little apart (rows join a running batch, left-padded) with
     different caps (rows leave at different steps: the batch and its cache shrink), then the first alone."""
-    together = _concurrently(lambda i: list(batcher.tokens(prompts[i], caps[i])), len(prompts), stagger=0.01)
+    together = concurrently(lambda i: list(batcher.tokens(prompts[i], caps[i])), len(prompts), stagger=0.01)
     return together + [list(batcher.tokens(prompts[0], caps[0]))]
 
 

@@ -14,7 +14,8 @@
   keeps gradient checkpointing's recompute outside the compiled graphs. The collator keeps the shapes
   static meanwhile (`collator_for` in trainer/engine/dataset.py): every micro-batch has `batch_size` rows
   (packed: of `max_length` tokens), label-less rows filling an epoch's short last batch, which used to
-  recompile every block (7 s on an H100, twice in a 2-epoch job).
+  recompile every block (7 s on an H100, twice in a 2-epoch job). On 2 CPU cores (inductor's C++) the
+  real base's LoRA trains 1.3x faster compiled (smollm2_135m_lora sets it; bench/cpu_train.py).
 - `attn_implementation: flex_attention` (loaded by trainer/engine/train.py): packed rows hold many short
   conversations; sdpa gets them as a dense block-diagonal [row x row] mask and its masked kernel computes
   every score of the row, while FlexAttention's block mask skips the blocks between conversations
@@ -24,7 +25,7 @@
   decoder layers in backward; the rest keep their activations (less recompute, more memory).
 
 `apply_speedups(model, cfg)` is the one call the training engine makes; bench/train_speed.py measures
-what each feature pays on a GPU and docs/BENCHMARKS.md records it.
+what each feature pays on a GPU, bench/cpu_train.py on the CPU, and docs/BENCHMARKS.md records it.
 """
 from __future__ import annotations
 
