@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from threads import concurrently
 
 QUESTIONS = ["你是谁", "Who are you?", "What is the capital of France?", "3 + 4 = ?", "Tell me about yourself."]
