@@ -26,7 +26,8 @@ here); the output layer is `ShortlistHead`: all logits in 4 bits, the best 64 of
 weights (half the int8 layer's time, and fp32's greedy pick). An eighth of fp32's bytes: for the real base on
 2 EPYC cores `generate` runs 52 tokens/s against fp32's 18 and int8's 44 (docs/BENCHMARKS.md "Session 12: int4
 weights"); a fine-tuned model, with the residual below, 42 through `generate` and 34 through the apps' serving path
-(int8 32, fp32 18: "Session 13"; the output layer then still int8).
+(int8 32, fp32 18: "Session 13"; the output layer then still int8), 37 with the shortlist below and 44 once the
+serving step is compiled (inference/row_step.py, "Session 16").
 Layers whose input width is not a multiple of 32 or output width not one of 16 stay as they are (an output
 layer of that kind takes int8).
 

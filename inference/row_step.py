@@ -6,9 +6,9 @@
 
 Why: on 2 CPU cores the int4 decode copy (inference/cpu_decode.py) spends about as long in Python and in
 transformers' per-layer bookkeeping (mask building, rotary, cache update, ~900 small ops a token) as in its
-4-bit kernels. Compiled, those ops become a few C++ loops: one decode step of the demo's 135M model
-went from 26.3 to 21.1 ms (one row) and from 40.1 to 34.1 ms (four rows), one thread, the same greedy tokens
-(docs/BENCHMARKS.md "Session 16").
+4-bit kernels. Compiled, those ops become a few C++ loops: through the apps' path the demo's fine-tuned
+135M model decodes 44 against 37 tokens/s for one stream and 102 against 87 for four, 2 EPYC cores, with the
+same held-out scores (`bench/batch_decode.py --impl serve serve-dynamic`, docs/BENCHMARKS.md "Session 16").
 
 How: the batcher's state stays what it is (a DynamicCache left-padded per row, a [B, T] mask, each row's
 position), so requests join and leave as before and prompts are still read by the model's own forward.
@@ -17,7 +17,7 @@ does) and the new token attends to the positions its row's mask allows, through 
 submodules (norms, projections, MLP: the int4 layers run their own kernel). One function serves every
 layer, compiled with dynamic shapes: one graph for every layer, batch size and cache length -- two
 in practice, since dynamo treats a size of 1 as a constant (one row; two or more rows). Compiling them
-takes ~16 + ~12 s on one core with an empty inductor cache and ~2 s each from the cache on disk
+takes ~25 s on one core with an empty inductor cache and ~4 s from the cache on disk
 (decode_step.use_disk_cache). If compiling fails (no C++ compiler, an unsupported op), the step says
 why once in the log and the batcher runs the model's forward from then on; the cache is only written
 once every layer has run, so a failed step leaves it as it was.
