@@ -43,6 +43,7 @@
 #   decode15: (session 15) decode10's compiled decode and streaming rows again, beside the same compiled decode with
 #            inductor's coordinate-descent tuning (gpt-fast's setting), cold and warm, each in its own cache dir
 #   decode15b: (session 15) the shipped "tuned" mode against "compile", batch-1 and the slot batcher's step
+#   decode16: (session 16) the compiled batch-1 decode and the slot batcher before and after the shared attend()
 #   decode10: (session 10) compiled batch-1 decode cold and warm, the streaming paths against generate, the slot
 #            batcher, on whatever card comes (the issue's 600 tokens/s is about an H200)
 #   course9: (session 9) the course's job as shipped against bits auto merged in the training process
@@ -112,7 +113,7 @@ EOF
 export PEAK_TFLOPS=$(grep -o 'matmul [0-9]*' "$L/ceilings.log" | grep -o '[0-9]*' || echo 780)
 python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 case "$STAGE" in   # stages that never read the packed identity data: decode, serving, big3 (its own shape)
-  big3|serve5|serve6|serve6b|serve7|serve7b|serve7c|check8|decode10|decode15|decode15b) ;;
+  big3|serve5|serve6|serve6b|serve7|serve7b|serve7c|check8|decode10|decode15|decode15b|decode16) ;;
   *) step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001 ;;
 esac
 ls -la $R
@@ -252,6 +253,18 @@ decode15)  # session 15 (issue 19): decode10 beside coordinate-descent tuning; 1
   serve6_tables
   python3 bench/decode_speed.py --table $R/decode_cold.json $R/decode_warm.json $R/cdt_cold.json $R/cdt_warm.json \
     2>/dev/null | tee -a $L/serve6_table.txt
+  ;;
+decode16)  # session 16: the decode steps share decode_step.attend now; the compiled batch-1 decode and the slot
+  # batcher with the code before (b13ec2d, unpacked into .whl/old) and now, cold caches, in one call; 1.8B shape
+  M=$R/model-1.8b-smolvocab
+  build_smol
+  D="python3 bench/decode_speed.py --model $M --new-tokens 256 --repeats 3 --impl compile"
+  BD="python3 bench/batch_decode.py --model $M --max-tokens 128 --repeats 3 --streams 1,16 --impl slots"
+  rm -rf /tmp/ind-old /tmp/ind-new
+  step compile_old 110 bash -c "cd .whl/old && $D --cache-dir /tmp/ind-old --out $R/compile_old.json"
+  step compile_new 110 $D --cache-dir /tmp/ind-new --out $R/compile_new.json
+  step slots_old 120 bash -c "cd .whl/old && TORCHINDUCTOR_CACHE_DIR=/tmp/ind-old $BD --out $R/slots_old.json"
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind-new step slots_new 120 $BD --out $R/slots_new.json
   ;;
 decode15b)  # session 15 (issue 19): the shipped FAST_DECODE=tuned (decode_step.compile_options) against compile,
   # cold and warm, batch-1 and through the slot batcher at 1 and 16 streams; 1.8B shape, SmolLM2's tokenizer

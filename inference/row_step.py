@@ -60,7 +60,8 @@ class RowStep:
             raise ValueError(f"compiled row step: {reason}")
         core = core_model(model)
         inner = core.model
-        self.embed, self.rotary, self.norm, self.lm_head = inner.embed_tokens, inner.rotary_emb, inner.norm, core.lm_head
+        self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
+        self.lm_head = core.lm_head
         self.layers = list(inner.layers)
         self.kv_heads, self.head_dim = core.config.num_key_value_heads, self.layers[0].self_attn.head_dim
         self.failed: str | None = None       # why compiling failed; the batcher then runs the model's forward
@@ -84,8 +85,8 @@ class RowStep:
             for layer, cached in zip(self.layers, layers):
                 # contiguous: the graph compiled for the layout our own cat leaves; a prompt's cache comes as
                 # transposed views and a row leaving cuts columns -- each would compile another graph (3-4 s)
-                h, keys, values = self._layer(layer, h, cos, sin, cached.keys.contiguous(), cached.values.contiguous(),
-                                              allowed)
+                keys, values = cached.keys.contiguous(), cached.values.contiguous()
+                h, keys, values = self._layer(layer, h, cos, sin, keys, values, allowed)
                 grown.append((keys, values))
             logits = self._tail(self.norm, self.lm_head, h)
         except Exception as exc:  # noqa: BLE001 -- any compile failure: decode as before, say why once
