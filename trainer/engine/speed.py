@@ -15,7 +15,8 @@
   static meanwhile (`collator_for` in trainer/engine/dataset.py): every micro-batch has `batch_size` rows
   (packed: of `max_length` tokens), label-less rows filling an epoch's short last batch, which used to
   recompile every block (7 s on an H100, twice in a 2-epoch job). On 2 CPU cores (inductor's C++) the
-  real base's LoRA trains 1.3x faster compiled (smollm2_135m_lora sets it; bench/cpu_train.py).
+  real base's LoRA trains 1.07-1.31x faster compiled (three pairs of runs; smollm2_135m_lora sets it;
+  bench/cpu_train.py).
 - `attn_implementation: flex_attention` (loaded by trainer/engine/train.py): packed rows hold many short
   conversations; sdpa gets them as a dense block-diagonal [row x row] mask and its masked kernel computes
   every score of the row, while FlexAttention's block mask skips the blocks between conversations
