@@ -255,7 +255,8 @@ decode15)  # session 15 (issue 19): decode10 beside coordinate-descent tuning; 1
     2>/dev/null | tee -a $L/serve6_table.txt
   ;;
 decode16)  # session 16: the decode steps share decode_step.attend now; the compiled batch-1 decode and the slot
-  # batcher with the code before (b13ec2d, unpacked into .whl/old) and now, cold caches, in one call; 1.8B shape
+  # batcher with the code before and now, cold caches, in one call; 1.8B shape. The code before, unpacked here first:
+  #   mkdir -p .whl/old && git archive b13ec2d bench inference trainer | tar -x -C .whl/old
   M=$R/model-1.8b-smolvocab
   build_smol
   D="python3 bench/decode_speed.py --model $M --new-tokens 256 --repeats 3 --impl compile"
