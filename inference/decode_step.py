@@ -38,6 +38,13 @@ def use_disk_cache() -> str:
     return path
 
 
+def compile_failure(exc: BaseException) -> str:
+    """One line on why torch.compile failed, for a log: the exception's type, then dynamo's wrapper line and the
+    cause under it ("backend='inductor' raised: CppCompileError: ...") -- the rest is a traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join([f"{type(exc).__name__}:", *lines[:2]])
+
+
 def core_model(model):
     """The transformers *ForCausalLM under an optional PEFT wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

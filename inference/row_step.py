@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
-from inference.decode_step import attend, core_model, project, unsupported, use_disk_cache
+from inference.decode_step import attend, compile_failure, core_model, project, unsupported, use_disk_cache
 
 log = logging.getLogger(__name__)
 WARM = 17       # the cache length warm_up compiles with
@@ -90,8 +90,7 @@ class RowStep:
                 grown.append((keys, values))
             logits = self._tail(self.norm, self.lm_head, h)
         except Exception as exc:  # noqa: BLE001 -- any compile failure: decode as before, say why once
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            self.failed = " ".join([f"{type(exc).__name__}:", *lines[:2]])     # dynamo's wrapper, then the cause
+            self.failed = compile_failure(exc)
             log.warning("compiled decode step unavailable, the batcher runs the model's forward: %s", self.failed)
             return None
         for cached, (keys, values) in zip(layers, grown):

@@ -3,6 +3,8 @@ forward while rows join and leave, compiled once at warm-up (no graph after it),
 to the forward, and the engine picks it for an int4 copy on the CPU unless FAST_DECODE=off."""
 from __future__ import annotations
 
+import pytest
+
 from threads import concurrently
 
 QUESTIONS = ["你是谁", "Who are you?", "What is the capital of France?", "Tell me about yourself."]
@@ -26,7 +28,6 @@ def test_the_compiled_row_step_decodes_the_forwards_tokens_with_no_graph_after_w
     """The int4 copy (the CPU serving default's kind) served by the compiled step and by the model's forward:
     the same token ids for each of four concurrent requests and one alone; warm-up compiled every graph the
     serving needed (one row, several rows), and the step really ran."""
-    import pytest
     import torch._inductor.cpp_builder
     from torch._dynamo.utils import counters
 
@@ -74,8 +75,6 @@ def test_a_row_step_that_cannot_compile_falls_back_to_the_forward(loaded, caplog
 
 
 def test_the_engine_compiles_the_step_for_an_int4_copy_on_the_cpu_unless_fast_decode_is_off(loaded, monkeypatch):
-    import pytest
-
     from inference.row_step import RowStep
 
     monkeypatch.delenv("FAST_DECODE", raising=False)

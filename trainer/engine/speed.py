@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from inference.decode_step import compile_failure
+
 log = logging.getLogger("trainer")
 
 IGNORE_INDEX = -100
@@ -172,8 +174,7 @@ def _train_compiled_forward(self, *args, **kwargs):
         try:
             return self._compiled_forward(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:      # compiling, not the step itself, failed
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            self._compile_state["failed"] = " ".join(lines[:2])
+            self._compile_state["failed"] = compile_failure(exc)
             log.warning("compile: %s -- training on without it (eager)", self._compile_state["failed"])
     return self._eager_forward(*args, **kwargs)
 
