@@ -467,6 +467,22 @@ serve7b|serve7c)  # session 7: after every waiting request joins before the next
   serve6_tables
   [ -f $R/core_sampled.json ] && python3 bench/batch_decode.py --table $R/core_sampled.json | tee -a $L/serve6_table.txt
   ;;
+diag17)  # session 17 (issue 19): where the time goes before changing anything -- the CUDA decode paths' greedy ids
+  # after session 16's shared attend(), training profiles of bits auto and the course preset's QLoRA (2 steady steps
+  # each, graph breaks logged), then one reply of compiled decode, default and tuned, under the profiler
+  export CUDA_VISIBLE_DEVICES=0
+  step smoke_decode 100 python3 bench/decode_speed.py --smoke --smoke-tokenizer .whl/tiny-base
+  S="--steps 10 --warmup 3 --repeats 1 --profile 2"
+  OURS="--batch 16 --ckpt --fused-loss --compile --attn flex_attention --extra-set fp32_upcast=false"
+  TORCH_LOGS=graph_breaks step auto_prof 150 $TS run --impl ours --root $R --name auto_prof $OURS --extra-set bits=auto $S
+  TORCH_LOGS=graph_breaks step q4_prof 150 $TS run --impl ours --root $R --name q4_prof $OURS $S
+  M=$R/model-1.8b-smolvocab
+  build_smol
+  D="python3 bench/decode_speed.py --model $M --new-tokens 128 --repeats 2 --profile 64"
+  step compile_prof 60 $D --impl compile --cache-dir /tmp/ind-plain --out $R/compile_prof.json
+  step tuned_prof 80 $D --impl tuned --cache-dir /tmp/ind-cdt --out $R/tuned_prof.json
+  for n in auto_prof q4_prof; do [ -f $R/runs/$n/profile.json ] && cp $R/runs/$n/profile.txt $L/$n-profile.txt; done
+  ;;
 check8)  # session 8: the compiled decode paths on CUDA after the q/k/v projection was shared (decode_step.project):
   # the smoke's greedy ids of graph and compile against generate, then serve7b's core rows and compiled decode again
   step smoke_decode 120 python3 bench/decode_speed.py --smoke --smoke-tokenizer .whl/tiny-base
