@@ -116,7 +116,7 @@ EOF
 export PEAK_TFLOPS=$(grep -o 'matmul [0-9]*' "$L/ceilings.log" | grep -o '[0-9]*' || echo 780)
 python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 case "$STAGE" in   # stages that never read the packed identity data: decode, serving, big3 (its own shape)
-  big3|serve5|serve6|serve6b|serve7|serve7b|serve7c|check8|decode10|decode15|decode15b|decode16) ;;
+  big3|serve5|serve6|serve6b|serve7|serve7b|serve7c|check8|decode10|decode15|decode15b|decode16|diag17) ;;
   *) step prepare 240 $TS prepare --shape internlm2-1.8b --out $R --n 10001 ;;
 esac
 ls -la $R

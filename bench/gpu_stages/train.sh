@@ -194,20 +194,23 @@ final)
   step report 60 $TS report $R --baseline base_final --ours ours_final --budget 24
   cat $L/report.log
   ;;
-diag17)  # session 17 (issue 19): where the time goes before changing anything -- the CUDA decode paths' greedy ids
-  # after session 16's shared attend(), training profiles of bits auto and the course preset's QLoRA (2 steady steps
-  # each, graph breaks logged), then one reply of compiled decode, default and tuned, under the profiler
+diag17)  # session 17 (issue 19), one call: the CUDA decode paths' greedy ids after session 16's shared attend();
+  # compiled decode, default and tuned, cold (the >= 600 tokens/s and < 10 s goals, on whatever card comes), each
+  # with one reply under the profiler; then training profiles of bits auto and the course preset's QLoRA (2 steady
+  # steps each, graph breaks logged): where the time goes before changing anything
   export CUDA_VISIBLE_DEVICES=0
   step smoke_decode 100 python3 bench/decode_speed.py --smoke --smoke-tokenizer .whl/tiny-base
+  M=$R/model-1.8b-smolvocab
+  build_smol
+  rm -rf /tmp/ind-plain /tmp/ind-cdt
+  D="python3 bench/decode_speed.py --model $M --new-tokens 256 --repeats 3 --profile 64"
+  step compile_cold 70 $D --impl compile --cache-dir /tmp/ind-plain --out $R/compile_cold.json
+  step tuned_cold 90 $D --impl tuned --cache-dir /tmp/ind-cdt --out $R/tuned_cold.json
+  python3 bench/decode_speed.py --table $R/compile_cold.json $R/tuned_cold.json 2>/dev/null | tee -a $L/decode_table.txt
+  step prepare 120 $TS prepare --shape internlm2-1.8b --out $R --n 10001
   S="--steps 10 --warmup 3 --repeats 1 --profile 2"
   OURS="--batch 16 --ckpt --fused-loss --compile --attn flex_attention --extra-set fp32_upcast=false"
   TORCH_LOGS=graph_breaks step auto_prof 150 $TS run --impl ours --root $R --name auto_prof $OURS --extra-set bits=auto $S
   TORCH_LOGS=graph_breaks step q4_prof 150 $TS run --impl ours --root $R --name q4_prof $OURS $S
-  M=$R/model-1.8b-smolvocab
-  build_smol
-  D="python3 bench/decode_speed.py --model $M --new-tokens 128 --repeats 2 --profile 64"
-  step compile_prof 60 $D --impl compile --cache-dir /tmp/ind-plain --out $R/compile_prof.json
-  step tuned_prof 80 $D --impl tuned --cache-dir /tmp/ind-cdt --out $R/tuned_prof.json
-  for n in auto_prof q4_prof; do [ -f $R/runs/$n/profile.json ] && cp $R/runs/$n/profile.txt $L/$n-profile.txt; done
   ;;
 esac
