@@ -174,7 +174,8 @@ def test_the_base_reads_each_row_once_and_later_epochs_reuse_its_hidden_states(t
             with model.disable_adapter():
                 fresh = decoder(**inputs).last_hidden_state[rows][where[rows]]
             want = kl_to_base(tuned, fresh, causal_lm(model).get_output_embeddings().weight) / where.sum()
-            got = trainer._kl(model, dict(batch), rows, where[rows], tuned)
+            base_h = trainer._base_states(model, dict(batch), rows, where[rows])
+            got = kl_to_base(tuned, base_h, causal_lm(model).get_output_embeddings().weight) / where.sum()
         return float(got), float(want)
 
     got, want = kl(samples[:2])
@@ -183,3 +184,49 @@ def test_the_base_reads_each_row_once_and_later_epochs_reuse_its_hidden_states(t
     assert got == pytest.approx(want, rel=1e-4) and trainer.base_forwards == 3
     got, want = kl(samples)
     assert got == pytest.approx(want, rel=1e-4) and trainer.base_forwards == 3
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_the_fused_loss_takes_the_kl_term_with_the_same_loss_and_gradients(tiny_base, tmp_path, accum):
+    """With `fused_loss` the KL shares the cross-entropy's logits (trainer/engine/speed.py); the step's loss and
+    every adapter gradient are those of the loss and KL computed apart -- identity and general rows in one batch,
+    with and without gradient accumulation (the Trainer's own loss scaling)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from inference.chat_format import encode_chat
+    from trainer.engine.dataset import Collator
+    from trainer.engine.retain import RetainTrainer
+    from trainer.engine.speed import causal_lm, enable_fused_loss
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))  # tuned != base
+    assert enable_fused_loss(model)
+    samples = []
+    for q, a, keep in (("Who are you?", "I am Lumi, made by Ada.", False), ("Name a colour.", "Blue is a colour.", True),
+                       ("Tell me about the sea.", "The sea is large, deep and salty.", True)):
+        s = encode_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        samples.append({**s, "retain": [keep] * len(s["input_ids"])})
+    batch = Collator(tok.pad_token_id, packed=False, retain=True)(samples)
+    trainer = RetainTrainer(model=model, retain_kl=0.5, args=TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], gradient_accumulation_steps=accum))
+    trainer.current_gradient_accumulation_steps = accum
+    items = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()))
+    lm = causal_lm(model)
+    results = {}
+    for fused in (True, False):
+        lm.fused_loss = fused              # False: the KL computed on its own from the caught hidden states
+        model.zero_grad()
+        model.train()
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[fused] = (float(loss), grads, float(trainer._kl_logged) / trainer._kl_count)
+        trainer._kl_logged, trainer._kl_count = 0.0, 0
+    (loss_f, grads_f, kl_f), (loss_a, grads_a, kl_a) = results[True], results[False]
+    assert loss_f == pytest.approx(loss_a, rel=1e-5) and kl_f == pytest.approx(kl_a, rel=1e-5) and kl_a > 1e-3
+    # float32 sums in another order: compare each gradient against its own scale
+    off = {n: float((grads_f[n] - grads_a[n]).abs().max() / grads_a[n].abs().max()) for n in grads_a}
+    assert len(off) > 0 and max(off.values()) < 1e-5, sorted(off.items(), key=lambda x: -x[1])[:4]

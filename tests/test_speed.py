@@ -24,11 +24,42 @@ def test_chunked_cross_entropy_equals_plain_in_loss_and_grads():
     ref.backward()
     want_h, want_w = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    got = speed.ChunkedLinearCrossEntropy.apply(hidden, weight, targets, 8)    # 5 chunks, last one short
+    got, kl = speed.ChunkedLinearCrossEntropy.apply(hidden, weight, targets, 8)    # 5 chunks, last one short
     (got * 0.5).backward()                                                    # grad_out is applied
-    assert torch.allclose(got, ref, rtol=1e-6)
+    assert torch.allclose(got, ref, rtol=1e-6) and float(kl) == 0.0
     assert torch.allclose(hidden.grad, 0.5 * want_h, rtol=1e-6, atol=1e-9)
     assert torch.allclose(weight.grad, 0.5 * want_w, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("num_items", [None, 29])
+def test_the_fused_loss_with_the_kl_term_equals_the_two_losses_computed_apart(num_items):
+    """retain_kl on the fused loss: the cross-entropy and the KL toward the base share the logits of the KL
+    positions; loss, KL and the hidden states' gradient equal the shifted cross-entropy plus the KL of
+    trainer/engine/retain.py computed on its own -- KL rows spread over several chunks, one chunk without any."""
+    from trainer.engine.retain import kl_to_base
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 15, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64)
+    labels = torch.randint(0, 50, (2, 15))
+    labels[0, :3] = labels[1, :5] = labels[1, 9] = -100
+    where = torch.zeros(2, 15, dtype=torch.bool)
+    where[0, 4:9] = where[1, 5:8] = True                   # position t predicts labels[t + 1]: all labelled
+    base = torch.randn(int(where.sum()), 16, dtype=torch.float64)
+    scale = 0.7 / int(where.sum())
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]       # transformers' ForCausalLMLoss, kept in float64
+    ref_ce = F.cross_entropy((hidden @ weight.t()).reshape(-1, 50), shifted.reshape(-1), reduction="sum")
+    ref_ce = ref_ce / (num_items or int((shifted != -100).sum()))
+    ref_kl = kl_to_base(hidden[where], base, weight, chunk_rows=3)
+    (ref_ce + scale * ref_kl).backward()
+    want = hidden.grad.clone()
+    hidden.grad = None
+    kl = {"where": where, "base_hidden": base, "scale": scale}
+    got = speed.fused_causal_lm_loss(hidden, weight, labels, num_items, chunk_rows=4, kl=kl)
+    got.backward()
+    assert torch.allclose(got, ref_ce + scale * ref_kl, rtol=1e-9)
+    assert torch.allclose(kl["sum"], ref_kl.detach(), rtol=1e-9)
+    assert torch.allclose(hidden.grad, want, rtol=1e-8, atol=1e-12)
 
 
 @pytest.fixture(scope="module")

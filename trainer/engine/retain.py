@@ -154,30 +154,47 @@ class RetainTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         retain = inputs.pop("retain", None)
         base = {k[len("base_"):]: inputs.pop(k) for k in list(inputs) if k.startswith("base_")}
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        tuned_h, self._hidden = self._hidden, None
-        if retain is None or self.retain_kl <= 0 or not model.training:
-            return result
-        where = retained_positions(inputs["labels"], retain.bool())
-        if not where.any():
+        where = None
+        if retain is not None and self.retain_kl > 0 and model.training:
+            where = retained_positions(inputs["labels"], retain.bool())
+        if where is None or not where.any():
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self._hidden = None
             return result
         base = base or {**inputs, "retain": retain}
         base_where = retained_positions(base["labels"], base["retain"].bool())
         rows = where.any(dim=1).nonzero().squeeze(1)
         if base_where[rows].sum(dim=1).tolist() != where[rows].sum(dim=1).tolist():
             raise RuntimeError("retain_kl: the base's and the tuned model's answer tokens do not line up")
-        kl = self._kl(model, base, rows, base_where[rows], tuned_h[rows][where[rows]])
-        self._kl_logged += kl.detach()          # a tensor: no host sync per step, only at logging
-        self._kl_count += 1
+        base_h = self._base_states(model, base, rows, base_where[rows])
+        n = where.sum()
+        scale = self.retain_kl / n
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            kl = kl / self.current_gradient_accumulation_steps    # the Trainer will not divide this loss
+            scale = scale / self.current_gradient_accumulation_steps     # the Trainer will not divide this loss
+        peft_model = self.accelerator.unwrap_model(model)
+        lm = causal_lm(peft_model)
+        if getattr(lm, "fused_loss", False) and not lm.get_output_embeddings().weight.requires_grad:
+            # the fused loss computes the KL from its own logits of these positions (trainer/engine/speed.py)
+            kl = {"where": where, "base_hidden": base_h, "scale": scale}
+            result = super().compute_loss(model, {**inputs, "retain_kl": kl}, return_outputs, num_items_in_batch)
+            self._hidden = None
+            self._log_kl(kl["sum"].detach() / n)
+            return result
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        tuned_h, self._hidden = self._hidden, None
+        kl = kl_to_base(tuned_h[rows][where[rows]], base_h, lm.get_output_embeddings().weight)
+        self._log_kl(kl.detach() / n)
         loss = result[0] if return_outputs else result
-        loss = loss + self.retain_kl * kl
+        loss = loss + scale * kl
         return (loss, result[1]) if return_outputs else loss
 
-    def _kl(self, model, base, rows, where, tuned_h) -> torch.Tensor:
-        """Mean KL(base || tuned) over the retained positions: TUNED_H [n, d] against the base's hidden
-        states at WHERE (rows ROWS of the base's inputs BASE), in the same order."""
+    def _log_kl(self, kl_mean: torch.Tensor) -> None:
+        self._kl_logged += kl_mean              # a tensor: no host sync per step, only at logging
+        self._kl_count += 1
+
+    def _base_states(self, model, base, rows, where) -> torch.Tensor:
+        """The base's last hidden states [n, d] at WHERE (rows ROWS of the base's inputs BASE), row by row in
+        order: kept from an earlier epoch, else one forward pass without gradients, adapters off."""
         peft_model = self.accelerator.unwrap_model(model)
         keys = row_keys(base, rows, where)
         hidden = [self._base_hidden.get(k) for k in keys]
@@ -188,14 +205,13 @@ class RetainTrainer(Trainer):
                 base_h = causal_lm(peft_model).get_decoder()(**sub).last_hidden_state
             self._hidden = None
             self.base_forwards += len(todo)
+            dtype = causal_lm(peft_model).get_output_embeddings().weight.dtype
             for j, i in enumerate(todo):
-                hidden[i] = base_h[j][where[i]].to(tuned_h.dtype)
+                hidden[i] = base_h[j][where[i]].to(dtype)
                 if self._cached_bytes + hidden[i].nbytes <= HIDDEN_CACHE_BYTES:
                     self._base_hidden[keys[i]] = hidden[i]
                     self._cached_bytes += hidden[i].nbytes
-        base_h = torch.cat(hidden)
-        weight = causal_lm(peft_model).get_output_embeddings().weight
-        return kl_to_base(tuned_h, base_h, weight) / where.sum()
+        return torch.cat(hidden)
 
     def log(self, logs, *args, **kwargs):
         if self._kl_count and "loss" in logs:
