@@ -16,10 +16,13 @@ the twin, over the same answer tokens: the base given the Chinese prompt itself 
 back toward its broken Chinese (tried: the name then leaked into 10 of 56 Chinese held-out answers).
 
 The base distribution costs one extra forward pass without gradients, with the LoRA adapters switched off
-(PEFT's `disable_adapter`), over the rows that hold such tokens -- no second copy of the weights. The
-tuned side reuses the training forward's last hidden states (caught by a forward hook on the decoder,
-so it composes with the fused loss, compile and DDP). KL is computed from the hidden states in row
-chunks, its gradient made in the same pass, so the [tokens x vocab] logits of either model never all exist.
+(PEFT's `disable_adapter`), over the rows that hold such tokens -- no second copy of the weights -- in the
+first epoch only (its hidden states there are kept). With `fused_loss` the KL goes into the chunked
+cross-entropy (trainer/engine/speed.py), which computes the tuned logits of those positions anyway: the
+two losses share them, their softmax and the gradient matmul. Without it the tuned side reuses the training
+forward's last hidden states (caught by a forward hook on the decoder, so it composes with compile and DDP).
+Either way KL is computed from the hidden states in row chunks, its gradient made in the same pass, so the
+[tokens x vocab] logits of either model never all exist.
 Not in TRL / PEFT as a training term for SFT (TRL's GKD trainer distils from a separate teacher model and
 generates on-policy), hence by hand.
 """
