@@ -49,57 +49,54 @@ CHUNK_ELEMENTS = 2**28          # logits elements per chunk: 1 GiB in fp32
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), one row chunk at a time; with KL_ROWS also
-    kl_weight x sum_j KL(softmax(base_j @ weight.T) || softmax(hidden_{KL_ROWS[j]} @ weight.T)).
+    """sum_i CE(hidden_i @ weight.T, target_i), one row chunk at a time; with BASE_HIDDEN [k, d] also
+    kl_weight x sum_{j<k} KL(softmax(base_j @ weight.T) || softmax(hidden_j @ weight.T)) on the first k rows.
 
     The gradient is computed chunk by chunk in the forward pass (the chunk's logits are dropped right
     after), and backward only scales it: peak memory is one chunk of logits, not all of them. The KL
     term (`retain_kl`, trainer/engine/retain.py) is on rows the cross-entropy reads anyway, so it shares
-    their logits, softmax and gradient matmul: per such row 3 vocabulary matmuls instead of 5 when the
-    two losses were computed apart (on 2 CPU cores the KL took ~30% of a step of the demo's preset). The
-    output embedding gets no gradient from the KL (it is frozen where `retain_kl` runs: LoRA).
+    their logits, log-softmax and gradient matmul: per such row 3 vocabulary matmuls instead of 5 when
+    the two losses were computed apart; its rows come first so that each chunk's are one slice of it,
+    no gathers. The output embedding gets no gradient from the KL (frozen where `retain_kl` runs: LoRA).
     Returns (total, kl_sum): total = CE sum + kl_weight x KL sum; kl_sum for logging, no gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int, kl_rows=None, base_hidden=None, kl_weight=None):
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, base_hidden=None, kl_weight=None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(hidden.dtype, torch.float32)     # fp32 for bf16/fp16/fp32 inputs
         total = torch.zeros((), dtype=acc, device=hidden.device)
         kl_sum = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        bounds = None
-        if kl_rows is not None:        # kl_rows sorted: the KL rows of each chunk are one slice of them
-            starts = torch.arange(0, hidden.shape[0] + chunk_rows, chunk_rows, device=kl_rows.device)
-            bounds = torch.searchsorted(kl_rows, starts).tolist()
-        for c, start in enumerate(range(0, hidden.shape[0], chunk_rows)):
+        n_kl = 0 if base_hidden is None else base_hidden.shape[0]
+        if n_kl and need_w:
+            raise ValueError("the KL term needs a frozen output embedding")
+        for start in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
             logits = (h @ weight.t()).to(acc)        # like lm_head(h).float() in transformers' loss
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if not (need_h or need_w or bounds):
+            k = max(0, min(n_kl - start, h.shape[0]))         # this chunk's KL rows: its first k
+            if not (need_h or need_w or k):
                 continue
             logp = logits.sub_(lse[:, None])                                    # log-softmax, in place
-            kl_at, p_base = None, None
-            if bounds and bounds[c + 1] > bounds[c]:
-                a, b = bounds[c], bounds[c + 1]
-                kl_at = kl_rows[a:b] - start
-                base_logp = (base_hidden[a:b] @ weight.t()).to(acc).log_softmax(-1)
+            p_base = None
+            if k:
+                base_logp = (base_hidden[start:start + k] @ weight.t()).to(acc).log_softmax(-1)
                 p_base = base_logp.exp()
-                kl = (p_base * (base_logp - logp[kl_at])).sum()
+                flat = p_base.view(-1)        # sum p_base (log p_base - log p_tuned), as two dot products
+                kl = torch.dot(flat, base_logp.view(-1)) - torch.dot(flat, logp[:k].reshape(-1))
                 kl_sum += kl
                 total += kl_weight * kl
             if need_h or need_w:
                 grad = logp.exp_()                                              # softmax, in place
-                if kl_at is not None:      # d(CE + w KL) / d(logits) = p - onehot + w (p - p_base)
-                    grad[kl_at] = grad[kl_at] * (1 + kl_weight) - kl_weight * p_base
+                if k:                      # d(CE + w KL) / d(logits) = p - onehot + w (p - p_base)
+                    grad[:k].mul_(1 + kl_weight).sub_(p_base.mul_(kl_weight))
                 grad[torch.arange(t.shape[0], device=t.device), t] -= 1          # d(sum CE) / d(logits)
                 grad = grad.to(hidden.dtype)
                 if need_h:
                     grad_h[start:start + chunk_rows] = grad @ weight
                 if need_w:
-                    if kl_at is not None:
-                        raise ValueError("the KL term needs a frozen output embedding")
                     grad_w += (grad.t() @ h).to(acc)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.has = (need_h, need_w)
@@ -112,7 +109,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         grad_h = saved.pop(0) * grad_out if ctx.has[0] else None      # stays in the hidden dtype
         grad_w = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if ctx.has[1] else None
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -124,19 +121,23 @@ def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     the WHERE positions (labelled ones, in row-major order; BASE_HIDDEN the base's last hidden states
     there), computed with the cross-entropy's own logits; its sum (no gradient) is put in kl["sum"]."""
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
-    keep = (shifted != IGNORE_INDEX).nonzero().squeeze(1)   # only labelled rows reach the vocabulary
+    labelled = shifted != IGNORE_INDEX
+    extra = ()
+    if kl is None:
+        keep = labelled.nonzero().squeeze(1)    # only labelled rows reach the vocabulary
+    else:                                       # the KL rows first, then the other labelled ones
+        where = kl["where"].reshape(-1).to(hidden.device)
+        if bool((where & ~labelled).any()) or int(where.sum()) != kl["base_hidden"].shape[0]:
+            raise RuntimeError("retain_kl: the base's hidden states do not line up with the labelled positions")
+        keep = torch.cat([where.nonzero().squeeze(1), (labelled & ~where).nonzero().squeeze(1)])
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
     if num_items_in_batch is None:
         denom = keep.numel()                    # nan on no labelled token, like cross_entropy's mean
     else:
         denom = num_items_in_batch.to(hidden.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
-    extra = ()
     if kl is not None:
-        kl_rows = kl["where"].reshape(-1).to(hidden.device)[keep].nonzero().squeeze(1)
-        if kl_rows.numel() != kl["base_hidden"].shape[0] or kl_rows.numel() != int(kl["where"].sum()):
-            raise RuntimeError("retain_kl: the base's hidden states do not line up with the labelled positions")
-        extra = (kl_rows, kl["base_hidden"].to(rows.dtype), kl["scale"] * denom)
+        extra = (kl["base_hidden"].to(rows.dtype), kl["scale"] * denom)
     total, kl_sum = ChunkedLinearCrossEntropy.apply(rows, weight, shifted.index_select(0, keep), chunk_rows, *extra)
     if kl is not None:
         kl["sum"] = kl_sum
