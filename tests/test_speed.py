@@ -31,12 +31,20 @@ def test_chunked_cross_entropy_equals_plain_in_loss_and_grads():
     assert torch.allclose(weight.grad, 0.5 * want_w, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("chunks", ["eager", "compiled"])
 @pytest.mark.parametrize("num_items", [None, 29])
-def test_the_fused_loss_with_the_kl_term_equals_the_two_losses_computed_apart(num_items):
+def test_the_fused_loss_with_the_kl_term_equals_the_two_losses_computed_apart(num_items, chunks):
     """retain_kl on the fused loss: the cross-entropy and the KL toward the base share the logits of the KL
     positions; loss, KL and the hidden states' gradient equal the shifted cross-entropy plus the KL of
-    trainer/engine/retain.py computed on its own -- KL rows spread over several chunks, one chunk without any."""
+    trainer/engine/retain.py computed on its own -- KL rows spread over several chunks, one chunk without any --
+    with the eager loop and with the chunks' elementwise work compiled for real (`compile: true`)."""
     from trainer.engine.retain import kl_to_base
+
+    math = None
+    if chunks == "compiled":
+        needs_cpp_compiler()
+        math = speed.compiled_chunk_math("cpu")
+        assert math is not None
 
     torch.manual_seed(0)
     hidden = torch.randn(2, 15, 16, dtype=torch.float64, requires_grad=True)
@@ -55,11 +63,22 @@ def test_the_fused_loss_with_the_kl_term_equals_the_two_losses_computed_apart(nu
     want = hidden.grad.clone()
     hidden.grad = None
     kl = {"where": where, "base_hidden": base, "scale": scale}
-    got = speed.fused_causal_lm_loss(hidden, weight, labels, num_items, chunk_rows=4, kl=kl)
+    got = speed.fused_causal_lm_loss(hidden, weight, labels, num_items, chunk_rows=4, kl=kl, math=math)
     got.backward()
     assert torch.allclose(got, ref_ce + scale * ref_kl, rtol=1e-9)
     assert torch.allclose(kl["sum"], ref_kl.detach(), rtol=1e-9)
     assert torch.allclose(hidden.grad, want, rtol=1e-8, atol=1e-12)
+    hidden.grad = None                   # no KL: the plain loss, through the same chunks
+    plain = speed.fused_causal_lm_loss(hidden, weight, labels, num_items, chunk_rows=4, math=math)
+    plain.backward()
+    assert torch.allclose(plain, ref_ce, rtol=1e-9) and hidden.grad is not None
+
+
+def needs_cpp_compiler():
+    try:
+        torch._inductor.cpp_builder.get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001 -- no C++ compiler: inductor cannot build for the CPU here
+        pytest.skip(f"torch.compile on CPU needs a C++ compiler for inductor: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +156,7 @@ def test_compiled_layers_train_like_eager_and_generation_stays_eager(tiny_lora):
     from torch._dynamo.utils import counters
 
     build, batch, _ = tiny_lora
-    try:
-        torch._inductor.cpp_builder.get_cpp_compiler()
-    except Exception as exc:  # noqa: BLE001 -- no C++ compiler: inductor cannot build for the CPU here
-        pytest.skip(f"torch.compile on CPU needs a C++ compiler for inductor: {exc}")
+    needs_cpp_compiler()
     model = build()
     model.train()
     ref, ref_grads = _loss_and_grads(model, batch)
