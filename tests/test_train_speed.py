@@ -82,3 +82,15 @@ def test_the_cpu_training_benchmark_times_the_first_and_the_later_epochs(tmp_pat
     assert (res["preset"], res["steps"], res["epoch_steps"], res["hidden_cache"]) == ("smollm2_135m_lora", 6, 3, True)
     assert res["retain_kl"] > 0 and res["first_epoch_tok_s"] > 0 and res["later_epochs_tok_s"] > 0
     assert len(res["step_s"]) == 5 and res["last_loss"] > 0
+
+
+def test_the_cpu_loss_benchmark_times_every_variant_of_the_fused_loss(tmp_path):
+    """bench/cpu_loss.py at a small vocabulary: the cross-entropy alone, with the KL apart, sharing the logits and
+    (where inductor has a C++ compiler) with compiled chunks, each timed forward and backward."""
+    out = tmp_path / "cpu_loss.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "cpu_loss.py"), "--rows", "24", "--kl-rows", "10",
+                    "--vocab", "512", "--repeats", "2", "--out", str(out)], check=True, cwd=REPO, timeout=600)
+    res = json.loads(out.read_text())
+    assert (res["rows"], res["kl_rows"], res["vocab"]) == (24, 10, 512)
+    assert {"cross-entropy alone", "+ KL computed apart (before)", "+ KL sharing the logits"} <= set(res["results"])
+    assert all(r["median_ms"] > 0 for r in res["results"].values())

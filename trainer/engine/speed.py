@@ -74,9 +74,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
             k = max(0, min(n_kl - start, h.shape[0]))         # this chunk's KL rows: its first k
+            out = None
             if math is not None:                              # the compiled chunk (chunk_math)
                 base = base_hidden[start:start + k] @ weight.t() if k else None
-                ce, kl, grad = math(h @ weight.t(), t, base, kl_weight)
+                try:
+                    out = math(h @ weight.t(), t, base, kl_weight)
+                except torch._dynamo.exc.BackendCompilerFailed as exc:    # a new shape's compile failed
+                    log.warning("fused_loss: compiling its chunk failed (%s) -- eager chunks", compile_failure(exc))
+                    _compiled_math[hidden.device.type] = math = None
+            if out is not None:
+                ce, kl, grad = out
                 total += ce + kl_weight * kl if k else ce
                 kl_sum += kl
                 if need_h:
@@ -315,7 +322,9 @@ def apply_speedups(model, cfg, echo=None):
     notes = []
     if generate_with_sdpa(model):
         notes.append("flex attention for training steps")
-    if getattr(cfg, "fused_loss", False) and enable_fused_loss(model, compiled=getattr(cfg, "compile", False)):
+    # compiled chunks where they were measured: on the CPU (docs/BENCHMARKS.md "Session 17"); CUDA not yet
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if getattr(cfg, "fused_loss", False) and enable_fused_loss(model, compiled=getattr(cfg, "compile", False) and on_cpu):
         notes.append("fused chunked loss")
     if getattr(cfg, "gradient_checkpointing", False) and getattr(cfg, "checkpoint_fraction", 1.0) < 1.0:
         kept = limit_checkpointing(model, cfg.checkpoint_fraction)
