@@ -7,7 +7,8 @@
   and InternLM2's 92,544-word vocabulary those are 3 GiB in bf16 plus 6 GiB in fp32 plus their
   gradient; here one chunk of ~1 GiB at a time. Same math as transformers' `ForCausalLMLoss`
   (bf16 logits, fp32 log-softmax, sum / number of labelled tokens): `tests/test_speed.py` checks loss
-  and gradients against it.
+  and gradients against it. `retain_kl`'s KL term (trainer/engine/retain.py) is computed in the same
+  chunks from the same logits; with `compile` on the CPU each chunk's elementwise work is compiled too.
 - `compile`: `torch.compile` of every decoder layer's norms, attention and MLP for training steps.
   The eager PEFT/bitsandbytes step launches thousands of small kernels; compiled blocks fuse the
   norms, rotary, SwiGLU, dropout and LoRA additions. Compiling the blocks (not the whole layer)
@@ -323,9 +324,9 @@ def apply_speedups(model, cfg, echo=None):
     if generate_with_sdpa(model):
         notes.append("flex attention for training steps")
     # compiled chunks where they were measured: on the CPU (docs/BENCHMARKS.md "Session 17"); CUDA not yet
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    if getattr(cfg, "fused_loss", False) and enable_fused_loss(model, compiled=getattr(cfg, "compile", False) and on_cpu):
-        notes.append("fused chunked loss")
+    chunks = getattr(cfg, "compile", False) and next(model.parameters()).device.type == "cpu"
+    if getattr(cfg, "fused_loss", False) and enable_fused_loss(model, compiled=chunks):
+        notes.append("fused chunked loss" + (" (chunks compiled)" if chunks else ""))
     if getattr(cfg, "gradient_checkpointing", False) and getattr(cfg, "checkpoint_fraction", 1.0) < 1.0:
         kept = limit_checkpointing(model, cfg.checkpoint_fraction)
         notes.append(f"checkpointing {kept}/{len(decoder_layers(model))} layers")
