@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from compilers import needs_cpp_compiler
 from threads import concurrently
 
 QUESTIONS = ["你是谁", "Who are you?", "What is the capital of France?", "Tell me about yourself."]
@@ -28,15 +29,11 @@ def test_the_compiled_row_step_decodes_the_forwards_tokens_with_no_graph_after_w
     """The int4 copy (the CPU serving default's kind) served by the compiled step and by the model's forward:
     the same token ids for each of four concurrent requests and one alone; warm-up compiled every graph the
     serving needed (one row, several rows), and the step really ran."""
-    import torch._inductor.cpp_builder
     from torch._dynamo.utils import counters
 
     from inference.cpu_decode import Int4Linear
 
-    try:
-        torch._inductor.cpp_builder.get_cpp_compiler()
-    except Exception as exc:  # noqa: BLE001 -- no C++ compiler: inductor cannot build for the CPU here
-        pytest.skip(f"torch.compile on CPU needs a C++ compiler for inductor: {exc}")
+    needs_cpp_compiler()
     eager = loaded.engine(cpu_decode="int4", max_batch=4, batch_decoder="dynamic").batcher
     engine = loaded.engine(cpu_decode="int4", max_batch=4, batch_decoder="compiled")
     step = engine.batcher.row_step

@@ -75,47 +75,24 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
             k = max(0, min(n_kl - start, h.shape[0]))         # this chunk's KL rows: its first k
+            logits = h @ weight.t()
+            base = base_hidden[start:start + k] @ weight.t() if k else None
             out = None
             if math is not None:                              # the compiled chunk (chunk_math)
-                base = base_hidden[start:start + k] @ weight.t() if k else None
                 try:
-                    out = math(h @ weight.t(), t, base, kl_weight)
-                except torch._dynamo.exc.BackendCompilerFailed as exc:    # a new shape's compile failed
+                    out = math(logits, t, base, kl_weight)
+                except torch._dynamo.exc.BackendCompilerFailed as exc:    # no compiler, or a new shape's failed
                     log.warning("fused_loss: compiling its chunk failed (%s) -- eager chunks", compile_failure(exc))
-                    _compiled_math[hidden.device.type] = math = None
-            if out is not None:
-                ce, kl, grad = out
-                total += ce + kl_weight * kl if k else ce
-                kl_sum += kl
-                if need_h:
-                    grad_h[start:start + chunk_rows] = grad @ weight
-                if need_w:
-                    grad_w += (grad.t() @ h).to(acc)
-                continue
-            logits = (h @ weight.t()).to(acc)        # like lm_head(h).float() in transformers' loss
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if not (need_h or need_w or k):
-                continue
-            logp = logits.sub_(lse[:, None])                                    # log-softmax, in place
-            p_base = None
+                    _compiled_math["fn"] = math = None
+            ce, kl, grad = out or chunk_math_in_place(logits, t, base, kl_weight, need_grad=need_h or need_w)
+            total += ce
             if k:
-                base_logp = (base_hidden[start:start + k] @ weight.t()).to(acc).log_softmax(-1)
-                p_base = base_logp.exp()
-                flat = p_base.view(-1)        # sum p_base (log p_base - log p_tuned), as two dot products
-                kl = torch.dot(flat, base_logp.view(-1)) - torch.dot(flat, logp[:k].reshape(-1))
-                kl_sum += kl
                 total += kl_weight * kl
-            if need_h or need_w:
-                grad = logp.exp_()                                              # softmax, in place
-                if k:                      # d(CE + w KL) / d(logits) = p - onehot + w (p - p_base)
-                    grad[:k].mul_(1 + kl_weight).sub_(p_base.mul_(kl_weight))
-                grad[torch.arange(t.shape[0], device=t.device), t] -= 1          # d(sum CE) / d(logits)
-                grad = grad.to(hidden.dtype)
-                if need_h:
-                    grad_h[start:start + chunk_rows] = grad @ weight
-                if need_w:
-                    grad_w += (grad.t() @ h).to(acc)
+                kl_sum += kl
+            if need_h:
+                grad_h[start:start + chunk_rows] = grad @ weight
+            if need_w:
+                grad_w += (grad.t() @ h).to(acc)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.has = (need_h, need_w)
         ctx.weight_dtype = weight.dtype
@@ -151,25 +128,41 @@ def chunk_math(logits, targets, base_logits, kl_weight):
     return ce, kl, grad.to(logits.dtype)
 
 
+def chunk_math_in_place(logits, targets, base_logits, kl_weight, need_grad: bool = True):
+    """chunk_math as eager runs it best: in place over one fp32 copy of the logits (like lm_head(h).float() in
+    transformers' loss), the KL as two dot products; no gradient (None) where NEED_GRAD is off."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    x = logits.to(acc)
+    lse = torch.logsumexp(x, dim=-1)
+    ce = (lse - x.gather(1, targets[:, None]).squeeze(1)).sum()
+    kl = torch.zeros((), dtype=acc, device=x.device)
+    if not need_grad and base_logits is None:
+        return ce, kl, None
+    logp = x.sub_(lse[:, None])                                         # log-softmax, in place
+    if base_logits is not None:
+        k = base_logits.shape[0]
+        base_logp = base_logits.to(acc).log_softmax(-1)
+        p_base = base_logp.exp()
+        flat = p_base.view(-1)            # sum p_base (log p_base - log p_tuned), as two dot products
+        kl = torch.dot(flat, base_logp.view(-1)) - torch.dot(flat, logp[:k].reshape(-1))
+    if not need_grad:
+        return ce, kl, None
+    grad = logp.exp_()                                                  # softmax, in place
+    if base_logits is not None:            # d(CE + w KL) / d(logits) = p - onehot + w (p - p_base)
+        grad[:k].mul_(1 + kl_weight).sub_(p_base.mul_(kl_weight))
+    grad[torch.arange(targets.shape[0], device=targets.device), targets] -= 1      # d(sum CE) / d(logits)
+    return ce, kl, grad.to(logits.dtype)
+
+
 _compiled_math = {}
 
 
-def compiled_chunk_math(device) -> object | None:
-    """chunk_math compiled once per process and device type (dynamic shapes: any chunk and vocabulary size),
-    or None where compiling fails (no C++ compiler for inductor on a CPU): the loss then runs its eager loop."""
-    kind = torch.device(device).type
-    if kind not in _compiled_math:
-        fn = torch.compile(chunk_math, dynamic=True)
-        try:
-            x, t, w = torch.zeros(3, 17, device=device), torch.zeros(3, dtype=torch.long, device=device), \
-                torch.tensor(0.5, device=device)
-            fn(x, t, x[:1], w)
-            fn(x, t, None, w)
-        except Exception as exc:       # noqa: BLE001 -- any compile failure: eager is the same function
-            log.warning("fused_loss: compiling its chunk failed (%s) -- eager chunks", compile_failure(exc))
-            fn = None
-        _compiled_math[kind] = fn
-    return _compiled_math[kind]
+def compiled_chunk_math():
+    """chunk_math compiled once per process (dynamic shapes: any chunk and vocabulary size), or None once compiling
+    it failed here (no C++ compiler for inductor on a CPU): the loss then runs chunk_math_in_place."""
+    if "fn" not in _compiled_math:
+        _compiled_math["fn"] = torch.compile(chunk_math, dynamic=True)
+    return _compiled_math["fn"]
 
 
 def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -181,7 +174,7 @@ def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     KL: `{"where": [rows, T] bool, "base_hidden": [n, d], "scale": s}` adds s x sum KL(base || tuned) at
     the WHERE positions (labelled ones, in row-major order; BASE_HIDDEN the base's last hidden states
     there), computed with the cross-entropy's own logits; its sum (no gradient) is put in kl["sum"].
-    MATH: `compiled_chunk_math(device)` for the compiled chunks, None for the eager loop."""
+    MATH: `compiled_chunk_math()` for the compiled chunks, None for chunk_math_in_place."""
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
     labelled = shifted != IGNORE_INDEX
     if kl is None:
@@ -239,8 +232,7 @@ def enable_fused_loss(model, compiled: bool = False) -> bool:
                                  **kwargs)
         loss = fused_causal_lm_loss(out.last_hidden_state, self.get_output_embeddings().weight, labels,
                                     num_items_in_batch, kl=retain_kl,   # retain_kl: trainer/engine/retain.py
-                                    math=compiled_chunk_math(out.last_hidden_state.device)
-                                    if self.fused_loss_compiled else None)
+                                    math=compiled_chunk_math() if self.fused_loss_compiled else None)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     lm.forward = types.MethodType(forward, lm)
