@@ -32,6 +32,7 @@ what each feature pays on a GPU, bench/cpu_train.py on the CPU, and docs/BENCHMA
 from __future__ import annotations
 
 import logging
+import os
 import types
 
 import torch
@@ -46,6 +47,7 @@ IGNORE_INDEX = -100
 # Architectures whose logits are exactly `lm_head(last_hidden_state)` (no soft-capping, scaling or
 # bias), so the chunked loss is the same function as theirs.
 FUSED_LOSS_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "phi3", "olmo2"}
+FUSED_CHUNKS_ENV = "OWN_ASSISTANT_FUSED_CHUNKS"
 CHUNK_ELEMENTS = 2**28          # logits elements per chunk: 1 GiB in fp32
 
 
@@ -315,8 +317,11 @@ def apply_speedups(model, cfg, echo=None):
     notes = []
     if generate_with_sdpa(model):
         notes.append("flex attention for training steps")
-    # compiled chunks where they were measured: on the CPU (docs/BENCHMARKS.md "Session 17"); CUDA not yet
-    chunks = getattr(cfg, "compile", False) and next(model.parameters()).device.type == "cpu"
+    # compiled chunks where they were measured to pay: on the CPU (docs/BENCHMARKS.md "Session 17"). The
+    # environment's FUSED_CHUNKS_ENV (auto | compiled | eager) overrides it, for benchmarks only (bench/gpu_stages)
+    mode = os.environ.get(FUSED_CHUNKS_ENV, "auto")
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    chunks = getattr(cfg, "compile", False) and (on_cpu if mode == "auto" else mode == "compiled")
     if getattr(cfg, "fused_loss", False) and enable_fused_loss(model, compiled=chunks):
         notes.append("fused chunked loss" + (" (chunks compiled)" if chunks else ""))
     if getattr(cfg, "gradient_checkpointing", False) and getattr(cfg, "checkpoint_fraction", 1.0) < 1.0:
