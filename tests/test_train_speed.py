@@ -94,3 +94,24 @@ def test_the_cpu_loss_benchmark_times_every_variant_of_the_fused_loss(tmp_path):
     assert (res["rows"], res["kl_rows"], res["vocab"]) == (24, 10, 512)
     assert {"cross-entropy alone", "+ KL computed apart (before)", "+ KL sharing the logits"} <= set(res["results"])
     assert all(r["median_ms"] > 0 for r in res["results"].values())
+
+
+@pytest.mark.parametrize("env, compiled", [(None, True), ("eager", False)])
+def test_the_benchmarks_switch_keeps_the_loss_chunks_eager_under_compile(tiny_base, monkeypatch, env, compiled):
+    """With `compile` the fused loss's chunks compile too (any device), unless the benchmarks' OWN_ASSISTANT_FUSED_CHUNKS
+    says eager (bench/gpu_stages/train.sh train18 measures one against the other)."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainer.engine import speed
+
+    if env is None:
+        monkeypatch.delenv(speed.FUSED_CHUNKS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(speed.FUSED_CHUNKS_ENV, env)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), LoraConfig(r=4, target_modules="all-linear"))
+    speed.apply_speedups(model, SimpleNamespace(compile=True, fused_loss=True))
+    lm = model.get_base_model()
+    assert lm.fused_loss and lm.fused_loss_compiled is compiled

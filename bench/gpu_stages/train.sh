@@ -213,15 +213,16 @@ diag17)  # session 17 (issue 19), one call: the CUDA decode paths' greedy ids af
   TORCH_LOGS=graph_breaks step auto_prof 150 $TS run --impl ours --root $R --name auto_prof $OURS --extra-set bits=auto $S
   TORCH_LOGS=graph_breaks step q4_prof 150 $TS run --impl ours --root $R --name q4_prof $OURS $S
   ;;
-train18)  # session 18 (issue 19), one short call: the course preset's QLoRA with the speed fields (ours at bits 4) as
-  # shipped (the fused loss's chunks eager on CUDA), then with those chunks compiled (OWN_ASSISTANT_FUSED_CHUNKS, as on
-  # the CPU), then with LoRA dropout 0 (what PEFT's dropout mask per adapted linear costs); diag17's profile put
-  # GEMMs at half the step and dropout kernels at ~8%
+train18)  # session 18 (issue 19), one short call: the course preset's QLoRA with the speed fields (ours at bits 4) with
+  # the fused loss's chunks eager (OWN_ASSISTANT_FUSED_CHUNKS=eager: as shipped on CUDA before this session), then
+  # compiled (as on the CPU; now the default under `compile`), then with LoRA dropout 0 (what PEFT's dropout mask per
+  # adapted linear costs); diag17's profile put GEMMs at half the step and dropout kernels at ~8%. The first run pays
+  # the cold compile (~115 s to its first step): give it 200 s
   export CUDA_VISIBLE_DEVICES=0
   S="--steps 10 --warmup 3 --repeats 1"
   OURS="--batch 16 --ckpt --fused-loss --compile --attn flex_attention --extra-set fp32_upcast=false"
-  step q4_eager 150 $TS run --impl ours --root $R --name q4_eager $OURS $S
-  step q4_chunks 120 env OWN_ASSISTANT_FUSED_CHUNKS=compiled $TS run --impl ours --root $R --name q4_chunks $OURS $S
-  step q4_nodrop 110 $TS run --impl ours --root $R --name q4_nodrop $OURS --extra-set lora_dropout=0 $S
+  step q4_eager 200 env OWN_ASSISTANT_FUSED_CHUNKS=eager $TS run --impl ours --root $R --name q4_eager $OURS $S
+  step q4_chunks 120 $TS run --impl ours --root $R --name q4_chunks $OURS $S
+  step q4_nodrop 120 $TS run --impl ours --root $R --name q4_nodrop $OURS --extra-set lora_dropout=0 $S
   ;;
 esac

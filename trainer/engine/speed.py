@@ -8,7 +8,7 @@
   gradient; here one chunk of ~1 GiB at a time. Same math as transformers' `ForCausalLMLoss`
   (bf16 logits, fp32 log-softmax, sum / number of labelled tokens): `tests/test_speed.py` checks loss
   and gradients against it. `retain_kl`'s KL term (trainer/engine/retain.py) is computed in the same
-  chunks from the same logits; with `compile` on the CPU each chunk's elementwise work is compiled too.
+  chunks from the same logits; with `compile` each chunk's elementwise work is compiled too.
 - `compile`: `torch.compile` of every decoder layer's norms, attention and MLP for training steps.
   The eager PEFT/bitsandbytes step launches thousands of small kernels; compiled blocks fuse the
   norms, rotary, SwiGLU, dropout and LoRA additions. Compiling the blocks (not the whole layer)
@@ -47,7 +47,7 @@ IGNORE_INDEX = -100
 # Architectures whose logits are exactly `lm_head(last_hidden_state)` (no soft-capping, scaling or
 # bias), so the chunked loss is the same function as theirs.
 FUSED_LOSS_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "phi3", "olmo2"}
-FUSED_CHUNKS_ENV = "OWN_ASSISTANT_FUSED_CHUNKS"
+FUSED_CHUNKS_ENV = "OWN_ASSISTANT_FUSED_CHUNKS"   # =eager: the loss's chunks stay eager under `compile` (benchmarks)
 CHUNK_ELEMENTS = 2**28          # logits elements per chunk: 1 GiB in fp32
 
 
@@ -317,11 +317,10 @@ def apply_speedups(model, cfg, echo=None):
     notes = []
     if generate_with_sdpa(model):
         notes.append("flex attention for training steps")
-    # compiled chunks where they were measured to pay: on the CPU (docs/BENCHMARKS.md "Session 17"). The
-    # environment's FUSED_CHUNKS_ENV (auto | compiled | eager) overrides it, for benchmarks only (bench/gpu_stages)
-    mode = os.environ.get(FUSED_CHUNKS_ENV, "auto")
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    chunks = getattr(cfg, "compile", False) and (on_cpu if mode == "auto" else mode == "compiled")
+    # with `compile`, the loss's chunks compiled too: 1.07-1.36x a CPU step with the KL term (docs/BENCHMARKS.md
+    # "Session 17"), 1.014x the QLoRA preset's H100 step ("Session 18"), the same losses. The environment's
+    # FUSED_CHUNKS_ENV=eager keeps them eager while the blocks compile: a switch for benchmarks (bench/gpu_stages)
+    chunks = getattr(cfg, "compile", False) and os.environ.get(FUSED_CHUNKS_ENV, "compiled") != "eager"
     if getattr(cfg, "fused_loss", False) and enable_fused_loss(model, compiled=chunks):
         notes.append("fused chunked loss" + (" (chunks compiled)" if chunks else ""))
     if getattr(cfg, "gradient_checkpointing", False) and getattr(cfg, "checkpoint_fraction", 1.0) < 1.0:
