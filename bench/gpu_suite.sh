@@ -54,6 +54,7 @@
 #   big3:    (session 3) full fine-tuning of the 7B shape with fp32 master weights: one GPU (out of memory?)
 #            and FSDP2 on two, with each process's memory on each GPU
 #   train18: (session 18) the course preset's QLoRA (ours at bits 4): fused-loss chunks eager vs compiled, LoRA dropout 0
+#   train19: (session 18) whole decoder layers compiled against blocks on CUDA (QLoRA, bits auto); bits auto's profile
 #   speed6:  (session 6, issue 19; ONE GPU, H100 or H200) the strongest standard stacks vs ours, each run twice
 #            (--repeats 2) at 16 rows of 2,048 tokens per optimizer step: plain QLoRA (8 x 2, checkpointing,
 #            causal sdpa), ours with the course preset's speed settings (16 x 1), bf16 LoRA + per-layer

@@ -158,3 +158,29 @@ def mm_colour_images(mm_shapes) -> dict:
             out.setdefault(colour, Path(rec["image"]))
     assert len(out) == 3, out
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_base, identity_files):
+    """The tiny base with a LoRA adapter (B made non-zero so the adapter matters) and two packed rows:
+    (build() -> a fresh model, the same each call; the batch; the tokenizer)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.engine.dataset import Collator, encode_files, pack
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    samples, _ = encode_files([str(identity_files["train"])], tok, 128, None)
+    batch = Collator(tok.pad_token_id, packed=True)(pack(samples[:12], 128)[:2])
+
+    def build():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        return model
+    return build, batch, tok

@@ -75,30 +75,6 @@ def test_the_fused_loss_with_the_kl_term_equals_the_two_losses_computed_apart(nu
     assert torch.allclose(plain, ref_ce, rtol=1e-9) and hidden.grad is not None
 
 
-@pytest.fixture(scope="module")
-def tiny_lora(tiny_base, identity_files):
-    """The tiny base with a LoRA adapter (B made non-zero so the adapter matters) and two packed rows."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trainer.engine.dataset import Collator, encode_files, pack
-
-    tok = AutoTokenizer.from_pretrained(tiny_base)
-    samples, _ = encode_files([str(identity_files["train"])], tok, 128, None)
-    batch = Collator(tok.pad_token_id, packed=True)(pack(samples[:12], 128)[:2])
-
-    def build():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.02)
-        return model
-    return build, batch, tok
-
-
 def _loss_and_grads(model, batch, **kw):
     model.zero_grad()
     out = model(**batch, **kw)
@@ -142,58 +118,6 @@ def test_partial_checkpointing(tiny_lora):
     assert speed.limit_checkpointing(model, 0.5) == len(layers) // 2
     assert [layer.gradient_checkpointing for layer in layers] == [True] * (len(layers) // 2) + [False] * (len(layers) - len(layers) // 2)
 
-
-def test_compiled_layers_train_like_eager_and_generation_stays_eager(tiny_lora):
-    """The real torch.compile (Dynamo + AOTAutograd + inductor's C++ backend on this CPU; Triton on a
-    GPU) on the tiny LoRA model: training steps run the compiled blocks (Dynamo compiles frames) and give
-    eager's loss and gradients; eval / no-grad forwards (generation) compile nothing and run eager."""
-    from torch._dynamo.utils import counters
-
-    build, batch, _ = tiny_lora
-    needs_cpp_compiler()
-    model = build()
-    model.train()
-    ref, ref_grads = _loss_and_grads(model, batch)
-    keys = set(model.state_dict())
-    torch._dynamo.reset()
-    counters.clear()
-    assert speed.compile_layers(model) == 4 * len(speed.decoder_layers(model))
-    assert set(model.state_dict()) == keys                         # adapters and checkpoints save the same
-    out, grads = _loss_and_grads(model, batch)
-    compiled = counters["frames"]["ok"]
-    assert compiled > 0, "training steps must run the compiled forward"
-    assert torch.allclose(out.loss, ref.loss, atol=1e-5)
-    assert grads.keys() == ref_grads.keys()
-    assert all(torch.allclose(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4) for n in grads)
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=batch["input_ids"])
-    assert counters["frames"]["ok"] == compiled and counters["frames"]["total"] == counters["frames"]["ok"]
-    torch._dynamo.reset()
-
-
-
-def test_blocks_that_cannot_compile_train_on_eager(tiny_lora, caplog):
-    """A compiler that fails (a CPU machine without a C++ compiler): the first training forward says why, once,
-    and every block runs eager from then on -- eager's loss and gradients, no second attempt per block."""
-    build, batch, _ = tiny_lora
-
-    def broken(graph, example_inputs):
-        raise RuntimeError("no C++ compiler here")
-
-    model = build()
-    model.train()
-    ref, ref_grads = _loss_and_grads(model, batch)
-    torch._dynamo.reset()
-    assert speed.compile_layers(model, backend=broken) > 0
-    with caplog.at_level("WARNING", logger="trainer"):
-        for _ in range(2):
-            out, grads = _loss_and_grads(model, batch)
-            assert torch.allclose(out.loss, ref.loss, atol=1e-6)
-            assert all(torch.allclose(grads[n], ref_grads[n], atol=1e-6) for n in ref_grads)
-    said = [r.getMessage() for r in caplog.records if "training on without it" in r.getMessage()]
-    assert len(said) == 1 and "no C++ compiler here" in said[0]
-    torch._dynamo.reset()
 
 def test_train_with_speed_fields_reaches_the_same_loss(tiny_base, identity_files, tmp_path):
     import json

@@ -225,4 +225,19 @@ train18)  # session 18 (issue 19), one short call: the course preset's QLoRA wit
   step q4_chunks 120 $TS run --impl ours --root $R --name q4_chunks $OURS $S
   step q4_nodrop 120 $TS run --impl ours --root $R --name q4_nodrop $OURS --extra-set lora_dropout=0 $S
   ;;
+train19)  # session 18 (issue 19), for the next call: whole decoder layers compiled (the CPU's unit since session 18;
+  # OWN_ASSISTANT_COMPILE_UNIT=layer) against the blocks CUDA ships, for the QLoRA preset (ours at bits 4) and bits
+  # auto, each once, alternating after one cold compile of each; then bits auto's 2-step profile, which diag17 cut at
+  # its 150 s limit (its cold compile alone took ~110 s), and the QLoRA preset with LoRA dropout 0 (train18 cut it)
+  export CUDA_VISIBLE_DEVICES=0
+  S="--steps 10 --warmup 3 --repeats 1"
+  OURS="--batch 16 --ckpt --fused-loss --compile --attn flex_attention --extra-set fp32_upcast=false"
+  step q4_blocks 200 $TS run --impl ours --root $R --name q4_blocks $OURS $S
+  step q4_layer 200 env OWN_ASSISTANT_COMPILE_UNIT=layer $TS run --impl ours --root $R --name q4_layer $OURS $S
+  step auto_blocks 200 $TS run --impl ours --root $R --name auto_blocks $OURS --extra-set bits=auto $S
+  step auto_layer 200 env OWN_ASSISTANT_COMPILE_UNIT=layer $TS run --impl ours --root $R --name auto_layer $OURS \
+    --extra-set bits=auto $S
+  step auto_prof 120 $TS run --impl ours --root $R --name auto_prof $OURS --extra-set bits=auto $S --profile 2
+  step q4_nodrop 120 $TS run --impl ours --root $R --name q4_nodrop $OURS --extra-set lora_dropout=0 $S
+  ;;
 esac

@@ -43,7 +43,7 @@ class TrainConfig:
     dtype: str = "auto"                  # auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA; CPU: fp32, LoRA bf16 with native bf16)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
     checkpoint_fraction: float = 1.0     # with gradient_checkpointing: recompute only this share of layers
-    compile: bool = False                # torch.compile the decoder blocks (trainer/engine/speed.py; CUDA; CPU 1.1-1.3x)
+    compile: bool = False                # torch.compile the decoder layers (trainer/engine/speed.py; CUDA; CPU 1.1-1.4x)
     fused_loss: bool = False             # chunked loss, no [tokens x vocab] logits in memory (trainer/engine/speed.py)
     fp32_upcast: bool = True             # QLoRA: PEFT's fp32 copies of embeddings, norms, lm_head (false: keep
                                          # them bf16 -- half the activation memory and traffic, as torchtune)

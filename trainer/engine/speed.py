@@ -9,15 +9,15 @@
   (bf16 logits, fp32 log-softmax, sum / number of labelled tokens): `tests/test_speed.py` checks loss
   and gradients against it. `retain_kl`'s KL term (trainer/engine/retain.py) is computed in the same
   chunks from the same logits; with `compile` each chunk's elementwise work is compiled too.
-- `compile`: `torch.compile` of every decoder layer's norms, attention and MLP for training steps.
-  The eager PEFT/bitsandbytes step launches thousands of small kernels; compiled blocks fuse the
-  norms, rotary, SwiGLU, dropout and LoRA additions. Compiling the blocks (not the whole layer)
-  keeps gradient checkpointing's recompute outside the compiled graphs. The collator keeps the shapes
-  static meanwhile (`collator_for` in trainer/engine/dataset.py): every micro-batch has `batch_size` rows
-  (packed: of `max_length` tokens), label-less rows filling an epoch's short last batch, which used to
-  recompile every block (7 s on an H100, twice in a 2-epoch job). On 2 CPU cores (inductor's C++) the
-  real base's LoRA trains 1.07-1.31x faster compiled (three pairs of runs; smollm2_135m_lora sets it;
-  bench/cpu_train.py).
+- `compile`: `torch.compile` of the decoder for training steps (`compile_layers`): on the CPU every
+  layer whole, on CUDA every layer's norms, attention and MLP. The eager PEFT/bitsandbytes step launches
+  thousands of small kernels; compiled, the norms, rotary, SwiGLU, dropout and LoRA additions (and on the
+  CPU the residual additions) fuse. Gradient checkpointing's recompute stays outside the compiled graphs.
+  The collator keeps the shapes static meanwhile (`collator_for` in trainer/engine/dataset.py): every
+  micro-batch has `batch_size` rows (packed: of `max_length` tokens), label-less rows filling an epoch's
+  short last batch, which used to recompile every block (7 s on an H100, twice in a 2-epoch job). On 2 CPU
+  cores (inductor's C++) the real base's LoRA trains 1.07-1.31x faster compiled (three pairs of runs;
+  smollm2_135m_lora sets it; bench/cpu_train.py), whole layers 1.06-1.07x more than blocks.
 - `attn_implementation: flex_attention` (loaded by trainer/engine/train.py): packed rows hold many short
   conversations; sdpa gets them as a dense block-diagonal [row x row] mask and its masked kernel computes
   every score of the row, while FlexAttention's block mask skips the blocks between conversations
@@ -31,12 +31,14 @@ what each feature pays on a GPU, bench/cpu_train.py on the CPU, and docs/BENCHMA
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import types
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from inference.decode_step import compile_failure
@@ -249,39 +251,66 @@ def decoder_layers(model) -> list:
 
 
 COMPILED_BLOCKS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+COMPILE_UNIT_ENV = "OWN_ASSISTANT_COMPILE_UNIT"   # layer | blocks: overrides the device's unit (benchmarks)
 
 
-def compile_layers(model, backend: str = "inductor") -> int:
-    """torch.compile each decoder layer's norms, attention and MLP, for training steps only.
+def compile_layers(model, backend: str = "inductor", unit: str | None = None) -> int:
+    """torch.compile the decoder for training steps only, layer by layer: on the CPU each layer's forward
+    whole (norms, attention, MLP and the residual additions between them, as torchtune compiles its layers:
+    1.06-1.07x a step over the blocks on 2 EPYC cores, docs/BENCHMARKS.md "Session 18"); on CUDA each
+    layer's norms, attention and MLP apart (UNIT "blocks", measured there since session 2; a whole LoRA layer
+    failed inside inductor's backward on torch 2.11 in session 6, and whole layers are not yet measured there).
 
-    The compiled forward is used while the module trains with gradients on; generation (sample
-    chats, evaluation) keeps the eager forward, so it never triggers a second, inference-mode
-    compilation. `dynamic=True`: packed batches vary in width, and one symbolic-shape graph serves
-    them all (and all layers) instead of a recompile per width. Parameters and state-dict keys are
-    untouched, so adapters and checkpoints save as usual. If compiling fails (a CPU machine without
-    a C++ compiler), the first block to try says why in the log and every block runs eager from then
-    on: the run goes on at eager speed. Returns the number of blocks switched."""
+    The compiled forward is used while the module trains with gradients on; generation (sample chats,
+    evaluation) and the KL term's base pass keep the eager forward, so they never trigger a second,
+    inference-mode compilation. transformers wraps a layer class's forward in its gradient checkpointing
+    (`GradientCheckpointingLayer`); a whole layer compiles the forward inside that wrapper and is
+    checkpointed here around it, as there, so the recompute stays outside the compiled graph (blocks sit
+    inside the layer's own checkpoint). `dynamic=True`: packed batches vary in width, and one symbolic-shape
+    graph serves them all (and all layers) instead of a recompile per width. Parameters and state-dict keys
+    are untouched, so adapters and checkpoints save as usual. If compiling fails (a CPU machine without a
+    C++ compiler), the first module to try says why in the log and every one runs eager from then on: the
+    run goes on at eager speed. Returns the number of modules switched."""
+    layers = decoder_layers(model)
+    if unit is None:
+        on_cpu = bool(layers) and next(layers[0].parameters()).device.type == "cpu"
+        unit = os.environ.get(COMPILE_UNIT_ENV) or ("layer" if on_cpu else "blocks")
     n, shared = 0, {"failed": None}
-    for layer in decoder_layers(model):
-        for name in COMPILED_BLOCKS:
-            block = getattr(layer, name, None)
-            if isinstance(block, torch.nn.Module) and not hasattr(block, "_eager_forward"):
-                block._eager_forward = block.forward
-                block._compiled_forward = torch.compile(block.forward, dynamic=True, backend=backend)
-                block._compile_state = shared
-                block.forward = types.MethodType(_train_compiled_forward, block)
+    for layer in layers:
+        for part in [layer] if unit == "layer" else [getattr(layer, name, None) for name in COMPILED_BLOCKS]:
+            if isinstance(part, torch.nn.Module) and not hasattr(part, "_eager_forward"):
+                _compile_forward(part, backend, shared)
                 n += 1
     return n
 
 
+def _compile_forward(module, backend: str, shared: dict) -> None:
+    wrapped = getattr(type(module).forward, "__wrapped__", None)
+    module._checkpoints_here = isinstance(module, GradientCheckpointingLayer) and wrapped is not None
+    module._eager_forward = module.forward              # the class's: checkpointing wrapper and all
+    module._inner_forward = types.MethodType(wrapped, module) if module._checkpoints_here else module.forward
+    module._compiled_forward = torch.compile(module._inner_forward, dynamic=True, backend=backend)
+    module._compile_state = shared
+    module.forward = types.MethodType(_train_compiled_forward, module)
+
+
 def _train_compiled_forward(self, *args, **kwargs):
-    if self.training and torch.is_grad_enabled() and self._compile_state["failed"] is None:
+    if not (self.training and torch.is_grad_enabled()) or self._compile_state["failed"] is not None:
+        return self._eager_forward(*args, **kwargs)
+    if self._checkpoints_here and self.gradient_checkpointing:
+        kwargs = {**kwargs, "use_cache": False} if "use_cache" in kwargs else kwargs
+        return self._gradient_checkpointing_func(functools.partial(_compiled_or_eager, self, **kwargs), *args)
+    return _compiled_or_eager(self, *args, **kwargs)
+
+
+def _compiled_or_eager(self, *args, **kwargs):
+    if self._compile_state["failed"] is None:
         try:
             return self._compiled_forward(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:      # compiling, not the step itself, failed
             self._compile_state["failed"] = compile_failure(exc)
             log.warning("compile: %s -- training on without it (eager)", self._compile_state["failed"])
-    return self._eager_forward(*args, **kwargs)
+    return self._inner_forward(*args, **kwargs)
 
 
 def limit_checkpointing(model, fraction: float) -> int:
@@ -327,7 +356,7 @@ def apply_speedups(model, cfg, echo=None):
         kept = limit_checkpointing(model, cfg.checkpoint_fraction)
         notes.append(f"checkpointing {kept}/{len(decoder_layers(model))} layers")
     if getattr(cfg, "compile", False):
-        notes.append(f"compiled {compile_layers(model)} blocks")
+        notes.append(f"compiled {compile_layers(model)} decoder modules")
     if notes and echo:
         echo("speed: " + ", ".join(notes))
     return model
