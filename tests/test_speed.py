@@ -1,8 +1,6 @@
 """CPU correctness of the speed features (trainer/engine/speed.py, inference/fast_decode.py) and the one-line
 error of `--gpus N` without GPUs (the launcher itself: tests/test_distributed.py). Speed itself is measured on a GPU by bench/,
-never here. The compiled training layers run the real torch.compile (inductor's C++ backend on this CPU):
-eager's loss and gradients, eager generation; compiled-vs-eager losses of long runs were compared on the H200
-(BENCHMARKS.md).
+never here. The compiled training layers: tests/test_speed_compile.py.
 The decode step (inference/decode_step.py) is small enough to compile for real (inductor C++, ~40 s).
 """
 from __future__ import annotations
