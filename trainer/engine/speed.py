@@ -348,7 +348,7 @@ def apply_speedups(model, cfg, echo=None):
         notes.append("flex attention for training steps")
     # with `compile`, the loss's chunks compiled too: 1.07-1.36x a CPU step with the KL term (docs/BENCHMARKS.md
     # "Session 17"), 1.014x the QLoRA preset's H100 step ("Session 18"), the same losses. The environment's
-    # FUSED_CHUNKS_ENV=eager keeps them eager while the blocks compile: a switch for benchmarks (bench/gpu_stages)
+    # FUSED_CHUNKS_ENV=eager keeps them eager while the decoder compiles: a switch for benchmarks (bench/gpu_stages)
     chunks = getattr(cfg, "compile", False) and os.environ.get(FUSED_CHUNKS_ENV, "compiled") != "eager"
     if getattr(cfg, "fused_loss", False) and enable_fused_loss(model, compiled=chunks):
         notes.append("fused chunked loss" + (" (chunks compiled)" if chunks else ""))
